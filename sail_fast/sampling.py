@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .models import DiffusionStack, PromptEmbeds
+from .seeding import derive_seed
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 # Paper settings: DDPM 50 steps with CFG 7.5 for SD1.5, DDIM 20 steps with CFG 5 for SDXL.
@@ -35,11 +35,7 @@ class Candidates:
 
 def candidate_seeds(seed: int, num_prompts: int, n_per_prompt: int) -> torch.Tensor:
     """Independent 63-bit seeds for candidate (p, n), a pure function of (seed, p, n)."""
-    seeds = [
-        int(np.random.SeedSequence([seed, p, n]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-        for p in range(num_prompts)
-        for n in range(n_per_prompt)
-    ]
+    seeds = [derive_seed(seed, p, n) for p in range(num_prompts) for n in range(n_per_prompt)]
     return torch.tensor(seeds, dtype=torch.int64).view(num_prompts, n_per_prompt)
 
 

@@ -1,0 +1,145 @@
+"""Typed run configuration: YAML files plus ``--set key=value`` overrides.
+
+Every section forbids unknown keys, so a typo fails at start-up with the key's name,
+the closest valid key, and the list of valid ones, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str | None = None  # a local diffusers directory or a hub id
+    tiny: Literal["sd15", "sdxl"] | None = None  # a tiny random stack (tests, benchmarks)
+    tiny_sample_size: int = 16
+    tiny_in_channels: int = 4
+    kind: Literal["sd15", "sdxl"] | None = None  # inferred from the directory when unset
+    with_vae: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (a diffusers directory or hub id) and model.tiny (sd15 or sdxl)")
+        return self
+
+
+class DataConfig(Section):
+    seed_pairs: list[str] = []  # pairs.jsonl files, Pick-a-Pic parquet files/dirs, or latent shard files/dirs
+    max_seed_pairs: int | None = None  # keep the first N pairs (after dropping ties)
+    resolution: int = 512  # pixels fed to the VAE (latent side = resolution / vae scale factor)
+    flip: Literal["none", "random", "always"] = "none"
+    caption_dropout: float = 0.0  # probability of training a pair on the empty prompt
+    cache_dir: str | None = None  # where encoded latents are cached (default: <output_dir>/cache)
+    encode_batch_size: int = 16
+
+
+class TrainConfig(Section):
+    loss: Literal["sigmoid", "smpo", "hinge", "ipo", "sft", "mapo"] = "sigmoid"
+    beta: float = 5000.0
+    mapo_gamma: float = 0.1
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    steps: int = 100  # optimizer steps
+    pairs_per_step: int = 128  # effective batch, across ranks and accumulation
+    micro_batch_pairs: int = 8  # pairs per rank per forward
+    mixup_alpha: float = 0.25  # fraction of each batch from generated pairs (when there are any)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    ema_decay: float | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); batch sizes are filled in
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _batch_sizes(self):
+        if self.pairs_per_step < 1 or self.micro_batch_pairs < 1:
+            raise ValueError("train.pairs_per_step and train.micro_batch_pairs must be >= 1")
+        if not 0.0 <= self.mixup_alpha <= 1.0:
+            raise ValueError(f"train.mixup_alpha must be in [0, 1], got {self.mixup_alpha}")
+        return self
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    valid = _valid_keys(RunConfig)
+    lines = [f"invalid configuration ({source}):"]
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  config key '{key}' does not exist{hint}")
+        else:
+            lines.append(f"  {key or '(top level)'}: {err['msg']}")
+    lines.append("valid keys: " + ", ".join(valid))
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value (e.g. train.steps=10), got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)  # YAML typing: 10 -> int, true -> bool, [a, b] -> list
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start empty), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_explain(err, str(path) if path else "overrides")) from None
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,49 @@
+"""Config loading: YAML, overrides, and errors that name the problem and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from sail_fast.config import dump_config, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "sd15.yaml", "sdxl.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(CONFIGS / name)
+    assert config.train.beta == 5000
+
+
+def test_paper_settings_in_shipped_configs():
+    sdxl = load_config(CONFIGS / "sdxl.yaml")
+    assert sdxl.train.optimizer == "adafactor" and sdxl.train.pairs_per_step == 128
+    assert (CONFIGS.parent / sdxl.train.deepspeed).is_file()
+    assert load_config(CONFIGS / "sd15.yaml").train.optimizer == "adamw"
+
+
+def test_overrides_are_typed(tmp_path):
+    config = load_config(CONFIGS / "tiny.yaml", ["train.steps=7", "train.compile=true", "data.seed_pairs=[a, b]",
+                                                "train.adam_betas=[0.8, 0.9]"])
+    assert config.train.steps == 7 and config.train.compile is True
+    assert config.data.seed_pairs == ["a", "b"] and config.train.adam_betas == (0.8, 0.9)
+    dump_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_unknown_key_names_it_and_suggests_the_right_one():
+    with pytest.raises(ValueError, match=r"config key 'train.learning_rte' does not exist; did you mean 'train.learning_rate'"):
+        load_config(CONFIGS / "tiny.yaml", ["train.learning_rte=1"])
+
+
+def test_bad_values_and_files(tmp_path):
+    with pytest.raises(ValueError, match="train.optimizer"):
+        load_config(CONFIGS / "tiny.yaml", ["train.optimizer=sgd"])
+    with pytest.raises(ValueError, match="exactly one of model.path"):
+        load_config(CONFIGS / "tiny.yaml", ["model.path=somewhere"])
+    with pytest.raises(ValueError, match="--set expects key=value"):
+        load_config(CONFIGS / "tiny.yaml", ["train.steps"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="mixup_alpha must be in"):
+        load_config(CONFIGS / "tiny.yaml", ["train.mixup_alpha=1.5"])
