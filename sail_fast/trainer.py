@@ -1,0 +1,323 @@
+"""Diffusion-DPO training of the policy UNet against a frozen reference.
+
+One optimizer step sees ``pairs_per_step`` pairs: ``micro_batch_pairs`` per rank per
+forward, accumulated over ``pairs_per_step / (micro_batch_pairs * world_size)`` micro
+steps. Winner and loser of a pair go through the policy as one batch with the same
+timestep and noise; the reference runs without autograd. Every random draw is derived
+from (seed, step, micro step, rank), and checkpoints hold the step, optimizer, schedule,
+EMA and sampler position, so a resumed run continues exactly where it stopped.
+
+Runs plainly in one process, or under DeepSpeed (ZeRO stage 2 or 3) when the config
+names a DeepSpeed JSON or several ranks were launched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import LatentPairs, MixupSampler, PairBatch
+from .distributed import DistInfo
+from .losses import REFERENCE_FREE, preference_loss
+from .seeding import generator
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_optimizer(name: str, params, train) -> torch.optim.Optimizer:
+    """AdamW, bitsandbytes' 8-bit AdamW, or Adafactor (the paper's SDXL setting)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=train.learning_rate, betas=train.adam_betas, weight_decay=train.weight_decay)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=train.learning_rate, betas=train.adam_betas, weight_decay=train.weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=train.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False,
+            weight_decay=train.weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or adafactor")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (half-written ones end in .tmp and are ignored)."""
+    found = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"))
+    return found[-1] if found else None
+
+
+class DPOTrainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        policy: UNet2DConditionModel,
+        scheduler,
+        seed_pairs: LatentPairs,
+        *,
+        generated_pairs: LatentPairs | None = None,
+        reference: UNet2DConditionModel | None = None,
+        output_dir: str | Path | None = None,
+        dist: DistInfo = DistInfo(),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        train = config.train
+        self.config, self.train_cfg, self.dist = config, train, dist
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            # Once the DPO loss saturates, gradients underflow into denormals, which x86
+            # CPUs process 10-100x slower; flushing them to zero changes nothing else.
+            torch.set_flush_denormal(True)
+        self.output_dir = Path(output_dir or config.output_dir)
+        self.scheduler = scheduler
+        per_step = train.micro_batch_pairs * dist.world_size
+        if train.pairs_per_step % per_step:
+            raise ValueError(
+                f"train.pairs_per_step={train.pairs_per_step} is not a multiple of micro_batch_pairs x ranks = "
+                f"{train.micro_batch_pairs} x {dist.world_size}; change one of them"
+            )
+        self.accumulation = train.pairs_per_step // per_step
+        self.compute_dtype = DTYPES[train.mixed_precision]
+
+        # The data: generated pairs first, then the seed pairs (the sampler's index space).
+        num_generated = 0 if generated_pairs is None else len(generated_pairs)
+        self.pairs = seed_pairs if not num_generated else LatentPairs.cat([generated_pairs, seed_pairs])
+        alpha = train.mixup_alpha if num_generated else 0.0
+        self.sampler = MixupSampler(num_generated, len(seed_pairs), per_step, alpha=alpha, seed=config.seed)
+
+        self.policy = policy.to(self.device).train()
+        if train.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
+        # The reference is the policy as it starts (or the one given), frozen, in the compute dtype.
+        self.reference = None
+        if train.loss not in REFERENCE_FREE:
+            self.reference = copy.deepcopy(reference if reference is not None else policy).to(self.device, self.compute_dtype)
+            self.reference.eval().requires_grad_(False)
+
+        self.use_deepspeed = train.deepspeed is not None or dist.enabled
+        optimizer = build_optimizer(train.optimizer, self.policy.parameters(), train)
+        lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=train.warmup_steps)
+        self.ema = EMAModel(self.policy.parameters(), decay=train.ema_decay) if train.ema_decay else None
+        if self.use_deepspeed:
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
+                model=self.policy, optimizer=optimizer, lr_scheduler=lr_schedule, config=self._deepspeed_config()
+            )
+            self.model = self.engine
+        else:
+            self.engine, self.optimizer, self.lr_schedule = None, optimizer, lr_schedule
+            self.model = torch.compile(self.policy) if train.compile else self.policy
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _deepspeed_config(self) -> dict:
+        train = self.train_cfg
+        ds = json.loads(Path(train.deepspeed).read_text()) if train.deepspeed else {"zero_optimization": {"stage": 2}}
+        ds.update(
+            train_micro_batch_size_per_gpu=train.micro_batch_pairs,
+            gradient_accumulation_steps=self.accumulation,
+            train_batch_size=train.pairs_per_step,
+            gradient_clipping=train.max_grad_norm,
+            steps_per_print=10**9,
+        )
+        ds["bf16"] = {"enabled": train.mixed_precision == "bf16"}
+        ds["fp16"] = {"enabled": train.mixed_precision == "fp16"}
+        if self.ema is not None and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("train.ema_decay is not supported with ZeRO stage 3 (parameters are partitioned)")
+        return ds
+
+    # ---------------------------------------------------------------- one step
+    def _micro_step_loss(self, batch: PairBatch, gen: torch.Generator):
+        bsz = batch.win.shape[0]
+        x0 = torch.cat([batch.win, batch.lose]).float()
+        noise = torch.randn(batch.win.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(self.device)
+        noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # winner and loser share t and eps
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        embeds = torch.cat([batch.prompt_embeds, batch.prompt_embeds])
+        added = None
+        if batch.pooled_prompt_embeds is not None:
+            added = {
+                "text_embeds": torch.cat([batch.pooled_prompt_embeds, batch.pooled_prompt_embeds]),
+                "time_ids": torch.cat([batch.time_ids_win, batch.time_ids_lose]),
+            }
+        # DeepSpeed bf16/fp16 holds the module in that dtype; the plain path autocasts.
+        input_dtype = self.compute_dtype if self.use_deepspeed else torch.float32
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.compute_dtype)
+            if self.compute_dtype != torch.float32 and not self.use_deepspeed
+            else contextlib.nullcontext()
+        )
+        cast = (lambda v: v.to(input_dtype)) if input_dtype != torch.float32 else (lambda v: v)
+        added_in = None if added is None else {k: cast(v) for k, v in added.items()}
+        with autocast:
+            pred = self.model(cast(x_t), t, encoder_hidden_states=cast(embeds), added_cond_kwargs=added_in).sample
+            pred_ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_in = {k: v.to(self.compute_dtype) for k, v in added.items()} if added else None
+                    pred_ref = self.reference(
+                        x_t.to(self.compute_dtype), t, encoder_hidden_states=embeds.to(self.compute_dtype),
+                        added_cond_kwargs=ref_in,
+                    ).sample
+        return preference_loss(
+            self.train_cfg.loss, target, pred, pred_ref, beta=self.train_cfg.beta, labels=batch.label,
+            gamma=self.train_cfg.mapo_gamma,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``pairs_per_step`` pairs; returns metrics averaged over ranks."""
+        rank, world = self.dist.rank, self.dist.world_size
+        sums: dict[str, float] = {}
+        for micro in range(self.accumulation):
+            idx = self.sampler.next_batch()[rank::world]  # every rank walks one sampler, takes its slice
+            gen = generator(self.config.seed, self.step, micro, rank)
+            batch = self.pairs.batch(idx, caption_dropout=self.config.data.caption_dropout, generator=gen).to(self.device)
+            out = self._micro_step_loss(batch, gen)
+            if self.engine is not None:
+                self.engine.backward(out.loss)
+                self.engine.step()
+            else:
+                (out.loss / self.accumulation).backward()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / self.accumulation
+        if self.engine is None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.train_cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.policy.parameters())
+        self.step += 1
+        return self.dist.mean(sums)
+
+    # -------------------------------------------------------------- the loop
+    def train(self, *, resume: bool = False, stop_after: int | None = None) -> UNet2DConditionModel:
+        """Run to ``train.steps`` optimizer steps (``stop_after`` ends early, as a kill would)."""
+        cfg = self.train_cfg
+        existing = latest_checkpoint(self.output_dir)
+        if existing is not None and not resume:
+            raise FileExistsError(
+                f"{self.output_dir} already has checkpoints (latest {existing.name}); pass --resume to continue "
+                f"from it, or choose another output_dir"
+            )
+        if resume and existing is not None:
+            self.load_checkpoint(existing)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._log_line(f"{self.sampler.describe()}; {self.accumulation} micro steps of "
+                           f"{cfg.micro_batch_pairs} pairs x {self.dist.world_size} ranks per optimizer step")
+        metrics_path = self.output_dir / ("metrics.jsonl" if self.dist.is_main else f"metrics.rank{self.dist.rank}.jsonl")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="dpo", unit="step", disable=not (cfg.progress and self.dist.is_main))
+        start_step, started = self.step, time.perf_counter()
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - started
+            metrics |= {"step": self.step, "pairs_per_s": (self.step - start_step) * cfg.pairs_per_step / elapsed}
+            self.dist.barrier()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_acc']:.2f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        if self.step == cfg.steps:
+            self.save_final()
+        return self.policy
+
+    # ------------------------------------------------------------ checkpoints
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights on the main rank (gathered under ZeRO-3), else None."""
+        params = list(self.policy.parameters())
+        gather = contextlib.nullcontext()
+        if self.engine is not None and any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            if self.dist.is_main:
+                return {k: v.detach().float().cpu().clone() for k, v in self.policy.state_dict().items()}
+        return None
+
+    def _save_unet(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        unet = UNet2DConditionModel.from_config(self.policy.config)
+        unet.load_state_dict(state)
+        unet.save_pretrained(path)
+
+    def save_checkpoint(self) -> Path:
+        final = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        state = self._full_state_dict()
+        trainer_state = {"step": self.step, "sampler": self.sampler.state_dict()}
+        if self.ema is not None:
+            trainer_state["ema"] = self.ema.state_dict()
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        else:
+            trainer_state |= {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        if self.dist.is_main:
+            self._save_unet(tmp / "unet", state)
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            tmp.rename(final)  # atomic: a kill leaves a .tmp directory, never a half checkpoint
+            for old in sorted(final.parent.glob("step-[0-9]*[0-9]"))[: -self.train_cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        else:
+            saved = UNet2DConditionModel.from_pretrained(path / "unet")
+            self.policy.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        if self.dist.is_main:
+            self._log_line(f"resumed from {path} at step {self.step}")
+
+    def save_final(self) -> Path:
+        """The trained UNet in diffusers layout (plus its EMA twin), for the next stage to load."""
+        final = self.output_dir / "final"
+        state = self._full_state_dict()
+        if self.dist.is_main:
+            self._save_unet(final / "unet", state)
+            if self.ema is not None:
+                ema_unet = UNet2DConditionModel.from_config(self.policy.config)
+                self.ema.copy_to(ema_unet.parameters())
+                ema_unet.save_pretrained(final / "unet_ema")
+        self.dist.barrier()
+        return final
+
+    def _log_line(self, text: str) -> None:
+        tqdm.write(text)
+        with (self.output_dir / "train.log").open("a") as f:
+            f.write(text + "\n")
