@@ -37,6 +37,12 @@ def _check(args: argparse.Namespace) -> None:
         print(f"  {backend:9s} max |diff| vs reference {err:.2e}   {seconds * 1e3:8.2f} ms   {bytes_read / seconds / 1e9:6.1f} GB/s")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from sail_fast.train import main as train_main
+
+    train_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     check.add_argument("--repeats", type=int, default=10)
     check.set_defaults(func=_check)
+    train = sub.add_parser("train", add_help=False, help="Diffusion-DPO training; same flags as sail_fast/train.py")
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train)
     return parser
 
 

@@ -73,7 +73,9 @@ def test_adamw8bit_keeps_uint8_state_and_lowers_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "train.optimizer=adafactor"]], ids=["adamw", "ema-adafactor"])
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9", "train.optimizer=adafactor", "train.gradient_checkpointing=true",
+                                   "train.mixed_precision=bf16"]],
+                         ids=["adamw", "ema-adafactor-checkpointing-bf16"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, extra):
     args = ["train.steps=6", "train.checkpoint_every=2", "train.pairs_per_step=8", "train.micro_batch_pairs=4",
             "data.caption_dropout=0.2", *extra]
