@@ -1,0 +1,40 @@
+"""The DPO training step: pairs/s and peak memory, naive against fast (see train_step_variants)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sync
+from train_step_variants import PAIRS, VARIANTS, make_step
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step_throughput(benchmark, arch, device, variant, tmp_path):
+    benchmark.group = f"DPO train step, {PAIRS} pairs"
+    step = make_step(variant, arch, device, str(tmp_path))
+
+    def timed():
+        loss = step()
+        sync(device)
+        return loss
+
+    loss = benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=2)  # warm-up includes compilation
+    assert torch.isfinite(torch.as_tensor(loss))
+    benchmark.extra_info["pairs_per_s"] = PAIRS / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step_peak_memory(benchmark, arch, variant):
+    # A fresh process per variant, so one variant's allocations cannot hide another's peak.
+    benchmark.group = "DPO train step peak memory (timing is the probe process, ignore it)"
+    script = Path(__file__).with_name("train_step_variants.py")
+
+    def probe():
+        out = subprocess.run([sys.executable, str(script), variant, arch], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    result = benchmark.pedantic(probe, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
