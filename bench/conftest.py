@@ -9,9 +9,15 @@ the same run; the ratios are in each benchmark's extra_info and in bench/report.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The suite runs with --import-mode=importlib, which keeps test directories off sys.path;
+# the benchmarks share helpers (bench_utils, train_step_variants) from this directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -31,8 +37,3 @@ def arch(request):
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()

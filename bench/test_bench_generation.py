@@ -8,7 +8,7 @@ Both sample 4 prompts x 8 candidates with the same UNet, sampler, CFG and step c
 import numpy as np
 import pytest
 import torch
-from conftest import sync
+from bench_utils import sync
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 

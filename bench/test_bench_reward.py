@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sync
+from bench_utils import sync
 from diffusers import DDPMScheduler
 
 from sail_fast.architectures import UNET_CONFIGS, build_unet, random_conditioning

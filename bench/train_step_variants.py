@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import sys
 
 import torch
@@ -81,7 +80,7 @@ class NaiveStep:
 def make_step(variant: str, arch: str, device: torch.device, output_dir: str):
     if variant == "naive":
         return NaiveStep(arch, device)
-    precision = "bf16" if variant == "fast-bf16" else "no"
+    precision = "bf16" if variant == "fast-bf16" else "fp32"
     config = load_config(overrides=[
         "model.tiny=sd15", f"output_dir={output_dir}", "train.optimizer=adamw8bit", "train.compile=true",
         f"train.mixed_precision={precision}", f"train.pairs_per_step={PAIRS}", f"train.micro_batch_pairs={PAIRS}",
@@ -91,19 +90,25 @@ def make_step(variant: str, arch: str, device: torch.device, output_dir: str):
     return lambda: trainer.train_step()["loss"]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def measure_peak_memory(variant: str, arch: str, steps: int = 3) -> dict:
     """Peak memory of training (models, reference, optimizer state, activations): the
-    allocator's peak on GPU; on CPU, peak resident memory over the resident size before the
-    models were built (imports excluded)."""
+    allocator's peak on GPU; on CPU, the process's peak resident size (VmHWM, reset just
+    before the models are built, after every import) over its resident size then."""
     import tempfile
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else _rss_bytes()
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident size to the current one
+        base = _status_bytes("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         step = make_step(variant, arch, device, tmp)
         for _ in range(steps):
@@ -111,7 +116,7 @@ def measure_peak_memory(variant: str, arch: str, steps: int = 3) -> dict:
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            peak = _status_bytes("VmHWM")
     return {"variant": variant, "arch": arch, "device": device.type, "peak_bytes": peak, "base_bytes": base,
             "training_peak_bytes": peak - base}
 

@@ -29,8 +29,9 @@ UNET_CONFIGS: dict[str, dict] = {
     ),
     # SD1.5's layout (four levels, two layers each, cross-attention to 77x768 text) with
     # narrow channels: a UNet a 2-core CPU scores and trains in seconds.
+    # (diffusers' SD configs name the head *count* attention_head_dim; here 32-wide heads.)
     "sd15-small": dict(**_SD15_BLOCKS, block_out_channels=(32, 64, 128, 128), cross_attention_dim=768,
-                       attention_head_dim=8, norm_num_groups=32, sample_size=32),
+                       attention_head_dim=(1, 2, 4, 4), norm_num_groups=32, sample_size=16),
 }
 
 # Text conditioning each architecture expects: (tokens, width, pooled width or None).

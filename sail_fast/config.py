@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -57,7 +57,7 @@ class TrainConfig(Section):
     pairs_per_step: int = 128  # effective batch, across ranks and accumulation
     micro_batch_pairs: int = 8  # pairs per rank per forward
     mixup_alpha: float = 0.25  # fraction of each batch from generated pairs (when there are any)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
     ema_decay: float | None = None
@@ -66,6 +66,12 @@ class TrainConfig(Section):
     log_every: int = 1
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); batch sizes are filled in
     progress: bool = True
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _plain_precision(cls, value):
+        # YAML reads a bare `no` as False; accept it (and "no") for full precision.
+        return "fp32" if value in (False, None, "no") else value
 
     @model_validator(mode="after")
     def _batch_sizes(self):

@@ -32,7 +32,7 @@ from .distributed import DistInfo
 from .losses import REFERENCE_FREE, preference_loss
 from .seeding import generator
 
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_optimizer(name: str, params, train) -> torch.optim.Optimizer:

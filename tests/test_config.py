@@ -27,6 +27,8 @@ def test_overrides_are_typed(tmp_path):
                                                 "train.adam_betas=[0.8, 0.9]"])
     assert config.train.steps == 7 and config.train.compile is True
     assert config.data.seed_pairs == ["a", "b"] and config.train.adam_betas == (0.8, 0.9)
+    # YAML reads a bare `no` as False: it still means full precision.
+    assert load_config(CONFIGS / "tiny.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "fp32"
     dump_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
 
