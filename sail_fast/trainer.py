@@ -163,10 +163,10 @@ class DPOTrainer:
             if self.compute_dtype != torch.float32 and not self.use_deepspeed
             else contextlib.nullcontext()
         )
-        cast = (lambda v: v.to(input_dtype)) if input_dtype != torch.float32 else (lambda v: v)
-        added_in = None if added is None else {k: cast(v) for k, v in added.items()}
+        added_in = None if added is None else {k: v.to(input_dtype) for k, v in added.items()}
         with autocast:
-            pred = self.model(cast(x_t), t, encoder_hidden_states=cast(embeds), added_cond_kwargs=added_in).sample
+            pred = self.model(x_t.to(input_dtype), t, encoder_hidden_states=embeds.to(input_dtype),
+                              added_cond_kwargs=added_in).sample
             pred_ref = None
             if self.reference is not None:
                 with torch.no_grad():
