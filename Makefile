@@ -11,8 +11,10 @@ install:
 	$(PYTHON) -m pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
+# The SAIL loop on the offline toy world (about 15 minutes on a 2-core CPU); run again to
+# resume an interrupted run from its last finished stage.
 run: install
-	sail-fast check
+	sail-fast run --config configs/toy.yaml --resume
 
 # `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path,
 # where kernels/ would shadow the Hugging Face `kernels` package.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -43,6 +44,38 @@ def _train(args: argparse.Namespace) -> None:
     train_main(args.args)
 
 
+def _run(args: argparse.Namespace) -> None:
+    from sail_fast.config import load_config
+    from sail_fast.train import run_sail
+
+    config = load_config(args.config, args.set)
+    if config.sail is None:
+        raise SystemExit(f"{args.config} has no sail: section; `sail-fast train` runs a single DPO stage")
+    run_sail(config, resume=args.resume)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from sail_fast.generate import generate_to_dir
+
+    written = generate_to_dir(args.checkpoint, args.prompts, args.num_images, args.out, seed=args.seed,
+                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
+    print(f"wrote {written} images to {args.out}")
+
+
+def _toy_pretrain(args: argparse.Namespace) -> None:
+    from sail_fast.toy import TOY_MODEL_DIR, pretrain
+
+    report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    print(json.dumps(report, indent=2))
+
+
+def _toy_experiment(args: argparse.Namespace) -> None:
+    from sail_fast.toy_experiment import CONDITIONS, run_experiment
+
+    table = run_experiment(args.config, args.out, args.seeds, conditions=args.conditions or CONDITIONS, overrides=args.set)
+    print(table.read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", add_help=False, help="Diffusion-DPO training; same flags as sail_fast/train.py")
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
+
+    run = sub.add_parser("run", help="the whole SAIL loop (iter0, then the rounds); default: the offline toy world")
+    run.add_argument("--config", default="configs/toy.yaml", help="YAML run config with a sail: section")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last finished stage")
+    run.set_defaults(func=_run)
+
+    gen = sub.add_parser("generate", help="sample PNGs from a checkpoint")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a diffusers pipeline directory, a trained unet/ directory inside a run, or a run directory")
+    gen.add_argument("--prompts", required=True, help="prompt file: .txt, .tsv, .json or .parquet")
+    gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("--out", required=True, help="directory for the PNGs (and prompts.json)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.set_defaults(func=_generate)
+
+    toy = sub.add_parser("toy", help="the toy digits world")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    pre = toy_sub.add_parser("pretrain", help="train the toy base model and the oracle's classifier")
+    pre.add_argument("--out", default=None, help="where to write them (default: the package's shipped toy_model/)")
+    pre.add_argument("--steps", type=int, default=2500)
+    pre.add_argument("--batch-size", type=int, default=64)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=_toy_pretrain)
+    exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the README table")
+    exp.add_argument("--config", default="configs/toy.yaml")
+    exp.add_argument("--out", default="runs/toy-experiment")
+    exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    exp.add_argument("--conditions", nargs="+", default=None, help="default: sail no-mixup random-pairs dpo-full")
+    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    exp.set_defaults(func=_toy_experiment)
     return parser
 
 

@@ -21,6 +21,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str | None = None  # a local diffusers directory or a hub id
     tiny: Literal["sd15", "sdxl"] | None = None  # a tiny random stack (tests, benchmarks)
+    toy: bool = False  # the toy world's pretrained digits stack, shipped in the package
     tiny_sample_size: int = 16
     tiny_in_channels: int = 4
     kind: Literal["sd15", "sdxl"] | None = None  # inferred from the directory when unset
@@ -28,8 +29,11 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError("set exactly one of model.path (a diffusers directory or hub id) and model.tiny (sd15 or sdxl)")
+        if (self.path is not None) + (self.tiny is not None) + self.toy != 1:
+            raise ValueError(
+                "set exactly one of model.path (a diffusers directory or hub id), model.tiny (sd15 or sdxl) "
+                "and model.toy (true)"
+            )
         return self
 
 
@@ -82,18 +86,70 @@ class TrainConfig(Section):
         return self
 
 
+class SailConfig(Section):
+    """The SAIL rounds; a config without this section trains one Diffusion-DPO stage."""
+
+    rounds: int = 3  # T rounds after iter0
+    prompts: str | None = None  # a .txt (one prompt per line) or .json list; the toy world has its own
+    prompts_per_round: int = 10000  # disjoint across rounds
+    candidates: int = 8  # N per prompt
+    num_draws: int = 10  # K shared (t, eps) draws per prompt for the implicit reward
+    reference: Literal["base", "previous"] = "base"  # the reward's reference model
+    pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
+    adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
+    sampler: Literal["ddpm", "ddim"] | None = None  # default: the paper's for the model kind
+    sampling_steps: int | None = None
+    guidance_scale: float | None = None
+    generation_batch: int = 64  # candidates per UNet call
+    scoring_batch: int = 256  # noised latents per UNet call
+    iter0_steps: int | None = None  # DPO steps of iter0 (default train.steps)
+    round_steps: int | None = None  # DPO steps of each round (default train.steps)
+    iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
+    heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
+    eval_prompts: int = 50  # prompts sampled for each stage's evaluation
+    eval_images_per_prompt: int = 4
+    grid_prompts: int = 8  # rows of the per-round candidate grid
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.rounds < 0 or self.prompts_per_round < 1 or self.candidates < 2 or self.num_draws < 1:
+            raise ValueError("sail.rounds >= 0, sail.prompts_per_round >= 1, sail.candidates >= 2, sail.num_draws >= 1")
+        return self
+
+
+class ToyConfig(Section):
+    """The toy world's hidden human: how many pairs it labels and how noisily."""
+
+    labelled_pairs: int = 800  # the full labelled set (what 100%-label DPO trains on)
+    seed_fraction: float = 0.06  # SAIL's seed: this fraction of the labelled set
+    heldout_pairs: int = 100  # extra labelled pairs for self-label agreement
+    temperature: float = 0.5  # Bradley-Terry rater noise
+    train_on: Literal["seed", "all"] = "seed"  # all: the full-label Diffusion-DPO baseline
+    data_dir: str | None = None  # where the labelled pairs live (default <output_dir>/human; share it across runs)
+
+
 class RunConfig(Section):
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    sail: SailConfig | None = None
+    toy: ToyConfig | None = None
+
+    @model_validator(mode="after")
+    def _toy_needs_toy_model(self):
+        if self.toy is not None and not self.model.toy:
+            raise ValueError("the toy: section needs model.toy: true (its oracle judges the toy digits)")
+        return self
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        # `SailConfig | None` -> SailConfig
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _valid_keys(ann, f"{prefix}{name}.")
         else:

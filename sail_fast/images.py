@@ -47,3 +47,9 @@ def image_grid(images: Sequence[Image.Image], columns: int, captions: Sequence[s
         if captions is not None:
             draw.text((x + 1, y + h), captions[i], fill="black")
     return grid
+
+
+def enlarge(images: Sequence[Image.Image], min_side: int = 64) -> list[Image.Image]:
+    """Scale small images up by a whole factor (nearest neighbour) so a grid of 16 px digits is legible."""
+    scale = max(1, min_side // max(1, images[0].width)) if images else 1
+    return [im.resize((im.width * scale, im.height * scale), resample=Image.Resampling.NEAREST) for im in images]

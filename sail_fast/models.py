@@ -25,7 +25,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-__all__ = ["DiffusionStack", "PromptEmbeds", "load_stack", "tiny_stack"]
+__all__ = ["DiffusionStack", "PromptEmbeds", "build_stack", "load_stack", "tiny_stack"]
 
 KINDS = ("sd15", "sdxl")
 
@@ -397,6 +397,24 @@ def _finalize(stack: DiffusionStack, dtype: torch.dtype, device) -> DiffusionSta
         module.to(device)
         if module is not stack.unet:
             module.eval().requires_grad_(False)
+    return stack
+
+
+def build_stack(model, *, seed: int = 0, device: torch.device | str = "cpu") -> DiffusionStack:
+    """The stack a config's ``model:`` section names (a ModelConfig): a directory or hub id,
+    a tiny random stack, or the toy world's shipped one."""
+    if model.toy:
+        from .toy import load_toy_stack
+
+        stack = load_toy_stack()
+    elif model.tiny is not None:
+        stack = tiny_stack(model.tiny, seed=seed, sample_size=model.tiny_sample_size,
+                           in_channels=model.tiny_in_channels, with_vae=model.with_vae)
+    else:
+        stack = load_stack(model.path, kind=model.kind, with_vae=model.with_vae)
+    for part in (stack.unet, stack.text_encoder, stack.text_encoder_2, stack.vae):
+        if part is not None:
+            part.to(device)
     return stack
 
 

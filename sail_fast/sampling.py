@@ -70,6 +70,7 @@ def generate_candidates(
     height: int | None = None,
     width: int | None = None,
     prompt_embeds: PromptEmbeds | None = None,
+    seeds: torch.Tensor | None = None,
     progress: bool = True,
 ) -> Candidates:
     """Sample ``n_per_prompt`` latents for each prompt with the stack's UNet.
@@ -78,6 +79,7 @@ def generate_candidates(
     counts candidates per UNet call (the call itself is twice that, for CFG).
     ``height``/``width`` are in latent pixels (default: the UNet's sample size).
     ``prompt_embeds`` reuses embeddings computed elsewhere, one row per prompt.
+    ``seeds`` [P, N] gives each candidate's seed explicitly (default: derived from ``seed``).
     """
     if n_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"n_per_prompt and batch_size must be >= 1, got {n_per_prompt} and {batch_size}")
@@ -95,7 +97,10 @@ def generate_candidates(
         raise ValueError(f"prompt_embeds has {len(cond)} rows for {len(prompts)} prompts")
     cond = cond.to(device, dtype)
     uncond = unconditional_embeds(stack, cond).to(device, dtype)
-    seeds = candidate_seeds(seed, len(prompts), n_per_prompt)
+    if seeds is None:
+        seeds = candidate_seeds(seed, len(prompts), n_per_prompt)
+    elif tuple(seeds.shape) != (len(prompts), n_per_prompt):
+        raise ValueError(f"seeds must be [{len(prompts)}, {n_per_prompt}] (prompts x candidates), got {tuple(seeds.shape)}")
     flat_seeds = seeds.flatten().tolist()
     total = len(flat_seeds)
     out = torch.empty(total, unet.config.in_channels, height, width, dtype=torch.float32)

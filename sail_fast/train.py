@@ -1,4 +1,5 @@
-"""Diffusion-DPO training entry point.
+"""Training entry point: the SAIL loop when the config has a ``sail:`` section, else one
+Diffusion-DPO stage on the config's pairs.
 
     python sail_fast/train.py --config configs/X.yaml [--set key=value ...] [--resume]
     deepspeed sail_fast/train.py --config configs/X.yaml        # several ranks, ZeRO
@@ -18,27 +19,15 @@ import argparse  # noqa: E402
 
 import torch  # noqa: E402
 
-from sail_fast.config import ModelConfig, RunConfig, dump_config, load_config  # noqa: E402
+from sail_fast.config import RunConfig, dump_config, load_config  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
-from sail_fast.models import DiffusionStack, load_stack, tiny_stack  # noqa: E402
+from sail_fast.models import build_stack  # noqa: E402
 from sail_fast.pair_sources import load_pairs  # noqa: E402
 from sail_fast.trainer import DPOTrainer  # noqa: E402
 
 
-def build_stack(model: ModelConfig, *, seed: int, device: torch.device) -> DiffusionStack:
-    if model.tiny is not None:
-        stack = tiny_stack(model.tiny, seed=seed, sample_size=model.tiny_sample_size,
-                           in_channels=model.tiny_in_channels, with_vae=model.with_vae)
-    else:
-        stack = load_stack(model.path, kind=model.kind, with_vae=model.with_vae)
-    for part in (stack.unet, stack.text_encoder, stack.text_encoder_2, stack.vae):
-        if part is not None:
-            part.to(device)
-    return stack
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Diffusion-DPO training (one SAIL stage)")
+    parser = argparse.ArgumentParser(description="SAIL (configs with a sail: section) or one Diffusion-DPO stage")
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=10 (repeatable)")
@@ -63,9 +52,18 @@ def run_training(config: RunConfig, *, resume: bool = False) -> Path:
     return out / "final"
 
 
+def run_sail(config: RunConfig, *, resume: bool = False) -> Path:
+    from sail_fast.loop import SailLoop
+
+    dist = init_distributed()
+    return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """A config with a sail: section runs the whole SAIL loop; without one, one DPO stage."""
     args = parse_args(argv)
-    run_training(load_config(args.config, args.set), resume=args.resume)
+    config = load_config(args.config, args.set)
+    (run_sail if config.sail is not None else run_training)(config, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ class DPOTrainer:
         # The reference is the policy as it starts (or the one given), frozen, in the compute dtype.
         self.reference = None
         if train.loss not in REFERENCE_FREE:
-            self.reference = copy.deepcopy(reference if reference is not None else policy).to(self.device, self.compute_dtype)
+            self.reference = copy.deepcopy(reference if reference is not None else policy).to(self.device)
+            if self.reference.dtype != self.compute_dtype:  # diffusers warns on any .to(dtype), even a no-op
+                self.reference.to(dtype=self.compute_dtype)
             self.reference.eval().requires_grad_(False)
 
         self.use_deepspeed = train.deepspeed is not None or dist.enabled

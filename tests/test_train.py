@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sail_fast.config import load_config
 from sail_fast.data import LatentPairs
 from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.train import build_stack
+from sail_fast.models import build_stack
 from sail_fast.trainer import DPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,84 @@
+"""``sail-fast generate``: PNGs from a pipeline directory, a trained UNet, or a finished run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+
+from .config import load_config
+from .images import decode_latents, enlarge, image_grid
+from .models import DiffusionStack, build_stack, load_stack
+from .prompts import read_prompts
+from .sampling import generate_candidates
+
+
+def _run_root(path: Path) -> Path | None:
+    """The run directory (the one with config.yaml) that holds ``path``, if any."""
+    for candidate in (path, *path.parents):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def _final_unet(run: Path) -> Path:
+    rounds = sorted(run.glob("round-[0-9]*/train/final/unet"))
+    for candidate in (*reversed(rounds), run / "iter0/final/unet", run / "final/unet"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{run} holds no trained UNet yet (looked for round-*/train/final/unet, iter0/final/unet, final/unet)")
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
+    """The stack to sample from, and the sampling settings its run used (empty when unknown).
+
+    ``checkpoint`` is a diffusers pipeline directory (model_index.json), a UNet directory
+    written by a run (its run's config.yaml supplies the rest of the stack), or a run directory
+    (its latest trained UNet).
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a directory")
+    if (path / "model_index.json").is_file():
+        return load_stack(path, with_vae=(path / "vae").is_dir()), {}
+    run = _run_root(path)
+    if run is None:
+        raise FileNotFoundError(
+            f"{path} is neither a diffusers pipeline directory (model_index.json) nor inside a sail-fast run "
+            "(no config.yaml here or above)"
+        )
+    unet_dir = path if (path / "config.json").is_file() else _final_unet(path)
+    config = load_config(run / "config.yaml")
+    stack = build_stack(config.model, seed=config.seed)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=stack.dtype).to(stack.device).eval()
+    sampling = {}
+    if config.sail is not None:
+        sampling = {"sampler": config.sail.sampler, "num_inference_steps": config.sail.sampling_steps,
+                    "guidance_scale": config.sail.guidance_scale}
+    return dataclasses.replace(stack, unet=unet), sampling
+
+
+def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed: int = 0, sampler=None, steps=None,
+                    guidance_scale=None, batch_size: int = 64) -> int:
+    """Write ``num_images`` PNGs per prompt (``PPPP-NN.png``), ``prompts.json`` and ``grid.png``; returns the count."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    stack, sampling = resolve_checkpoint(checkpoint)
+    if stack.vae is None and stack.latent_channels not in (1, 3):
+        raise ValueError(f"{checkpoint}: this stack has no VAE, so its {stack.latent_channels}-channel latents cannot be "
+                         "written as pictures; load it with its vae/ directory")
+    prompts = read_prompts(prompts_file)
+    overrides = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
+    sampling |= {k: v for k, v in overrides.items() if v is not None}
+    latents = generate_candidates(stack, prompts, num_images, seed=seed, batch_size=batch_size, **sampling).latents
+    images = decode_latents(latents.flatten(0, 1), stack.vae)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i // num_images:04d}-{i % num_images:02d}.png")
+    record = {"checkpoint": str(checkpoint), "seed": seed, "sampling": sampling, "prompts": prompts}
+    (out / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+    image_grid(enlarge(images[: num_images * min(len(prompts), 16)]), columns=num_images).save(out / "grid.png")
+    return len(images)

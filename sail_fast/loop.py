@@ -1,0 +1,453 @@
+"""The SAIL loop: iter0 Diffusion-DPO on the seed pairs, then T rounds of
+generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -> DPO.
+
+Run directory (each stage writes ``done.json`` last; ``--resume`` skips finished stages
+and continues a half-trained one from its latest checkpoint)::
+
+    config.yaml
+    human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
+    base/eval.json    the base model's evaluation
+    iter0/            DPO on the seed against the base: checkpoints/, final/unet, eval.json
+    round-01/         candidates.rank0.safetensors, pairs.safetensors (latent shard),
+                      ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json
+    metrics.json      one row per stage: reward spread, self-label agreement, diversity, metrics
+    curves.png        those rows as curves
+
+Under the DeepSpeed launcher each rank generates and ranks its slice of a round's prompts;
+the pairs are gathered on every rank before the data-parallel DPO stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import RunConfig, dump_config
+from .data import LatentPairs
+from .distributed import DistInfo
+from .images import decode_latents, enlarge, image_grid
+from .models import DiffusionStack, PromptEmbeds, build_stack
+from .pair_sources import load_pairs
+from .prompts import read_prompts
+from .reward import Draws, ImplicitRewardScorer
+from .sampling import generate_candidates
+from .seeding import derive_seed
+from .trainer import DPOTrainer
+
+DONE = "done.json"
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)  # atomic: a kill never leaves half a marker
+
+
+def sample_diversity(latents: torch.Tensor) -> float:
+    """Mean RMS distance between two samples of the same prompt, for latents [P, n, ...]."""
+    flat = latents.flatten(2).float()
+    n = flat.shape[1]
+    if n < 2:
+        return float("nan")
+    dist = torch.cdist(flat, flat) / math.sqrt(flat.shape[-1])  # [P, n, n]
+    return float(dist.sum(dim=(1, 2)).mean() / (n * (n - 1)))
+
+
+def load_unet(path: Path, like: UNet2DConditionModel) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(path, torch_dtype=like.dtype).to(like.device).eval()
+
+
+class SailLoop:
+    """Runs ``config``'s SAIL rounds in ``config.output_dir`` (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, *, dist: DistInfo = DistInfo(), device: torch.device | str = "cpu",
+                 log=None) -> None:
+        if config.sail is None:
+            raise ValueError("this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`")
+        self.config, self.sail, self.dist = config, config.sail, dist
+        self.device = torch.device(device)
+        self.out = Path(config.output_dir)
+        self.progress = config.train.progress and dist.is_main
+        self._log = log
+        self.stack = build_stack(config.model, seed=config.seed, device=self.device)
+        self.base = self.stack.unet.eval().requires_grad_(False)
+        self.oracle = None
+        if config.model.toy:
+            from .toy import ToyOracle
+
+            self.oracle = ToyOracle.load(temperature=config.toy.temperature if config.toy else 0.5)
+        self.sampling = {
+            "sampler": self.sail.sampler, "num_inference_steps": self.sail.sampling_steps,
+            "guidance_scale": self.sail.guidance_scale,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
+        if self._log is not None:
+            self._log(text)
+        else:
+            tqdm.write(text)
+        with (self.out / "sail.log").open("a") as f:
+            f.write(text + "\n")
+
+    def _stack_with(self, unet) -> DiffusionStack:
+        return dataclasses.replace(self.stack, unet=unet)
+
+    def _stage_config(self, stage: int, steps: int | None) -> RunConfig:
+        train = self.config.train.model_copy(update={"steps": steps or self.config.train.steps})
+        return self.config.model_copy(update={"seed": derive_seed(self.config.seed, 100 + stage) % 2**31, "train": train})
+
+    def _round_prompts(self) -> list[list[str]]:
+        """Disjoint prompt sets, one per round."""
+        if self.config.model.toy:
+            from .toy import split_prompts
+
+            _, pool = split_prompts(self.config.seed)
+            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 8001)))
+            pool = [pool[i] for i in order.tolist()]
+        elif self.sail.prompts is not None:
+            pool = list(dict.fromkeys(read_prompts(self.sail.prompts)))  # unique, file order
+        else:
+            raise ValueError("sail.prompts is not set: point it at a prompt file (.txt, .tsv, .json or .parquet)")
+        per, rounds = self.sail.prompts_per_round, self.sail.rounds
+        if per * rounds > len(pool):
+            raise ValueError(
+                f"{rounds} rounds x sail.prompts_per_round={per} need {per * rounds} distinct prompts, but the pool has "
+                f"{len(pool)}; lower one of them or give a larger sail.prompts file"
+            )
+        return [pool[r * per : (r + 1) * per] for r in range(rounds)]
+
+    def _eval_prompts(self) -> list[str]:
+        if self.config.model.toy:
+            from .toy import split_prompts
+
+            return split_prompts(self.config.seed, num_eval=100)[0][: self.sail.eval_prompts]
+        # Real stacks: the first prompts of the pool that no round uses.
+        pool = list(dict.fromkeys(read_prompts(self.sail.prompts)))
+        used = self.sail.prompts_per_round * self.sail.rounds
+        return (pool[used:] or pool)[: self.sail.eval_prompts]
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, resume: bool = False) -> Path:
+        """Run every unfinished stage; returns the final policy's UNet directory."""
+        if not resume and (self.out / "base").exists():
+            raise FileExistsError(
+                f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
+            )
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config, self.out / "config.yaml")
+        seed_sources, heldout_sources = list(self.config.data.seed_pairs), list(self.sail.heldout_pairs)
+        if self.config.toy is not None:
+            human = self.human_stage()
+            seed_sources = seed_sources or [str(human / ("all.jsonl" if self.config.toy.train_on == "all" else "seed.jsonl"))]
+            heldout_sources = heldout_sources or [str(human / "heldout.jsonl")]
+        pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.out / "cache",
+                     "seed": self.config.seed, "dist": self.dist, "log": self.log}
+        seed_pairs = load_pairs(seed_sources, self.stack, **pair_args)
+        heldout = load_pairs(heldout_sources, self.stack, **pair_args) if heldout_sources else None
+        # The seed file is the human budget: a cap meant for real data must not cut it silently.
+        self.log(f"seed: {len(seed_pairs)} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
+
+        self.evaluate("base", self.base, heldout)
+        policy = self.iter0_stage(seed_pairs, heldout)
+        previous = self.base
+        for r, prompts in enumerate(self._round_prompts(), start=1):
+            policy, previous = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout), policy
+        final = self.final_dir()
+        self.log(f"SAIL finished: final policy in {final}; metrics in {self.out / 'metrics.json'}")
+        return final
+
+    def final_dir(self) -> Path:
+        last = self.sail.rounds
+        return self.out / (f"round-{last:02d}/train/final/unet" if last else "iter0/final/unet")
+
+    # ------------------------------------------------------------------ stages
+    def human_stage(self) -> Path:
+        """Toy world: label pairs of base samples with the hidden oracle (once, shared by runs that point at it)."""
+        from .toy import make_human_pairs
+
+        toy = self.config.toy
+        human = Path(toy.data_dir) if toy.data_dir else self.out / "human"
+        if not (human / DONE).exists() and self.dist.is_main:
+            self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human}")
+            shutil.rmtree(human, ignore_errors=True)
+            summary = make_human_pairs(
+                self.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
+                heldout=toy.heldout_pairs, seed=self.config.seed, sampling=self.sampling, progress=self.progress,
+            )
+            _write_json(human / DONE, summary)
+        self.dist.barrier()
+        return human
+
+    def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
+        stage = self.out / "iter0"
+        if self.sail.iter0_from:
+            source = Path(self.sail.iter0_from)
+            if not (source / DONE).exists():
+                raise FileNotFoundError(f"sail.iter0_from={source} is not a finished iter0 stage (no {DONE})")
+            if self.dist.is_main and not (stage / DONE).exists():
+                stage.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source / "eval.json", stage / "eval.json")
+                _write_json(stage / DONE, _read_json(source / DONE) | {"from": str(source.resolve())})
+            self.dist.barrier()
+            return load_unet(source / "final" / "unet", self.base)
+        if not (stage / DONE).exists():
+            self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
+            started = time.perf_counter()
+            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps), copy.deepcopy(self.base).requires_grad_(True),
+                                 self.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.device)
+            trainer.train(resume=True)
+            del trainer
+            policy = load_unet(stage / "final" / "unet", self.base)
+            self.evaluate("iter0", policy, heldout)
+            if self.dist.is_main:
+                _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
+            self.dist.barrier()
+        self.write_metrics()
+        return load_unet(stage / "final" / "unet", self.base)
+
+    def round_stage(self, r: int, prompts: list[str], policy, previous, seed_pairs: LatentPairs, heldout):
+        stage = self.out / f"round-{r:02d}"
+        if (stage / DONE).exists():
+            return load_unet(stage / "train" / "final" / "unet", self.base)
+        started = time.perf_counter()
+        stage.mkdir(parents=True, exist_ok=True)
+        mine = prompts[self.dist.rank :: self.dist.world_size]
+        self.log(f"round {r}: {len(prompts)} prompts x {self.sail.candidates} candidates"
+                 + (f" ({len(mine)} on each of {self.dist.world_size} ranks)" if self.dist.enabled else ""))
+        latents = self._candidates(stage, r, mine, policy)
+        reference = self.base if self.sail.reference == "base" else previous
+        rewards, win, lose = self._rank(r, mine, latents, policy, reference)
+        pairs = self._pairs(mine, latents, win, lose)
+        gathered = self.dist.gather_objects((pairs, mine, rewards))
+        # Back into the round's prompt order, so training sees the same data whatever the rank count.
+        world = self.dist.world_size
+        order = torch.tensor([k + i * world for k, g in enumerate(gathered) for i in range(len(g[1]))]).argsort()
+        pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order)
+        all_rewards = torch.cat([g[2] for g in gathered])[order]
+        all_prompts = [p for g in gathered for p in g[1]]
+        spread = (all_rewards.max(1).values - all_rewards.min(1).values)
+        ranking = {
+            "prompts": [all_prompts[i] for i in order.tolist()], "rewards": all_rewards.tolist(),
+            "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
+            "reward_std_within_prompt": float(all_rewards.std(1).mean()),
+            "diversity": sample_diversity(latents), "reference": self.sail.reference, "pairing": self.sail.pairing,
+        }
+        if self.dist.is_main:
+            pairs.save(stage / "pairs.safetensors")
+            _write_json(stage / "ranking.json", ranking)
+            self._candidate_grid(stage / "candidates.png", mine, latents, rewards, win, lose)
+        self.log(f"round {r}: {len(pairs)} generated pairs; reward spread {ranking['reward_spread_mean']:.3g} "
+                 f"(mean best - worst per prompt)")
+
+        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps), policy.requires_grad_(True), self.stack.scheduler,
+                             seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.device)
+        trainer.train(resume=True)
+        del trainer
+        policy = load_unet(stage / "train" / "final" / "unet", self.base)
+        self.evaluate(f"round-{r:02d}", policy, heldout)
+        if self.dist.is_main:
+            _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
+                                       "human_pairs": len(seed_pairs)})
+        self.dist.barrier()
+        self.write_metrics()
+        return policy
+
+    # ------------------------------------------------------------------ round parts
+    def _candidates(self, stage: Path, r: int, prompts: list[str], policy) -> torch.Tensor:
+        """N latents per prompt from the current policy, saved so a resumed round skips sampling."""
+        file = stage / f"candidates.rank{self.dist.rank}.safetensors"
+        if file.exists():
+            return load_file(file)["latents"]
+        # Each candidate's seed is a function of (seed, round, its prompt's place in the round):
+        # the round samples the same candidates whatever the number of ranks.
+        seeds = torch.tensor([[derive_seed(self.config.seed, 8100 + r, self._global(i), n) for n in range(self.sail.candidates)]
+                              for i in range(len(prompts))], dtype=torch.int64).view(len(prompts), self.sail.candidates)
+        latents = generate_candidates(self._stack_with(policy), prompts, self.sail.candidates, seeds=seeds,
+                                      batch_size=self.sail.generation_batch, progress=self.progress, **self.sampling).latents
+        tmp = file.with_name(file.name + ".tmp")
+        save_file({"latents": latents.contiguous()}, tmp)
+        tmp.replace(file)
+        return latents
+
+    def _global(self, i: int) -> int:
+        """The round-wide position of this rank's i-th prompt (prompts are dealt round-robin)."""
+        return self.dist.rank + i * self.dist.world_size
+
+    def _rank(self, r: int, prompts: list[str], latents: torch.Tensor, policy, reference):
+        """Implicit rewards [P, N] of every candidate, and the (winner, loser) index per prompt."""
+        scorer = ImplicitRewardScorer(policy, reference, self.stack.scheduler, beta=self.config.train.beta,
+                                      num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch)
+        embeds = self.stack.encode_prompts(prompts)
+        height, width = latents.shape[-2:]
+        chunk = max(1, self.sail.scoring_batch // (self.sail.candidates * self.sail.num_draws))
+        rewards, win, lose = [], [], []
+        for start in tqdm(range(0, len(prompts), chunk), desc=f"round {r} rank", unit="chunk", disable=not self.progress):
+            idx = list(range(start, min(start + chunk, len(prompts))))
+            draws = self._draws(r, idx, latents.shape[2:], scorer)
+            part = embeds.index(idx).to(self.device, scorer.dtype)
+            added = self.stack.added_cond_kwargs(part, height, width)
+            chosen = scorer.best_worst(latents[idx].to(self.device), part.prompt_embeds, added_cond_kwargs=added,
+                                       timesteps=draws.timesteps, noise=draws.noise,
+                                       adaptive=self.sail.adaptive and self.sail.pairing == "best_worst")
+            rewards.append(chosen.rewards.float().cpu())
+            if self.sail.pairing == "best_worst":
+                win.append(chosen.best.cpu())
+                lose.append(chosen.worst.cpu())
+            else:
+                w, lo = self._random_pairs(r, idx, chosen.rewards.float().cpu())
+                win.append(w)
+                lose.append(lo)
+        return torch.cat(rewards), torch.cat(win), torch.cat(lose)
+
+    def _draws(self, r: int, idx: list[int], latent_shape, scorer: ImplicitRewardScorer) -> Draws:
+        """K draws per prompt, a function of (seed, round, the prompt's global position) only."""
+        per_prompt = [
+            scorer.sample_draws(1, tuple(latent_shape), generator=torch.Generator().manual_seed(
+                derive_seed(self.config.seed, 8200 + r, self._global(i))))
+            for i in idx
+        ]
+        return Draws(torch.cat([d.timesteps for d in per_prompt]), torch.cat([d.noise for d in per_prompt]))
+
+    def _random_pairs(self, r: int, idx: list[int], rewards: torch.Tensor):
+        """The ablation: two random candidates per prompt, ordered by their implicit reward."""
+        win, lose = [], []
+        for row, i in enumerate(idx):
+            gen = torch.Generator().manual_seed(derive_seed(self.config.seed, 8300 + r, self._global(i)))
+            a, b = torch.randperm(self.sail.candidates, generator=gen)[:2].tolist()
+            if rewards[row, b] > rewards[row, a]:
+                a, b = b, a
+            win.append(a)
+            lose.append(b)
+        return torch.tensor(win), torch.tensor(lose)
+
+    def _pairs(self, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> LatentPairs:
+        rows = torch.arange(len(prompts))
+        embeds = self.stack.encode_prompts(list(prompts) + [""]).to("cpu", torch.float32)
+        time_ids = None
+        if self.stack.is_sdxl:
+            h, w = (s * self.stack.vae_scale_factor for s in latents.shape[-2:])
+            time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32).expand(len(prompts), 6).clone()
+        return LatentPairs(
+            win=latents[rows, win].float(), lose=latents[rows, lose].float(), prompt_index=rows.clone(),
+            prompts=list(prompts) + [""], prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+            time_ids_win=time_ids, time_ids_lose=None if time_ids is None else time_ids.clone(),
+            label=torch.ones(len(prompts)), source=["sail"] * len(prompts),
+        )
+
+    # ------------------------------------------------------------------ pictures and metrics
+    def _pictures(self, latents: torch.Tensor) -> list | None:
+        """PIL images of latents [B, C, H, W], enlarged to at least 64 px; None without a decoder."""
+        if self.stack.vae is None and self.stack.latent_channels not in (1, 3):
+            return None  # a latent-space model loaded without its VAE: nothing to look at
+        return enlarge(decode_latents(latents, self.stack.vae))
+
+    def _candidate_grid(self, path: Path, prompts, latents, rewards, win, lose) -> None:
+        rows = min(self.sail.grid_prompts, len(prompts))
+        order = rewards[:rows].argsort(dim=1, descending=True)  # each row best to worst
+        picked = torch.stack([latents[p, order[p]] for p in range(rows)]).flatten(0, 1)
+        images = self._pictures(picked)
+        if images is None:
+            return
+        captions = []
+        for p in range(rows):
+            for n in order[p].tolist():
+                mark = "W " if n == int(win[p]) else "L " if n == int(lose[p]) else ""
+                captions.append(f"{mark}{rewards[p, n]:+.2f}")
+        image_grid(images, columns=latents.shape[1], captions=captions).save(path)
+
+    @torch.no_grad()
+    def evaluate(self, name: str, unet, heldout: LatentPairs | None) -> dict:
+        """A stage's metrics: fixed-seed samples on the eval prompts, self-label agreement, oracle (toy)."""
+        path = self.out / name / "eval.json"
+        if path.exists():
+            return _read_json(path)
+        prompts = self._eval_prompts()
+        n = self.sail.eval_images_per_prompt
+        # The same seeds at every stage, so stages differ only by their weights.
+        latents = generate_candidates(self._stack_with(unet), prompts, n, seed=derive_seed(self.config.seed, 9000),
+                                      batch_size=self.sail.generation_batch, progress=self.progress, **self.sampling).latents
+        metrics = {"stage": name, "diversity": sample_diversity(latents)}
+        if heldout is not None and unet is not self.base:
+            scorer = ImplicitRewardScorer(unet, self.base, self.stack.scheduler, beta=self.config.train.beta,
+                                          num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch)
+            metrics["self_label_agreement"] = scorer.pair_accuracy(
+                heldout, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 9001)))
+        if self.oracle is not None:
+            from .toy import oracle_metrics
+
+            metrics |= oracle_metrics(self.oracle, latents, prompts)
+        if self.dist.is_main:
+            images = self._pictures(latents[: min(10, len(prompts))].flatten(0, 1))
+            if images is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image_grid(images, columns=n).save(path.with_name("samples.png"))
+            _write_json(path, metrics)
+        self.dist.barrier()
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        self.log(f"{name}: {shown}")
+        return metrics
+
+    def metric_rows(self) -> list[dict]:
+        rows = []
+        stages = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, self.sail.rounds + 1)]
+        for i, name in enumerate(stages):
+            file = self.out / name / "eval.json"
+            if not file.exists():
+                break
+            row = {"stage": name, "round": i - 1} | _read_json(file)
+            ranking = self.out / name / "ranking.json"
+            if ranking.exists():
+                info = _read_json(ranking)
+                row |= {k: info[k] for k in ("reward_spread_mean", "reward_std_within_prompt")}
+                row["candidate_diversity"] = info["diversity"]
+            rows.append(row)
+        return rows
+
+    def write_metrics(self) -> None:
+        if not self.dist.is_main:
+            return
+        rows = self.metric_rows()
+        _write_json(self.out / "metrics.json", rows)
+        plot_curves(rows, self.out / "curves.png")
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """One panel per metric against the stage (base, iter0, round 1, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity", "reward_spread_mean")
+            if any(k in row for row in rows)]
+    if not rows or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [row["round"] for row in rows if key in row]
+        ax.plot(xs, [row[key] for row in rows if key in row], marker="o")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("round (-1 = base, 0 = iter0)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

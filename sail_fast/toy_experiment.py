@@ -1,0 +1,123 @@
+"""The toy world's headline table: SAIL against full-label Diffusion-DPO and the ablations,
+over several seeds (``sail-fast toy experiment``).
+
+Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/human``):
+
+- ``sail``: iter0 on the seed pairs (``toy.seed_fraction`` of the labels), then the rounds;
+  gives the base, iter0 and round 1..T rows.
+- ``no-mixup``: the rounds with ``train.mixup_alpha = 1`` (generated pairs only), from the same iter0.
+- ``random-pairs``: two random candidates per prompt (ordered by the implicit reward) instead of
+  best vs worst, from the same iter0.
+- ``dpo-full``: Diffusion-DPO on 100% of the labelled pairs, for as many optimizer steps as SAIL
+  spends on iter0 plus all rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .config import load_config
+from .loop import SailLoop
+
+CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full")
+
+
+def condition_overrides(name: str, seed: int, seed_dir: Path, config) -> list[str]:
+    """The ``--set`` overrides that turn the base config into one condition of one seed."""
+    sail = config.sail
+    common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}"]
+    iter0 = f"sail.iter0_from={seed_dir / 'sail' / 'iter0'}"
+    if name == "sail":
+        return common
+    if name == "no-mixup":
+        return common + [iter0, "train.mixup_alpha=1.0"]
+    if name == "random-pairs":
+        return common + [iter0, "sail.pairing=random"]
+    if name == "dpo-full":
+        steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
+        return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]
+    raise ValueError(f"unknown condition {name!r}; choose from {CONDITIONS}")
+
+
+def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], conditions=CONDITIONS,
+                   overrides: list[str] | None = None) -> Path:
+    """Run (or resume) every condition for every seed, then write the table; returns results.md."""
+    out = Path(out)
+    base = load_config(config_path, overrides)
+    for seed in seeds:
+        seed_dir = out / f"seed-{seed}"
+        for name in conditions:
+            config = load_config(config_path, list(overrides or []) + condition_overrides(name, seed, seed_dir, base))
+            SailLoop(config).run(resume=True)
+    return write_table(out, seeds, base.sail.rounds)
+
+
+def _rows(run: Path) -> dict[str, dict]:
+    file = run / "metrics.json"
+    return {row["stage"]: row for row in json.loads(file.read_text())} if file.exists() else {}
+
+
+def collect(out: Path, seeds: list[int], rounds: int) -> list[tuple[str, str, list[dict]]]:
+    """(label, labels used, per-seed metric rows) for each line of the table."""
+    last = f"round-{rounds:02d}"
+    runs = {s: {c: _rows(out / f"seed-{s}" / c) for c in CONDITIONS} for s in seeds}
+
+    def pick(condition, stage):
+        return [runs[s][condition][stage] for s in seeds if stage in runs[s][condition]]
+
+    human = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
+    seed_share = f"{human['seed']} ({100 * human['seed'] / human['labelled']:.0f}%)"
+    lines = [("base model", "0", pick("sail", "base")),
+             ("Diffusion-DPO, 100% of labels", f"{human['labelled']} (100%)", pick("dpo-full", "iter0")),
+             ("SAIL iter0 (seed only)", seed_share, pick("sail", "iter0"))]
+    lines += [(f"SAIL round {r}", seed_share, pick("sail", f"round-{r:02d}")) for r in range(1, rounds + 1)]
+    lines += [(f"SAIL round {rounds}, no mixup (alpha = 1)", seed_share, pick("no-mixup", last)),
+              (f"SAIL round {rounds}, random pairs", seed_share, pick("random-pairs", last))]
+    return lines
+
+
+def _mean_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def write_table(out: Path, seeds: list[int], rounds: int) -> Path:
+    """results.md and results.json: mean ± standard deviation over seeds for each line."""
+    keys = ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity")
+    lines = collect(out, seeds, rounds)
+    md = ["| model | human labels | " + " | ".join(k.replace("_", " ") for k in keys) + " | seeds |",
+          "|---" * (len(keys) + 3) + "|"]
+    data = []
+    for label, budget, rows in lines:
+        cells = [_mean_spread([r[k] for r in rows if r.get(k) is not None]) for k in keys]
+        md.append(f"| {label} | {budget} | " + " | ".join(cells) + f" | {len(rows)} |")
+        data.append({"model": label, "human_labels": budget, "per_seed": rows})
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot(out, lines)
+    return out / "results.md"
+
+
+def _plot(out: Path, lines) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, (label, _, rows) in enumerate(lines):
+        values = [r["oracle_score"] for r in rows if "oracle_score" in r]
+        if values:
+            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.6)
+            ax.plot([i - 0.3, i + 0.3], [sum(values) / len(values)] * 2, color="black")
+    ax.set_xticks(range(len(lines)), [label for label, _, _ in lines], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("oracle score (hidden preference)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=100)
+    plt.close(fig)
