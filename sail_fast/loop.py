@@ -232,7 +232,7 @@ class SailLoop:
         stage.mkdir(parents=True, exist_ok=True)
         mine = prompts[self.dist.rank :: self.dist.world_size]
         self.log(f"round {r}: {len(prompts)} prompts x {self.sail.candidates} candidates"
-                 + (f" ({len(mine)} on each of {self.dist.world_size} ranks)" if self.dist.enabled else ""))
+                 + (f", dealt round-robin to {self.dist.world_size} ranks" if self.dist.enabled else ""))
         latents = self._candidates(stage, r, mine, policy)
         reference = self.base if self.sail.reference == "base" else previous
         rewards, win, lose = self._rank(r, mine, latents, policy, reference)

@@ -98,7 +98,9 @@ class DPOTrainer:
         alpha = train.mixup_alpha if num_generated else 0.0
         self.sampler = MixupSampler(num_generated, len(seed_pairs), per_step, alpha=alpha, seed=config.seed)
 
-        self.policy = policy.to(self.device).train()
+        # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
+        # broadcast views each parameter as bytes, which needs a unit last stride.
+        self.policy = policy.to(self.device, memory_format=torch.contiguous_format).train()
         if train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         # The reference is the policy as it starts (or the one given), frozen, in the compute dtype.
