@@ -76,6 +76,13 @@ def _toy_experiment(args: argparse.Namespace) -> None:
     print(table.read_text())
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from sail_fast.config import load_config
+    from sail_fast.plan import format_plan
+
+    print(format_plan(load_config(args.config, args.set), args.gpus, args.gpu_memory))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser("plan", help="per-GPU training memory by optimizer, ZeRO stage and checkpointing")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.set_defaults(func=_plan)
 
     toy = sub.add_parser("toy", help="the toy digits world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

@@ -107,6 +107,7 @@ class SailConfig(Section):
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
     heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
     eval_prompts: int = 50  # prompts sampled for each stage's evaluation
+    eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = 4
     grid_prompts: int = 8  # rows of the per-round candidate grid
 

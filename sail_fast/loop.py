@@ -263,7 +263,8 @@ class SailLoop:
         trainer.train(resume=True)
         del trainer
         policy = load_unet(stage / "train" / "final" / "unet", self.base)
-        self.evaluate(f"round-{r:02d}", policy, heldout)
+        if self.sail.eval_each_round or r == self.sail.rounds:
+            self.evaluate(f"round-{r:02d}", policy, heldout)
         if self.dist.is_main:
             _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
                                        "human_pairs": len(seed_pairs)})
@@ -412,7 +413,7 @@ class SailLoop:
         for i, name in enumerate(stages):
             file = self.out / name / "eval.json"
             if not file.exists():
-                break
+                continue  # not finished, or not evaluated (sail.eval_each_round: false)
             row = {"stage": name, "round": i - 1} | _read_json(file)
             ranking = self.out / name / "ranking.json"
             if ranking.exists():

@@ -31,10 +31,11 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config) -> list[st
     iter0 = f"sail.iter0_from={seed_dir / 'sail' / 'iter0'}"
     if name == "sail":
         return common
+    # The ablations are compared at the last round only, so they skip the rounds between.
     if name == "no-mixup":
-        return common + [iter0, "train.mixup_alpha=1.0"]
+        return common + [iter0, "train.mixup_alpha=1.0", "sail.eval_each_round=false"]
     if name == "random-pairs":
-        return common + [iter0, "sail.pairing=random"]
+        return common + [iter0, "sail.pairing=random", "sail.eval_each_round=false"]
     if name == "dpo-full":
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]

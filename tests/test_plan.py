@@ -1,0 +1,74 @@
+"""The memory planner against memory measured on the CPU, and its optimizer-state counts
+against the real optimizers' states."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch.profiler import ProfilerActivity, profile
+
+from sail_fast.config import load_config
+from sail_fast.data import LatentPairs
+from sail_fast.models import build_stack
+from sail_fast.plan import meta_unet, optimizer_state_bytes, plan_memory, unet_config_for
+from sail_fast.trainer import DPOTrainer, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measured_peak_bytes(trainer, tmp_path) -> float:
+    """Peak bytes of live tensors during one training step, from the profiler's allocator timeline."""
+    trainer.train_step()  # the optimizer allocates its states on the first step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        trainer.train_step()
+    prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
+    _, sizes = json.loads((tmp_path / "timeline.json").read_text())
+    return float(np.array(sizes).sum(1).max())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, checkpointing):
+    config = load_config(REPO / "configs/toy.yaml", [
+        "train.micro_batch_pairs=32", "train.pairs_per_step=32", "train.progress=false",
+        f"train.gradient_checkpointing={checkpointing}", f"output_dir={tmp_path}"])
+    stack = build_stack(config.model)
+    gen = torch.Generator().manual_seed(0)
+    embeds = stack.encode_prompts(["a handwritten 3", ""]).prompt_embeds
+    pairs = LatentPairs(torch.randn(64, 1, 16, 16, generator=gen), torch.randn(64, 1, 16, 16, generator=gen),
+                        torch.zeros(64, dtype=torch.int64), ["a handwritten 3", ""], embeds, None, None, None,
+                        torch.ones(64), ["human"] * 64)
+    policy = UNet2DConditionModel.from_config(stack.unet.config)
+    trainer = DPOTrainer(config, policy, stack.scheduler, pairs, output_dir=tmp_path)
+    measured = measured_peak_bytes(trainer, tmp_path)
+    plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32",
+                       checkpointing=checkpointing, micro_batch_pairs=32, latent=16)
+    assert plan.total == pytest.approx(measured, rel=0.2)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
+def test_optimizer_state_count_matches_the_real_optimizer(name):
+    config = load_config(REPO / "configs/toy.yaml")
+    unet = UNet2DConditionModel.from_config(unet_config_for(config.model))
+    optimizer = build_optimizer(name, unet.parameters(), config.train)
+    for p in unet.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    real = sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    assert optimizer_state_bytes(meta_unet(unet_config_for(config.model)), name) == pytest.approx(real, rel=0.05)
+
+
+def test_plan_command_prints_the_configs_row(tmp_path):
+    done = subprocess.run(["sail-fast", "plan", "--config", "configs/sdxl.yaml", "--gpus", "8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 18  # header + 3 optimizers x 3 ZeRO settings x checkpointing off/on
+    own = [r for r in rows if "(config)" in r]
+    assert len(own) == 1 and own[0].startswith("| **adafactor** (config) | 2 | on |")
+    # SDXL's 2.57B parameters: fp32 weights without ZeRO are 4 bytes each, 9.6 GiB.
+    assert rows[1].split("|")[4].strip() == "9.6"
