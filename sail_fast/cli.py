@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,7 +73,15 @@ def _toy_pretrain(args: argparse.Namespace) -> None:
 def _toy_experiment(args: argparse.Namespace) -> None:
     from sail_fast.toy_experiment import CONDITIONS, run_experiment
 
-    table = run_experiment(args.config, args.out, args.seeds, conditions=args.conditions or CONDITIONS, overrides=args.set)
+    if args.table_only:
+        from sail_fast.config import load_config
+        from sail_fast.toy_experiment import write_table
+
+        rounds = load_config(args.config, args.set).sail.rounds
+        print(write_table(Path(args.out), args.seeds, rounds, args.ablation_rounds or rounds).read_text())
+        return
+    table = run_experiment(args.config, args.out, args.seeds, conditions=args.conditions or CONDITIONS, overrides=args.set,
+                           ablation_rounds=args.ablation_rounds)
     print(table.read_text())
 
 
@@ -136,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     exp.add_argument("--conditions", nargs="+", default=None, help="default: sail no-mixup random-pairs dpo-full")
     exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the two ablations (default: as SAIL)")
+    exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
     return parser
 

@@ -24,18 +24,20 @@ from .loop import SailLoop
 CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full")
 
 
-def condition_overrides(name: str, seed: int, seed_dir: Path, config) -> list[str]:
-    """The ``--set`` overrides that turn the base config into one condition of one seed."""
+def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_rounds: int | None = None) -> list[str]:
+    """The ``--set`` overrides that turn the base config into one condition of one seed
+    (``ablation_rounds``: run the two ablations for fewer rounds than SAIL, to save time)."""
     sail = config.sail
     common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}"]
     iter0 = f"sail.iter0_from={seed_dir / 'sail' / 'iter0'}"
     if name == "sail":
         return common
-    # The ablations are compared at the last round only, so they skip the rounds between.
+    # The ablations are compared at their last round only, so they skip the rounds between.
+    ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
     if name == "no-mixup":
-        return common + [iter0, "train.mixup_alpha=1.0", "sail.eval_each_round=false"]
+        return common + ablation + ["train.mixup_alpha=1.0"]
     if name == "random-pairs":
-        return common + [iter0, "sail.pairing=random", "sail.eval_each_round=false"]
+        return common + ablation + ["sail.pairing=random"]
     if name == "dpo-full":
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]
@@ -43,16 +45,16 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config) -> list[st
 
 
 def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], conditions=CONDITIONS,
-                   overrides: list[str] | None = None) -> Path:
+                   overrides: list[str] | None = None, ablation_rounds: int | None = None) -> Path:
     """Run (or resume) every condition for every seed, then write the table; returns results.md."""
     out = Path(out)
     base = load_config(config_path, overrides)
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
         for name in conditions:
-            config = load_config(config_path, list(overrides or []) + condition_overrides(name, seed, seed_dir, base))
-            SailLoop(config).run(resume=True)
-    return write_table(out, seeds, base.sail.rounds)
+            extra = condition_overrides(name, seed, seed_dir, base, ablation_rounds)
+            SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
+    return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
 
 
 def _rows(run: Path) -> dict[str, dict]:
@@ -60,9 +62,9 @@ def _rows(run: Path) -> dict[str, dict]:
     return {row["stage"]: row for row in json.loads(file.read_text())} if file.exists() else {}
 
 
-def collect(out: Path, seeds: list[int], rounds: int) -> list[tuple[str, str, list[dict]]]:
+def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, list[dict]]]:
     """(label, labels used, per-seed metric rows) for each line of the table."""
-    last = f"round-{rounds:02d}"
+    last = f"round-{ablation_rounds:02d}"
     runs = {s: {c: _rows(out / f"seed-{s}" / c) for c in CONDITIONS} for s in seeds}
 
     def pick(condition, stage):
@@ -74,8 +76,8 @@ def collect(out: Path, seeds: list[int], rounds: int) -> list[tuple[str, str, li
              ("Diffusion-DPO, 100% of labels", f"{human['labelled']} (100%)", pick("dpo-full", "iter0")),
              ("SAIL iter0 (seed only)", seed_share, pick("sail", "iter0"))]
     lines += [(f"SAIL round {r}", seed_share, pick("sail", f"round-{r:02d}")) for r in range(1, rounds + 1)]
-    lines += [(f"SAIL round {rounds}, no mixup (alpha = 1)", seed_share, pick("no-mixup", last)),
-              (f"SAIL round {rounds}, random pairs", seed_share, pick("random-pairs", last))]
+    lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, pick("no-mixup", last)),
+              (f"SAIL round {ablation_rounds}, random pairs", seed_share, pick("random-pairs", last))]
     return lines
 
 
@@ -87,10 +89,10 @@ def _mean_spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def write_table(out: Path, seeds: list[int], rounds: int) -> Path:
+def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None) -> Path:
     """results.md and results.json: mean ± standard deviation over seeds for each line."""
     keys = ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity")
-    lines = collect(out, seeds, rounds)
+    lines = collect(out, seeds, rounds, ablation_rounds or rounds)
     md = ["| model | human labels | " + " | ".join(k.replace("_", " ") for k in keys) + " | seeds |",
           "|---" * (len(keys) + 3) + "|"]
     data = []
