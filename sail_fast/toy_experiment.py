@@ -68,7 +68,7 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
     runs = {s: {c: _rows(out / f"seed-{s}" / c) for c in CONDITIONS} for s in seeds}
 
     def pick(condition, stage):
-        return [runs[s][condition][stage] for s in seeds if stage in runs[s][condition]]
+        return [runs[s][condition][stage] | {"seed": s} for s in seeds if stage in runs[s][condition]]
 
     human = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
     seed_share = f"{human['seed']} ({100 * human['seed'] / human['labelled']:.0f}%)"
@@ -93,11 +93,15 @@ def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int |
     """results.md and results.json: mean ± standard deviation over seeds for each line."""
     keys = ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity")
     lines = collect(out, seeds, rounds, ablation_rounds or rounds)
-    md = ["| model | human labels | " + " | ".join(k.replace("_", " ") for k in keys) + " | seeds |",
-          "|---" * (len(keys) + 3) + "|"]
+    # Each seed has its own eval prompts and labels, so the paired change from that seed's base
+    # is the sharper comparison.
+    base = {r["seed"]: r["oracle_score"] for r in lines[0][2]}
+    md = ["| model | human labels | " + " | ".join(k.replace("_", " ") for k in keys)
+          + " | oracle score - base (same seed) | seeds |", "|---" * (len(keys) + 4) + "|"]
     data = []
     for label, budget, rows in lines:
         cells = [_mean_spread([r[k] for r in rows if r.get(k) is not None]) for k in keys]
+        cells.append(_mean_spread([r["oracle_score"] - base[r["seed"]] for r in rows if r["seed"] in base]))
         md.append(f"| {label} | {budget} | " + " | ".join(cells) + f" | {len(rows)} |")
         data.append({"model": label, "human_labels": budget, "per_seed": rows})
     (out / "results.md").write_text("\n".join(md) + "\n")
