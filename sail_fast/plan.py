@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from .architectures import UNET_CONFIGS
+from .trainer import DTYPES
 
 GIB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -167,7 +168,7 @@ def plan_memory(config, gpus: int, *, zero_stage: int, optimizer: str, mixed_pre
                 activations: int | None = None) -> MemoryPlan:
     """The per-rank memory plan (bytes) of one training configuration (``activations``: reuse a count)."""
     unet_config = unet_config_for(config.model)
-    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    compute = DTYPES[mixed_precision]
     deepspeed = zero_stage > 0 if deepspeed is None else deepspeed
     unet = meta_unet(unet_config)
     params = sum(p.numel() for p in unet.parameters())
@@ -211,7 +212,7 @@ def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: flo
         "| optimizer | ZeRO | checkpointing | weights | grads | optimizer | reference | activations | total GB | fits |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
+    compute = DTYPES[train.mixed_precision]
     unet_config = unet_config_for(config.model)
     activations = {ckpt: activation_bytes(unet_config, 2 * train.micro_batch_pairs, latent, compute, ckpt)
                    for ckpt in (False, True)}
