@@ -1,0 +1,49 @@
+"""The toy world's hidden oracle and its digit classifier, as metrics of the same interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import Metric
+
+
+def pictures_to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Greyscale PIL images to the toy world's [B, 1, H, W] pixels in [-1, 1]."""
+    arrays = np.stack([np.asarray(im.convert("L"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arrays).unsqueeze(1) / 127.5 - 1
+
+
+class _ToyMetric(Metric):
+    batch_size = 256
+
+    def __init__(self, root: str | Path | None = None, **_) -> None:
+        from ..toy import TOY_MODEL_DIR, ToyOracle
+
+        self.weights = str(root or TOY_MODEL_DIR)
+        self.oracle = ToyOracle.load(root)
+
+    def _components(self, images, prompts) -> tuple[dict, torch.Tensor]:
+        from ..toy import digit_of
+
+        digits = torch.tensor([digit_of(p) for p in prompts])
+        return self.oracle.components(pictures_to_pixels(images), digits), digits
+
+
+class ToyOracleScore(_ToyMetric):
+    name, version = "toy_oracle", "toy oracle: log p_clf(digit) (floored at -10) + 2 ink - 4 offset"
+
+    def _score_batch(self, images, prompts):
+        return self._components(images, prompts)[0]["score"]
+
+
+class DigitAccuracy(_ToyMetric):
+    name, version = "digit_accuracy", "toy classifier: 1 if the prompted digit is the most likely one, else 0"
+
+    def _score_batch(self, images, prompts):
+        parts, digits = self._components(images, prompts)
+        return (parts["predicted"] == digits).float()
