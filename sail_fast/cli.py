@@ -63,6 +63,27 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {written} images to {args.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from sail_fast.evaluate import evaluate, load_metrics
+    from sail_fast.prompts import read_prompt_set
+
+    weights = {}
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--weights takes NAME=PATH (e.g. pickscore=/models/PickScore_v1), got {item!r}")
+        weights[name] = path
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    prompt_set = read_prompt_set(args.prompts, args.prompt_set).limit(args.limit)
+    # Load every metric before sampling anything, so a missing weights file fails in seconds.
+    metrics = load_metrics(names, args.weights_dir, weights, device=args.device)
+    result = evaluate(args.checkpoint, prompt_set, metrics, args.out, images_per_prompt=args.images_per_prompt,
+                      seed=args.seed, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                      batch_size=args.batch_size, save_images=args.save_images)
+    print((Path(args.out) / "eval.md").read_text())
+    print(f"wrote {Path(args.out) / 'eval.json'} ({len(result['checkpoints'])} checkpoints)")
+
+
 def _toy_pretrain(args: argparse.Namespace) -> None:
     from sail_fast.toy import TOY_MODEL_DIR, pretrain
 
@@ -123,6 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="sample checkpoints on a prompt set and score them with local-weights metrics")
+    ev.add_argument("--checkpoint", action="append", required=True,
+                    help="as for generate; repeat to compare (win rates are against the first)")
+    ev.add_argument("--prompts", required=True,
+                    help="a prompt file, the HPSv2 benchmark (style folder or .json), or PartiPrompts .tsv")
+    ev.add_argument("--prompt-set", choices=["auto", "hpsv2", "parti", "pickapic", "plain"], default="auto",
+                    help="how to read --prompts (hpsv2: per-style means; parti: per-category means)")
+    ev.add_argument("--metrics", required=True,
+                    help="comma-separated: pickscore, hpsv2, imagereward, aesthetic, clipscore, toy_oracle, digit_accuracy")
+    ev.add_argument("--weights-dir", default=None, help="a folder with one subfolder per metric, named as the metric")
+    ev.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help="one metric's weights (repeatable)")
+    ev.add_argument("--out", required=True, help="directory for eval.json, eval.md, sample grids and per-image scores")
+    ev.add_argument("--images-per-prompt", type=int, default=1)
+    ev.add_argument("--limit", type=int, default=None, help="first N prompts (of each group, for grouped sets)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the run's, else the paper's")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--guidance-scale", type=float, default=None)
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts sampled and scored at a time")
+    ev.add_argument("--device", default=None, help="device for the metric models (default: cuda when present)")
+    ev.add_argument("--save-images", action="store_true", help="also write every picture as PNG")
+    ev.set_defaults(func=_eval)
 
     plan = sub.add_parser("plan", help="per-GPU training memory by optimizer, ZeRO stage and checkpointing")
     plan.add_argument("--config", required=True)

@@ -6,13 +6,15 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from .config import load_config
 from .images import decode_latents, enlarge, image_grid
 from .models import DiffusionStack, build_stack, load_stack
 from .prompts import read_prompts
-from .sampling import generate_candidates
+from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 
 
 def _run_root(path: Path) -> Path | None:
@@ -60,20 +62,40 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     return dataclasses.replace(stack, unet=unet), sampling
 
 
+def sampling_settings(stack: DiffusionStack, run_sampling: dict, sampler=None, steps=None, guidance_scale=None) -> dict:
+    """Concrete sampler, steps and CFG: explicit values, else the run's, else the paper's for the model kind."""
+    default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
+    picked = {"sampler": default_sampler, "num_inference_steps": default_steps, "guidance_scale": default_cfg}
+    picked |= {k: v for k, v in run_sampling.items() if v is not None}
+    overrides = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
+    return picked | {k: v for k, v in overrides.items() if v is not None}
+
+
+def check_picturable(stack: DiffusionStack, checkpoint) -> None:
+    if stack.vae is None and stack.latent_channels not in (1, 3):
+        raise ValueError(f"{checkpoint}: this stack has no VAE, so its {stack.latent_channels}-channel latents cannot be "
+                         "written as pictures; load it with its vae/ directory")
+
+
+def sample_pictures(stack: DiffusionStack, prompts: list[str], num_images: int, sampling: dict, *, seeds: torch.Tensor,
+                    batch_size: int = 64, progress: bool = True) -> list[Image.Image]:
+    """``num_images`` pictures per prompt, prompt-major; ``seeds`` [P, num_images] fixes each one's noise."""
+    latents = generate_candidates(stack, prompts, num_images, seeds=seeds, batch_size=batch_size, progress=progress,
+                                  **sampling).latents
+    return decode_latents(latents.flatten(0, 1), stack.vae)
+
+
 def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed: int = 0, sampler=None, steps=None,
                     guidance_scale=None, batch_size: int = 64) -> int:
     """Write ``num_images`` PNGs per prompt (``PPPP-NN.png``), ``prompts.json`` and ``grid.png``; returns the count."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    stack, sampling = resolve_checkpoint(checkpoint)
-    if stack.vae is None and stack.latent_channels not in (1, 3):
-        raise ValueError(f"{checkpoint}: this stack has no VAE, so its {stack.latent_channels}-channel latents cannot be "
-                         "written as pictures; load it with its vae/ directory")
+    stack, run_sampling = resolve_checkpoint(checkpoint)
+    check_picturable(stack, checkpoint)
     prompts = read_prompts(prompts_file)
-    overrides = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
-    sampling |= {k: v for k, v in overrides.items() if v is not None}
-    latents = generate_candidates(stack, prompts, num_images, seed=seed, batch_size=batch_size, **sampling).latents
-    images = decode_latents(latents.flatten(0, 1), stack.vae)
+    sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
+    images = sample_pictures(stack, prompts, num_images, sampling, seeds=candidate_seeds(seed, len(prompts), num_images),
+                             batch_size=batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

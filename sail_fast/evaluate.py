@@ -1,0 +1,187 @@
+"""``sail-fast eval``: sample checkpoints on a prompt set with one fixed sampler, CFG and seed, score
+the pictures with local-weights metrics, and write eval.json and eval.md (per-group means for
+HPSv2 styles and PartiPrompts categories, per-prompt win rates of each checkpoint against the
+first).
+
+Every checkpoint sees the same initial noise for prompt p, image n, so two checkpoints differ
+only by their weights. A checkpoint's per-image scores go to ``scores/<label>.json`` when it is
+done; a rerun with the same settings reuses them, so an interrupted evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .generate import check_picturable, resolve_checkpoint, sample_pictures, sampling_settings
+from .images import enlarge, image_grid
+from .metrics import METRICS, Metric, load_metric
+from .prompts import PromptSet
+from .sampling import candidate_seeds
+
+GRID_PROMPTS = 8
+
+
+def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
+    """Short unique labels: the directory name, or parent/name where names repeat."""
+    labels = [Path(c).name or str(c) for c in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{Path(c).parent.name}/{Path(c).name}" for c in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    return labels
+
+
+def mean_and_sem(values: torch.Tensor) -> dict[str, float]:
+    """Mean and standard error over prompts of the per-prompt means (images of one prompt are not independent)."""
+    per_prompt = values.double().mean(dim=1)
+    sem = per_prompt.std().item() / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+    return {"mean": per_prompt.mean().item(), "sem": sem, "prompts": len(per_prompt)}
+
+
+def summarize(scores: torch.Tensor, groups: list[str] | None) -> dict:
+    """Scores [P, n] to the overall mean and sem, and each group's (in first-seen order)."""
+    summary = mean_and_sem(scores)
+    if groups is not None:
+        order = list(dict.fromkeys(groups))
+        summary["groups"] = {g: mean_and_sem(scores[[i for i, x in enumerate(groups) if x == g]]) for g in order}
+    return summary
+
+
+def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    """Per prompt, compare the mean score over its images: wins, ties and losses of ``challenger``,
+    and win_rate = (wins + ties / 2) / prompts."""
+    a, b = challenger.double().mean(dim=1), baseline.double().mean(dim=1)
+    wins, ties = int((a > b).sum()), int((a == b).sum())
+    return {"wins": wins, "ties": ties, "losses": len(a) - wins - ties, "win_rate": (wins + ties / 2) / len(a)}
+
+
+def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metric], *, images_per_prompt: int, seed: int,
+                     sampler=None, steps=None, guidance_scale=None, batch_size: int = 16,
+                     image_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """Per-image scores {metric: [P, n]}, the sampling settings used, and the first prompts' pictures. Prompts go in chunks of
+    ``batch_size`` (sample, decode, score, drop) so a large set never holds all its pictures."""
+    stack, run_sampling = resolve_checkpoint(checkpoint)
+    check_picturable(stack, checkpoint)
+    sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
+    prompts, n = prompt_set.prompts, images_per_prompt
+    seeds = candidate_seeds(seed, len(prompts), n)
+    scores = {name: [] for name in metrics}
+    shown = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"eval {Path(checkpoint).name}", unit="chunk"):
+        chunk = prompts[start:start + batch_size]
+        pictures = sample_pictures(stack, chunk, n, sampling, seeds=seeds[start:start + len(chunk)],
+                                   batch_size=batch_size * n, progress=False)
+        per_image_prompts = [p for p in chunk for _ in range(n)]
+        for name, metric in metrics.items():
+            scores[name].append(metric.score(pictures, per_image_prompts).view(len(chunk), n))
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
+            for i, picture in enumerate(pictures):
+                picture.save(image_dir / f"{start + i // n:04d}-{i % n:02d}.png")
+        if len(shown) < GRID_PROMPTS * n:
+            shown += pictures[: GRID_PROMPTS * n - len(shown)]
+    return {name: torch.cat(parts) for name, parts in scores.items()}, sampling, shown
+
+
+def load_metrics(names: list[str], weights_dir: str | Path | None = None, weights: dict[str, str] | None = None,
+                 **kw) -> dict[str, Metric]:
+    """Each metric from ``weights[name]``, else ``weights_dir/name`` when that exists, else its shipped default."""
+    weights = dict(weights or {})
+    unknown = [n for n in [*names, *weights] if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    loaded = {}
+    for name in names:
+        path = weights.get(name)
+        if path is None and weights_dir is not None and (Path(weights_dir) / name).exists():
+            path = Path(weights_dir) / name
+        loaded[name] = load_metric(name, path, **kw)
+    return loaded
+
+
+def _settings(prompt_set: PromptSet, metrics: dict[str, Metric], images_per_prompt: int, seed: int, sampling_args: dict):
+    """What a checkpoint's stored scores depend on, besides its weights: reuse them only when this matches."""
+    return {"prompt_set": prompt_set.name, "prompts": prompt_set.prompts,
+            "metrics": {k: m.describe() for k, m in metrics.items()}, "images_per_prompt": images_per_prompt,
+            "seed": seed, "requested_sampling": sampling_args}
+
+
+def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict[str, Metric], out_dir: str | Path, *,
+             images_per_prompt: int = 1, seed: int = 0, sampler=None, steps=None, guidance_scale=None,
+             batch_size: int = 16, save_images: bool = False) -> dict:
+    """Score every checkpoint and write eval.json, eval.md and a sample grid per checkpoint."""
+    if not checkpoints:
+        raise ValueError("give at least one --checkpoint")
+    if images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+    out = Path(out_dir)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    labels = checkpoint_labels(checkpoints)
+    sampling_args = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
+    settings = _settings(prompt_set, metrics, images_per_prompt, seed, sampling_args)
+    per_image, sampling_used = {}, {}
+    for label, checkpoint in zip(labels, checkpoints):
+        file = out / "scores" / f"{label.replace('/', '__').replace(':', '_')}.json"
+        record = json.loads(file.read_text()) if file.is_file() else None
+        if record is not None and record["settings"] == settings and record["checkpoint"] == str(checkpoint):
+            per_image[label] = {k: torch.tensor(v) for k, v in record["scores"].items()}
+            sampling_used[label] = record["sampling"]
+            continue
+        image_dir = out / "images" / file.stem if save_images else None
+        scores, sampling, grid = score_checkpoint(checkpoint, prompt_set, metrics, images_per_prompt=images_per_prompt,
+                                                  seed=seed, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                                  batch_size=batch_size, image_dir=image_dir)
+        image_grid(enlarge(grid), columns=images_per_prompt).save(out / f"samples-{file.stem}.png")
+        per_image[label], sampling_used[label] = scores, sampling
+        file.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,
+                                    "scores": {k: v.tolist() for k, v in scores.items()}}) + "\n")
+
+    result = {
+        "prompt_set": {"name": prompt_set.name, "prompts": len(prompt_set.prompts),
+                       "groups": list(dict.fromkeys(prompt_set.groups)) if prompt_set.groups else None},
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+        "metrics": {name: metric.describe() for name, metric in metrics.items()},
+        "checkpoints": [{"label": label, "path": str(c), "sampling": sampling_used[label],
+                         "scores": {m: summarize(s, prompt_set.groups) for m, s in per_image[label].items()}}
+                        for label, c in zip(labels, checkpoints)],
+        "win_rates": {f"{label} vs {labels[0]}": {m: win_rate(per_image[label][m], per_image[labels[0]][m]) for m in metrics}
+                      for label in labels[1:]},
+    }
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "eval.md").write_text(markdown_report(result))
+    return result
+
+
+def markdown_report(result: dict) -> str:
+    metrics = list(result["metrics"])
+    ps = result["prompt_set"]
+    first = result["checkpoints"][0]["sampling"]
+    lines = [f"# Evaluation on {ps['name']} ({ps['prompts']} prompts x {result['images_per_prompt']} images, seed "
+             f"{result['seed']}, {first['sampler']} {first['num_inference_steps']} steps, CFG {first['guidance_scale']})", ""]
+    lines += ["Metrics: " + "; ".join(f"{m} = {d['version']}" for m, d in result["metrics"].items()), ""]
+    lines += ["| checkpoint | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for ck in result["checkpoints"]:
+        cells = [f"{ck['scores'][m]['mean']:.4f} ± {ck['scores'][m]['sem']:.4f}" for m in metrics]
+        lines.append(f"| {ck['label']} | " + " | ".join(cells) + " |")
+    if ps["groups"]:
+        for m in metrics:
+            lines += ["", f"## {m} by group", "", "| checkpoint | " + " | ".join(ps["groups"]) + " | mean |",
+                      "|---|" + "---|" * (len(ps["groups"]) + 1)]
+            for ck in result["checkpoints"]:
+                s = ck["scores"][m]
+                lines.append(f"| {ck['label']} | " + " | ".join(f"{s['groups'][g]['mean']:.4f}" for g in ps["groups"])
+                             + f" | {s['mean']:.4f} |")
+    if result["win_rates"]:
+        lines += ["", "## Per-prompt win rates (ties count half)", "",
+                  "| comparison | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, rates in result["win_rates"].items():
+            cells = [f"{r['win_rate']:.3f} ({r['wins']}/{r['ties']}/{r['losses']})" for r in rates.values()]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Cells: win rate (wins/ties/losses over prompts)."]
+    return "\n".join(lines) + "\n"
