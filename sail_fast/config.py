@@ -110,11 +110,29 @@ class SailConfig(Section):
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = 4
     grid_prompts: int = 8  # rows of the per-round candidate grid
+    # OnlineDPO (the paper's Table 4 baseline): an external reward model ranks the candidates.
+    ranker: Literal["implicit", "external"] = "implicit"
+    ranker_metric: str | None = None  # a sail_fast.metrics name: toy_oracle, aesthetic, pickscore, hpsv2, ...
+    ranker_weights: str | None = None  # its local weights (the toy metrics default to the shipped model)
+    # SmPO-style smoothing: each pair's label p comes from the ranking scores (implicit rewards give
+    # smoothed self-labels); needs train.loss: smpo. p = sigmoid((z_win - z_lose) / temperature), z
+    # the scores normalised over the prompt's candidates (a two-way softmax over normalised scores).
+    soft_labels: bool = False
+    soft_label_temperature: float = 1.0
 
     @model_validator(mode="after")
     def _sizes(self):
         if self.rounds < 0 or self.prompts_per_round < 1 or self.candidates < 2 or self.num_draws < 1:
             raise ValueError("sail.rounds >= 0, sail.prompts_per_round >= 1, sail.candidates >= 2, sail.num_draws >= 1")
+        if self.ranker == "external" and not self.ranker_metric:
+            raise ValueError("sail.ranker: external needs sail.ranker_metric (e.g. toy_oracle, aesthetic, pickscore)")
+        if self.ranker_metric is not None:
+            from .metrics import METRICS
+
+            if self.ranker_metric not in METRICS:
+                raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
+        if self.soft_label_temperature <= 0:
+            raise ValueError("sail.soft_label_temperature must be > 0")
         return self
 
 
@@ -139,9 +157,11 @@ class RunConfig(Section):
     toy: ToyConfig | None = None
 
     @model_validator(mode="after")
-    def _toy_needs_toy_model(self):
+    def _cross_section_rules(self):
         if self.toy is not None and not self.model.toy:
             raise ValueError("the toy: section needs model.toy: true (its oracle judges the toy digits)")
+        if self.sail is not None and self.sail.soft_labels and self.train.loss != "smpo":
+            raise ValueError(f"sail.soft_labels needs train.loss: smpo (the loss that reads soft labels), got {self.train.loss!r}")
         return self
 
 

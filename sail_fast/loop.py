@@ -39,6 +39,7 @@ from .images import decode_latents, enlarge, image_grid
 from .models import DiffusionStack, PromptEmbeds, build_stack
 from .pair_sources import load_pairs
 from .prompts import read_prompts
+from .ranking import external_scores, soft_labels
 from .reward import Draws, ImplicitRewardScorer
 from .sampling import generate_candidates
 from .seeding import derive_seed
@@ -91,6 +92,11 @@ class SailLoop:
             from .toy import ToyOracle
 
             self.oracle = ToyOracle.load(temperature=config.toy.temperature if config.toy else 0.5)
+        self.ranker = None
+        if self.sail.ranker == "external":
+            from .metrics import load_metric
+
+            self.ranker = load_metric(self.sail.ranker_metric, self.sail.ranker_weights, device=self.device)
         self.sampling = {
             "sampler": self.sail.sampler, "num_inference_steps": self.sail.sampling_steps,
             "guidance_scale": self.sail.guidance_scale,
@@ -236,7 +242,8 @@ class SailLoop:
         latents = self._candidates(stage, r, mine, policy)
         reference = self.base if self.sail.reference == "base" else previous
         rewards, win, lose = self._rank(r, mine, latents, policy, reference)
-        pairs = self._pairs(mine, latents, win, lose)
+        labels = soft_labels(rewards, win, lose, self.sail.soft_label_temperature) if self.sail.soft_labels else None
+        pairs = self._pairs(mine, latents, win, lose, labels)
         gathered = self.dist.gather_objects((pairs, mine, rewards))
         # Back into the round's prompt order, so training sees the same data whatever the rank count.
         world = self.dist.world_size
@@ -250,6 +257,8 @@ class SailLoop:
             "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
             "reward_std_within_prompt": float(all_rewards.std(1).mean()),
             "diversity": sample_diversity(latents), "reference": self.sail.reference, "pairing": self.sail.pairing,
+            "ranker": self.sail.ranker_metric if self.sail.ranker == "external" else "implicit",
+            "labels": pairs.label.tolist(),
         }
         if self.dist.is_main:
             pairs.save(stage / "pairs.safetensors")
@@ -294,7 +303,13 @@ class SailLoop:
         return self.dist.rank + i * self.dist.world_size
 
     def _rank(self, r: int, prompts: list[str], latents: torch.Tensor, policy, reference):
-        """Implicit rewards [P, N] of every candidate, and the (winner, loser) index per prompt."""
+        """Scores [P, N] of every candidate (implicit rewards, or the external ranker's), and the
+        (winner, loser) index per prompt."""
+        if self.sail.ranker == "external":
+            scores = external_scores(self.ranker, self.stack, prompts, latents, batch_size=self.sail.generation_batch)
+            if self.sail.pairing == "best_worst":
+                return scores, scores.argmax(1), scores.argmin(1)
+            return scores, *self._random_pairs(r, list(range(len(prompts))), scores)
         scorer = ImplicitRewardScorer(policy, reference, self.stack.scheduler, beta=self.config.train.beta,
                                       num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch)
         embeds = self.stack.encode_prompts(prompts)
@@ -340,7 +355,8 @@ class SailLoop:
             lose.append(b)
         return torch.tensor(win), torch.tensor(lose)
 
-    def _pairs(self, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> LatentPairs:
+    def _pairs(self, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
+               labels: torch.Tensor | None = None) -> LatentPairs:
         rows = torch.arange(len(prompts))
         embeds = self.stack.encode_prompts(list(prompts) + [""]).to("cpu", torch.float32)
         time_ids = None
@@ -351,7 +367,8 @@ class SailLoop:
             win=latents[rows, win].float(), lose=latents[rows, lose].float(), prompt_index=rows.clone(),
             prompts=list(prompts) + [""], prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
             time_ids_win=time_ids, time_ids_lose=None if time_ids is None else time_ids.clone(),
-            label=torch.ones(len(prompts)), source=["sail"] * len(prompts),
+            label=torch.ones(len(prompts)) if labels is None else labels.float().cpu(),
+            source=["online_dpo" if self.sail.ranker == "external" else "sail"] * len(prompts),
         )
 
     # ------------------------------------------------------------------ pictures and metrics

@@ -1,0 +1,84 @@
+"""OnlineDPO's external ranker and SmPO soft labels: the formulas, and a toy round end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sail_fast.config import load_config
+from sail_fast.data import LatentPairs
+from sail_fast.images import decode_latents
+from sail_fast.metrics import load_metric
+from sail_fast.ranking import external_scores, soft_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_soft_labels_are_a_softmax_over_normalised_scores():
+    scores = torch.tensor([[1.0, 4.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0], [0.0, -2.0, 10.0, 1.0]])
+    win, lose = torch.tensor([1, 0, 2]), torch.tensor([0, 3, 1])
+    got = soft_labels(scores, win, lose, temperature=0.5)
+    for p in range(3):
+        row = scores[p].tolist()
+        mean = sum(row) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / 3) or 1.0
+        zw, zl = (row[win[p]] - mean) / std, (row[lose[p]] - mean) / std
+        want = math.exp(zw / 0.5) / (math.exp(zw / 0.5) + math.exp(zl / 0.5))
+        assert got[p].item() == pytest.approx(want, rel=1e-6)
+    assert got[1].item() == 0.5  # all candidates equal: no preference
+    # the scorer's scale and offset do not matter
+    torch.testing.assert_close(soft_labels(scores * 37 - 5, win, lose, 0.5), got)
+    assert (soft_labels(scores, lose, win, 0.5) + got - 1).abs().max() < 1e-6  # swapping the pair flips p
+
+
+def test_external_scores_keep_prompt_and_candidate_order():
+    from sail_fast.toy import load_toy_stack, prompt_pool
+
+    stack = load_toy_stack()
+    metric = load_metric("toy_oracle")
+    prompts = [prompt_pool()[i][0] for i in (3, 250, 700)]
+    latents = torch.randn(3, 5, 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    got = external_scores(metric, stack, prompts, latents, batch_size=4)  # batches straddle prompts
+    assert got.shape == (3, 5)
+    for p in range(3):
+        want = metric.score(decode_latents(latents[p]), [prompts[p]] * 5)
+        torch.testing.assert_close(got[p], want)
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="ranker_metric"):
+        load_config(REPO / "configs/toy-quick.yaml", ["sail.ranker=external"])
+    with pytest.raises(ValueError, match="not a metric"):
+        load_config(REPO / "configs/toy-quick.yaml", ["sail.ranker=external", "sail.ranker_metric=fid"])
+    with pytest.raises(ValueError, match="train.loss: smpo"):
+        load_config(REPO / "configs/toy-quick.yaml", ["sail.soft_labels=true"])
+
+
+@pytest.mark.slow
+def test_online_dpo_round_with_soft_labels_on_the_toy(tmp_path):
+    from sail_fast.train import run_sail
+
+    config = load_config(REPO / "configs/toy-quick.yaml", [
+        f"output_dir={tmp_path}", "sail.rounds=1", "sail.ranker=external", "sail.ranker_metric=toy_oracle",
+        "sail.soft_labels=true", "sail.soft_label_temperature=0.5", "train.loss=smpo"])
+    run_sail(config)
+    ranking = json.loads((tmp_path / "round-01/ranking.json").read_text())
+    assert ranking["ranker"] == "toy_oracle"
+    scores = torch.tensor(ranking["rewards"])
+    latents = load_file(tmp_path / "round-01/candidates.rank0.safetensors")["latents"]
+    # the external scores are the oracle's scores of the decoded candidates
+    metric = load_metric("toy_oracle")
+    for p, prompt in enumerate(ranking["prompts"]):
+        torch.testing.assert_close(scores[p], metric.score(decode_latents(latents[p]), [prompt] * latents.shape[1]))
+    pairs = LatentPairs.load(tmp_path / "round-01/pairs.safetensors")
+    rows = torch.arange(len(scores))
+    best, worst = scores.argmax(1), scores.argmin(1)
+    torch.testing.assert_close(pairs.win, latents[rows, best])
+    torch.testing.assert_close(pairs.lose, latents[rows, worst])
+    torch.testing.assert_close(pairs.label, soft_labels(scores, best, worst, 0.5))
+    assert ((pairs.label > 0.5) & (pairs.label < 1)).all()
+    assert set(pairs.source) == {"online_dpo"}
+    assert (tmp_path / "round-01/train/final/unet").is_dir()
