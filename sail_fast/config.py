@@ -61,6 +61,10 @@ class TrainConfig(Section):
     pairs_per_step: int = 128  # effective batch, across ranks and accumulation
     micro_batch_pairs: int = 8  # pairs per rank per forward
     mixup_alpha: float = 0.25  # fraction of each batch from generated pairs (when there are any)
+    # forward: x_t from random noise (Diffusion-DPO). ddim_inversion: x_t from a few-step ReNoise
+    # DDIM inversion of x_0 with the policy, eps recovered from x_t and x_0 (SmPO-Diffusion).
+    noising: Literal["forward", "ddim_inversion"] = "forward"
+    inversion_steps: int = 4
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -81,6 +85,8 @@ class TrainConfig(Section):
     def _batch_sizes(self):
         if self.pairs_per_step < 1 or self.micro_batch_pairs < 1:
             raise ValueError("train.pairs_per_step and train.micro_batch_pairs must be >= 1")
+        if self.inversion_steps < 1:
+            raise ValueError("train.inversion_steps must be >= 1")
         if not 0.0 <= self.mixup_alpha <= 1.0:
             raise ValueError(f"train.mixup_alpha must be in [0, 1], got {self.mixup_alpha}")
         return self

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .data import LatentPairs, MixupSampler, PairBatch
 from .distributed import DistInfo
+from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, preference_loss
 from .seeding import generator
 
@@ -83,6 +84,9 @@ class DPOTrainer:
             torch.set_flush_denormal(True)
         self.output_dir = Path(output_dir or config.output_dir)
         self.scheduler = scheduler
+        if train.noising == "ddim_inversion" and scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"train.noising: ddim_inversion needs an epsilon-prediction model; this scheduler predicts "
+                             f"{scheduler.config.prediction_type!r} (use train.noising: forward)")
         per_step = train.micro_batch_pairs * dist.world_size
         if train.pairs_per_step % per_step:
             raise ValueError(
@@ -151,8 +155,6 @@ class DPOTrainer:
         noise = torch.randn(batch.win.shape, generator=gen).to(self.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(self.device)
         noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # winner and loser share t and eps
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         embeds = torch.cat([batch.prompt_embeds, batch.prompt_embeds])
         added = None
         if batch.pooled_prompt_embeds is not None:
@@ -160,6 +162,16 @@ class DPOTrainer:
                 "text_embeds": torch.cat([batch.pooled_prompt_embeds, batch.pooled_prompt_embeds]),
                 "time_ids": torch.cat([batch.time_ids_win, batch.time_ids_lose]),
             }
+        if self.train_cfg.noising == "ddim_inversion":
+            # SmPO: winner and loser share t; each is inverted along the policy's own trajectory.
+            kwargs = {"encoder_hidden_states": embeds.to(self.compute_dtype if self.use_deepspeed else torch.float32)}
+            if added is not None:
+                kwargs["added_cond_kwargs"] = {k: v.to(kwargs["encoder_hidden_states"].dtype) for k, v in added.items()}
+            x_t, noise = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.train_cfg.inversion_steps,
+                                     **kwargs)
+        else:
+            x_t = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         # DeepSpeed bf16/fp16 holds the module in that dtype; the plain path autocasts.
         input_dtype = self.compute_dtype if self.use_deepspeed else torch.float32
         autocast = (
