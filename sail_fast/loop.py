@@ -1,6 +1,9 @@
 """The SAIL loop: iter0 Diffusion-DPO on the seed pairs, then T rounds of
 generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -> DPO.
 
+``sail.ranker: external`` ranks with a reward model instead (OnlineDPO), and
+``sail.soft_labels`` gives each pair the SmPO soft label of its ranking scores.
+
 Run directory (each stage writes ``done.json`` last; ``--resume`` skips finished stages
 and continues a half-trained one from its latest checkpoint)::
 
