@@ -1,4 +1,5 @@
-"""``sail-fast eval``: sample checkpoints on a prompt set with one fixed sampler, CFG and seed, score
+"""``sail-fast eval``: sample checkpoints on a prompt set with one fixed sampler, CFG and seed (explicit,
+else the first checkpoint's run settings, else the paper's), score
 the pictures with local-weights metrics, and write eval.json and eval.md (per-group means for
 HPSv2 styles and PartiPrompts categories, per-prompt win rates of each checkpoint against the
 first).
@@ -61,13 +62,14 @@ def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> dict[str, floa
 
 
 def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metric], *, images_per_prompt: int, seed: int,
-                     sampler=None, steps=None, guidance_scale=None, batch_size: int = 16,
+                     sampler=None, steps=None, guidance_scale=None, sampling: dict | None = None, batch_size: int = 16,
                      image_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict, list]:
     """Per-image scores {metric: [P, n]}, the sampling settings used, and the first prompts' pictures. Prompts go in chunks of
     ``batch_size`` (sample, decode, score, drop) so a large set never holds all its pictures."""
     stack, run_sampling = resolve_checkpoint(checkpoint)
     check_picturable(stack, checkpoint)
-    sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
+    if sampling is None:  # the first checkpoint fixes the settings for every later one
+        sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
     prompts, n = prompt_set.prompts, images_per_prompt
     seeds = candidate_seeds(seed, len(prompts), n)
     scores = {name: [] for name in metrics}
@@ -125,17 +127,20 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
     sampling_args = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
     settings = _settings(prompt_set, metrics, images_per_prompt, seed, sampling_args)
     per_image, sampling_used = {}, {}
+    fixed = None  # the sampling settings, resolved on the first checkpoint and kept for all
     for label, checkpoint in zip(labels, checkpoints):
         file = out / "scores" / f"{label.replace('/', '__').replace(':', '_')}.json"
         record = json.loads(file.read_text()) if file.is_file() else None
-        if record is not None and record["settings"] == settings and record["checkpoint"] == str(checkpoint):
+        if (record is not None and record["settings"] == settings and record["checkpoint"] == str(checkpoint)
+                and record["sampling"] == (fixed or record["sampling"])):
             per_image[label] = {k: torch.tensor(v) for k, v in record["scores"].items()}
-            sampling_used[label] = record["sampling"]
+            sampling_used[label] = fixed = record["sampling"]
             continue
         image_dir = out / "images" / file.stem if save_images else None
         scores, sampling, grid = score_checkpoint(checkpoint, prompt_set, metrics, images_per_prompt=images_per_prompt,
                                                   seed=seed, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                                  batch_size=batch_size, image_dir=image_dir)
+                                                  sampling=fixed, batch_size=batch_size, image_dir=image_dir)
+        fixed = sampling
         image_grid(enlarge(grid), columns=images_per_prompt).save(out / f"samples-{file.stem}.png")
         per_image[label], sampling_used[label] = scores, sampling
         file.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,

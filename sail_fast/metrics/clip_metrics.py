@@ -72,28 +72,29 @@ class ClipFeatures:
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
-class PickScore(Metric):
+class _ImageTextCosine(Metric):
+    """A CLIP directory's image-text cosine; subclasses map it to their published score."""
+
+    def __init__(self, root: str | Path, **kw) -> None:
+        self.weights = str(root)
+        self.clip = ClipFeatures.from_dir(root, self.name, **kw)
+
+    def cosine(self, images, prompts) -> torch.Tensor:
+        return (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
+
+
+class PickScore(_ImageTextCosine):
     name, version = "pickscore", "PickScore_v1"
 
-    def __init__(self, root: str | Path, **kw) -> None:
-        self.weights = str(root)
-        self.clip = ClipFeatures.from_dir(root, self.name, **kw)
-
     def _score_batch(self, images, prompts):
-        cos = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
-        return self.clip.model.logit_scale.exp().float() * cos
+        return self.clip.model.logit_scale.exp().float() * self.cosine(images, prompts)
 
 
-class ClipScore(Metric):
+class ClipScore(_ImageTextCosine):
     name, version = "clipscore", "CLIP score (100 * max(cos, 0))"
 
-    def __init__(self, root: str | Path, **kw) -> None:
-        self.weights = str(root)
-        self.clip = ClipFeatures.from_dir(root, self.name, **kw)
-
     def _score_batch(self, images, prompts):
-        cos = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
-        return 100 * cos.clamp(min=0)
+        return 100 * self.cosine(images, prompts).clamp(min=0)
 
 
 class AestheticScore(Metric):
