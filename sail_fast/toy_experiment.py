@@ -10,6 +10,10 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   best vs worst, from the same iter0.
 - ``dpo-full``: Diffusion-DPO on 100% of the labelled pairs, for as many optimizer steps as SAIL
   spends on iter0 plus all rounds.
+- ``online-dpo``: OnlineDPO, the rounds ranked by an external reward model (here the noiseless
+  oracle itself, so an upper bound on what any external scorer could give), from the same iter0.
+- ``smpo``: SmPO-Diffusion: the oracle's soft labels, the smpo loss, DDIM-inversion noising.
+- ``smoothed-self``: SAIL with smoothed self-labels (soft labels from the implicit reward).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 from .config import load_config
 from .loop import SailLoop
 
-CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full")
+CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full", "online-dpo", "smpo", "smoothed-self")
+ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
+SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
 
 
 def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_rounds: int | None = None) -> list[str]:
@@ -38,6 +44,12 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         return common + ablation + ["train.mixup_alpha=1.0"]
     if name == "random-pairs":
         return common + ablation + ["sail.pairing=random"]
+    if name == "online-dpo":
+        return common + ablation + ORACLE_RANKER
+    if name == "smpo":
+        return common + ablation + ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion"]
+    if name == "smoothed-self":
+        return common + ablation + SOFT
     if name == "dpo-full":
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]
@@ -78,7 +90,10 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
     lines += [(f"SAIL round {r}", seed_share, pick("sail", f"round-{r:02d}")) for r in range(1, rounds + 1)]
     lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, pick("no-mixup", last)),
               (f"SAIL round {ablation_rounds}, random pairs", seed_share, pick("random-pairs", last))]
-    return lines
+    others = [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, pick("smoothed-self", last)),
+              (f"OnlineDPO round {ablation_rounds} (oracle ranks)", seed_share, pick("online-dpo", last)),
+              (f"SmPO round {ablation_rounds} (oracle soft labels, DDIM inversion)", seed_share, pick("smpo", last))]
+    return lines + [line for line in others if line[2]]  # the other systems only once they have run
 
 
 def _mean_spread(values: list[float]) -> str:

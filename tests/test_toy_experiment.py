@@ -31,6 +31,10 @@ def test_table_lines_means_and_paired_changes(tmp_path):
     assert cell["Diffusion-DPO, 100% of labels"][0] == "1600 (100%)" and cell["Diffusion-DPO, 100% of labels"][-2] == "0.200 ± 0.000"
     assert cell["SAIL round 2, no mixup (alpha = 1)"][-2] == "-1.000 ± 0.000"
     assert cell["SAIL round 2, random pairs"][-1] == "2"
+    assert not any("OnlineDPO" in name for name in cell)  # the other systems appear once they have run
+    fake_run(tmp_path / "seed-0" / "online-dpo", {"round-02": 0.5})
+    table = write_table(tmp_path, [0, 1], rounds=2).read_text()
+    assert "| OnlineDPO round 2 (oracle ranks) | 96 (6%) | 0.500 ± 0.000 |" in table
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
@@ -43,5 +47,11 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
     full = condition_overrides("dpo-full", 3, tmp_path / "seed-3", config)
     steps = config.sail.iter0_steps + config.sail.rounds * config.sail.round_steps
     assert "toy.train_on=all" in full and "sail.rounds=0" in full and f"sail.iter0_steps={steps}" in full
+    for name in ("online-dpo", "smpo", "smoothed-self"):
+        overrides = condition_overrides(name, 3, tmp_path / "seed-3", config, ablation_rounds=2)
+        load_config(Path(__file__).resolve().parents[1] / "configs/toy.yaml", overrides)  # valid as a whole
+        assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in overrides
+    smpo = condition_overrides("smpo", 3, tmp_path / "seed-3", config)
+    assert {"sail.ranker_metric=toy_oracle", "sail.soft_labels=true", "train.noising=ddim_inversion"} <= set(smpo)
     with pytest.raises(ValueError, match="unknown condition"):
         condition_overrides("sft", 3, tmp_path, config)
