@@ -126,6 +126,10 @@ class SailConfig(Section):
     soft_labels: bool = False
     soft_label_temperature: float = 1.0
 
+    def sampling(self) -> dict:
+        """The sampler settings as generate_candidates takes them (None: the paper's default)."""
+        return {"sampler": self.sampler, "num_inference_steps": self.sampling_steps, "guidance_scale": self.guidance_scale}
+
     @model_validator(mode="after")
     def _sizes(self):
         if self.rounds < 0 or self.prompts_per_round < 1 or self.candidates < 2 or self.num_draws < 1:

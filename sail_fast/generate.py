@@ -55,10 +55,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     config = load_config(run / "config.yaml")
     stack = build_stack(config.model, seed=config.seed)
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=stack.dtype).to(stack.device).eval()
-    sampling = {}
-    if config.sail is not None:
-        sampling = {"sampler": config.sail.sampler, "num_inference_steps": config.sail.sampling_steps,
-                    "guidance_scale": config.sail.guidance_scale}
+    sampling = config.sail.sampling() if config.sail is not None else {}
     return dataclasses.replace(stack, unet=unet), sampling
 
 

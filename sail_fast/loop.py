@@ -39,7 +39,7 @@ from .config import RunConfig, dump_config
 from .data import LatentPairs
 from .distributed import DistInfo
 from .images import decode_latents, enlarge, image_grid
-from .models import DiffusionStack, PromptEmbeds, build_stack
+from .models import DiffusionStack, build_stack
 from .pair_sources import load_pairs
 from .prompts import read_prompts
 from .ranking import external_scores, soft_labels
@@ -100,10 +100,7 @@ class SailLoop:
             from .metrics import load_metric
 
             self.ranker = load_metric(self.sail.ranker_metric, self.sail.ranker_weights, device=self.device)
-        self.sampling = {
-            "sampler": self.sail.sampler, "num_inference_steps": self.sail.sampling_steps,
-            "guidance_scale": self.sail.guidance_scale,
-        }
+        self.sampling = self.sail.sampling()
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:

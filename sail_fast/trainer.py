@@ -162,27 +162,24 @@ class DPOTrainer:
                 "text_embeds": torch.cat([batch.pooled_prompt_embeds, batch.pooled_prompt_embeds]),
                 "time_ids": torch.cat([batch.time_ids_win, batch.time_ids_lose]),
             }
+        # DeepSpeed bf16/fp16 holds the module in that dtype; the plain path autocasts.
+        input_dtype = self.compute_dtype if self.use_deepspeed else torch.float32
+        embeds_in = embeds.to(input_dtype)
+        added_in = None if added is None else {k: v.to(input_dtype) for k, v in added.items()}
         if self.train_cfg.noising == "ddim_inversion":
             # SmPO: winner and loser share t; each is inverted along the policy's own trajectory.
-            kwargs = {"encoder_hidden_states": embeds.to(self.compute_dtype if self.use_deepspeed else torch.float32)}
-            if added is not None:
-                kwargs["added_cond_kwargs"] = {k: v.to(kwargs["encoder_hidden_states"].dtype) for k, v in added.items()}
             x_t, noise = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.train_cfg.inversion_steps,
-                                     **kwargs)
+                                     encoder_hidden_states=embeds_in, added_cond_kwargs=added_in)
         else:
             x_t = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        # DeepSpeed bf16/fp16 holds the module in that dtype; the plain path autocasts.
-        input_dtype = self.compute_dtype if self.use_deepspeed else torch.float32
         autocast = (
             torch.autocast(self.device.type, dtype=self.compute_dtype)
             if self.compute_dtype != torch.float32 and not self.use_deepspeed
             else contextlib.nullcontext()
         )
-        added_in = None if added is None else {k: v.to(input_dtype) for k, v in added.items()}
         with autocast:
-            pred = self.model(x_t.to(input_dtype), t, encoder_hidden_states=embeds.to(input_dtype),
-                              added_cond_kwargs=added_in).sample
+            pred = self.model(x_t.to(input_dtype), t, encoder_hidden_states=embeds_in, added_cond_kwargs=added_in).sample
             pred_ref = None
             if self.reference is not None:
                 with torch.no_grad():

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .base import Metric, MissingWeightsError, require_files
-from .clip_metrics import CLIP_TOKENIZER, ClipFeatures
+from .base import MissingWeightsError, require_files
+from .clip_metrics import CLIP_TOKENIZER, ClipFeatures, _ImageTextCosine
 
 # open_clip's ViT-H-14 model config.
 VIT_H_14 = {
@@ -102,7 +102,7 @@ def _checkpoint_file(root: Path) -> Path:
     return found[0]
 
 
-class HPSv2(Metric):
+class HPSv2(_ImageTextCosine):
     name = "hpsv2"
 
     def __init__(self, root: str | Path, *, device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -134,7 +134,7 @@ class HPSv2(Metric):
         self.clip = ClipFeatures(model.to(dtype), image_processor, tokenizer, device=device)
 
     def _score_batch(self, images, prompts):
-        return (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
+        return self.cosine(images, prompts)
 
 
 def _check_filled(model, file: Path) -> None:
