@@ -92,6 +92,30 @@ class TrainConfig(Section):
         return self
 
 
+class RealAlignConfig(Section):
+    """RealAlign's pairs: a real image (winner) against a loser made for its caption (``sail_fast.realalign``)."""
+
+    # A folder of images with captions (metadata.jsonl, or a .txt beside each image) or parquet
+    # (image and caption columns). The toy world writes real MNIST digits when this is unset.
+    data: str | None = None
+    loser: Literal["own_sample", "blur", "noise", "masked_renoise"] = "own_sample"
+    per_round: int | None = None  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
+    blur_sigma: float = 2.0  # pixels at data.resolution
+    noise_std: float = 0.2  # pixels in [-1, 1]
+    mask_fraction: float = 0.25  # area of the redrawn rectangle (masked_renoise)
+    renoise_strength: float = 0.6  # how far towards noise the rectangle is taken before it is redrawn
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.per_round is not None and self.per_round < 1:
+            raise ValueError("sail.real.per_round must be >= 1")
+        if self.blur_sigma <= 0 or self.noise_std <= 0:
+            raise ValueError("sail.real.blur_sigma and sail.real.noise_std must be > 0")
+        if not 0 < self.mask_fraction <= 1 or not 0 < self.renoise_strength <= 1:
+            raise ValueError("sail.real.mask_fraction and sail.real.renoise_strength must be in (0, 1]")
+        return self
+
+
 class SailConfig(Section):
     """The SAIL rounds; a config without this section trains one Diffusion-DPO stage."""
 
@@ -125,6 +149,10 @@ class SailConfig(Section):
     # the scores normalised over the prompt's candidates (a two-way softmax over normalised scores).
     soft_labels: bool = False
     soft_label_temperature: float = 1.0
+    # Where each round's pairs come from: "self" (the ranked candidates: SAIL, or OnlineDPO with an
+    # external ranker) and/or "real" (RealAlign: real images beat losers made for their captions).
+    pair_sources: list[Literal["self", "real"]] = ["self"]
+    real: RealAlignConfig = RealAlignConfig()
 
     def sampling(self) -> dict:
         """The sampler settings as generate_candidates takes them (None: the paper's default)."""
@@ -143,7 +171,12 @@ class SailConfig(Section):
                 raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
         if self.soft_label_temperature <= 0:
             raise ValueError("sail.soft_label_temperature must be > 0")
+        if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
+            raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self
+
+    def real_per_round(self) -> int:
+        return self.real.per_round or self.prompts_per_round
 
 
 class ToyConfig(Section):
@@ -172,6 +205,9 @@ class RunConfig(Section):
             raise ValueError("the toy: section needs model.toy: true (its oracle judges the toy digits)")
         if self.sail is not None and self.sail.soft_labels and self.train.loss != "smpo":
             raise ValueError(f"sail.soft_labels needs train.loss: smpo (the loss that reads soft labels), got {self.train.loss!r}")
+        if self.sail is not None and "real" in self.sail.pair_sources and self.sail.real.data is None and not self.model.toy:
+            raise ValueError("sail.pair_sources includes real, so set sail.real.data to a folder or parquet of real images "
+                             "with captions")
         return self
 
 

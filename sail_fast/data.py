@@ -227,7 +227,7 @@ def write_pairs_jsonl(path: str | os.PathLike, records: Sequence[PairRecord]) ->
             if isinstance(src, (str, os.PathLike)):
                 target = Path(src).resolve()
             else:
-                img = _open_image(src, rec.origin or f"record {i}", key)
+                img = open_image(src, rec.origin or f"record {i}", key)
                 image_dir.mkdir(exist_ok=True)
                 target = (image_dir / f"{path.stem}-{i:06d}-{key}.png").resolve()
                 _png_ready(img).save(target, format="PNG")
@@ -544,7 +544,7 @@ def _load_shard(file: Path) -> LatentPairs:
 # ----------------------------------------------------------------------------- encoding
 
 
-def _open_image(src: ImageSource, origin: str, which: str) -> Image.Image:
+def open_image(src: ImageSource, origin: str, which: str) -> Image.Image:
     """Decode an image source fully, so a corrupt file fails here, naming the pair."""
     try:
         if isinstance(src, Image.Image):
@@ -563,7 +563,7 @@ def _open_image(src: ImageSource, origin: str, which: str) -> Image.Image:
         raise ValueError(f"{origin or 'record'}: could not decode the {which} image ({what}): {e}") from e
 
 
-def _prepare(img: Image.Image, resolution: int, mode: str, flip: bool) -> tuple[np.ndarray, list[int]]:
+def prepare_image(img: Image.Image, resolution: int, mode: str, flip: bool) -> tuple[np.ndarray, list[int]]:
     """Resize shortest side, centre crop, optionally mirror; returns [C, H, W] in [-1, 1] and SDXL time ids."""
     img = img.convert(mode)
     orig_w, orig_h = img.size
@@ -602,6 +602,52 @@ def _image_seeds(seed: int, n_pairs: int) -> np.ndarray:
     return state.reshape(n_pairs, 2)
 
 
+def image_mode(stack: DiffusionStack, resolution: int) -> str:
+    """The PIL mode images are read in for ``stack`` ("L" or "RGB"), checking ``resolution`` fits its VAE."""
+    vae = stack.vae
+    channels = vae.config.in_channels if vae is not None else stack.latent_channels
+    if channels not in (1, 3):
+        where = "the VAE's in_channels" if vae is not None else "a pixel-space UNet's in_channels"
+        raise ValueError(f"{where} is {channels}; images can be encoded only as 1 (grayscale) or 3 (RGB) channels")
+    if vae is not None and resolution % stack.vae_scale_factor:
+        raise ValueError(f"resolution {resolution} must be a multiple of the VAE scale factor {stack.vae_scale_factor}")
+    return "L" if channels == 1 else "RGB"
+
+
+def prompt_table(prompts: Sequence[str], stack: DiffusionStack, *, batch_size: int = 16, dtype: torch.dtype = torch.float32):
+    """(unique prompts in first-seen order with "" last, their embeddings [U, L, D], pooled [U, D2] or None)."""
+    unique = list(dict.fromkeys(p for p in prompts if p != ""))
+    unique.append("")
+    chunks = [stack.encode_prompts(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]
+    embeds = torch.cat([c.prompt_embeds for c in chunks]).to("cpu", dtype)
+    pooled = None
+    if chunks[0].pooled_prompt_embeds is not None:
+        pooled = torch.cat([c.pooled_prompt_embeds for c in chunks]).to("cpu", dtype)
+    return unique, embeds, pooled
+
+
+def encode_pixels(pixels: torch.Tensor, stack: DiffusionStack, seeds: Sequence[int], origins: Sequence[str]) -> torch.Tensor:
+    """Pixels [B, C, H, W] in [-1, 1] to float32 CPU latents (scaled; unchanged for a pixel-space stack).
+
+    Each image samples the VAE's latent distribution with its own seed, so the result does not
+    depend on how images are batched."""
+    vae = stack.vae
+    if vae is None:
+        return pixels.float()
+    param = next(vae.parameters())
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        latents = (dist.sample(generator=gens) * vae.config.scaling_factor).float().cpu()
+    if not torch.isfinite(latents).all():
+        bad = [origins[k] for k in range(len(latents)) if not torch.isfinite(latents[k]).all()]
+        raise ValueError(
+            f"the VAE produced non-finite latents for {bad}; SDXL's VAE overflows in float16, "
+            "so load it in float32 (or use a fp16-fixed VAE)"
+        )
+    return latents
+
+
 def encode_pairs(
     records: Sequence[PairRecord],
     stack: DiffusionStack,
@@ -633,32 +679,15 @@ def encode_pairs(
         raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    vae = stack.vae
-    channels = vae.config.in_channels if vae is not None else stack.latent_channels
-    if channels not in (1, 3):
-        where = "the VAE's in_channels" if vae is not None else "a pixel-space UNet's in_channels"
-        raise ValueError(f"{where} is {channels}; images can be encoded only as 1 (grayscale) or 3 (RGB) channels")
-    mode = "L" if channels == 1 else "RGB"
-    if vae is not None and resolution % stack.vae_scale_factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of the VAE scale factor {stack.vae_scale_factor}")
+    mode = image_mode(stack, resolution)
     for r in records:
         if not 0.0 <= float(r.label) <= 1.0:
             raise ValueError(f"{r.origin or 'record'}: label must be in [0, 1], got {r.label}")
 
-    # Unique prompts in first-seen order; "" always last, even if no record uses it.
-    prompts = list(dict.fromkeys(r.prompt for r in records if r.prompt != ""))
-    prompts.append("")
+    prompts, prompt_embeds, pooled = prompt_table([r.prompt for r in records], stack, batch_size=batch_size, dtype=dtype)
     row_of = {p: i for i, p in enumerate(prompts)}
-    chunks = [stack.encode_prompts(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    prompt_embeds = torch.cat([c.prompt_embeds for c in chunks]).to("cpu", dtype)
-    pooled = None
-    if chunks[0].pooled_prompt_embeds is not None:
-        pooled = torch.cat([c.pooled_prompt_embeds for c in chunks]).to("cpu", dtype)
-
     flips = _flip_decisions(len(records), flip, seed)
     seeds = _image_seeds(seed, len(records))
-    if vae is not None:
-        param = next(vae.parameters())
     win = lose = None
     time_ids = torch.empty(2, len(records), 6, dtype=torch.float32)
 
@@ -668,25 +697,12 @@ def encode_pairs(
         for side, key in enumerate(("win", "lose")):
             arrays = []
             for j, rec in enumerate(chunk):
-                img = _open_image(getattr(rec, key), rec.origin, key)
-                arr, ids = _prepare(img, resolution, mode, flips[start + j])
+                img = open_image(getattr(rec, key), rec.origin, key)
+                arr, ids = prepare_image(img, resolution, mode, flips[start + j])
                 arrays.append(arr)
                 time_ids[side, start + j] = torch.tensor(ids, dtype=torch.float32)
-            pixels = torch.from_numpy(np.stack(arrays))
-            if vae is None:
-                latents = pixels
-            else:
-                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + len(chunk), side]]
-                with torch.no_grad():
-                    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-                    latents = dist.sample(generator=gens) * vae.config.scaling_factor
-                latents = latents.float().cpu()
-                if not torch.isfinite(latents).all():
-                    bad = [chunk[k].origin for k in range(len(chunk)) if not torch.isfinite(latents[k]).all()]
-                    raise ValueError(
-                        f"the VAE produced non-finite latents for {bad}; SDXL's VAE overflows in float16, "
-                        "so load it in float32 (or use a fp16-fixed VAE)"
-                    )
+            latents = encode_pixels(torch.from_numpy(np.stack(arrays)), stack, seeds[start : start + len(chunk), side],
+                                    [rec.origin for rec in chunk])
             if win is None:
                 win = torch.empty(len(records), *latents.shape[1:], dtype=dtype)
                 lose = torch.empty_like(win)

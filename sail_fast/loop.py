@@ -43,12 +43,14 @@ from .models import DiffusionStack, build_stack
 from .pair_sources import load_pairs
 from .prompts import read_prompts
 from .ranking import external_scores, soft_labels
+from .realalign import PER_ROUND_LOSERS, captions, encode_real, read_real_images, real_fingerprint, region_masks
 from .reward import Draws, ImplicitRewardScorer
-from .sampling import generate_candidates
+from .sampling import generate_candidates, regenerate_region
 from .seeding import derive_seed
 from .trainer import DPOTrainer
 
 DONE = "done.json"
+TOY_REAL_DIGITS = 2000  # real digits written for toy RealAlign runs (enough for 20 rounds of 96)
 
 
 def _read_json(path: Path):
@@ -171,6 +173,7 @@ class SailLoop:
         heldout = load_pairs(heldout_sources, self.stack, **pair_args) if heldout_sources else None
         # The seed file is the human budget: a cap meant for real data must not cut it silently.
         self.log(f"seed: {len(seed_pairs)} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
+        self.real_set = self.real_stage() if "real" in self.sail.pair_sources else None
 
         self.evaluate("base", self.base, heldout)
         policy = self.iter0_stage(seed_pairs, heldout)
@@ -202,6 +205,38 @@ class SailLoop:
             _write_json(human / DONE, summary)
         self.dist.barrier()
         return human
+
+    def real_stage(self) -> LatentPairs:
+        """RealAlign's real images for every round, encoded once (with their blurred or noised losers)
+        and cached; the toy world writes real MNIST digits first when sail.real.data is unset."""
+        real, need = self.sail.real, self.sail.rounds * self.sail.real_per_round()
+        source = real.data
+        if source is None:  # only the toy world gets here (the config demands sail.real.data otherwise)
+            from .toy import write_real_digits
+
+            toy = self.config.toy
+            source = (Path(toy.data_dir) if toy and toy.data_dir else self.out / "human").parent / "real-digits"
+            if self.dist.is_main:
+                write_real_digits(source, max(need, TOY_REAL_DIGITS), seed=self.config.seed)
+            self.dist.barrier()
+        items = read_real_images(source)
+        if len(items) < need:
+            raise ValueError(f"{source} holds {len(items)} real images, but {self.sail.rounds} rounds x "
+                             f"{self.sail.real_per_round()} real pairs per round need {need}; add images or lower "
+                             "sail.real.per_round (or sail.rounds)")
+        settings = {"model": self.config.model.model_dump(), "resolution": self.config.data.resolution, "count": need,
+                    "seed": self.config.seed, "loser": real.loser}
+        if real.loser in ("blur", "noise"):
+            settings[f"{real.loser}"] = real.blur_sigma if real.loser == "blur" else real.noise_std
+        cache = Path(self.config.data.cache_dir or self.out / "cache") / f"real-{real_fingerprint(source, settings)}.safetensors"
+        if self.dist.is_main and not cache.exists():
+            self.log(f"RealAlign: encoding {need} real images from {source} (loser: {real.loser})")
+            encoded = encode_real(items[:need], self.stack, resolution=self.config.data.resolution, loser=real.loser,
+                                  blur_sigma=real.blur_sigma, noise_std=real.noise_std, seed=self.config.seed,
+                                  batch_size=self.config.data.encode_batch_size, progress=self.progress)
+            encoded.save(cache)  # written to a temporary name and renamed
+        self.dist.barrier()
+        return LatentPairs.load(cache)
 
     def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
         stage = self.out / "iter0"
@@ -236,6 +271,33 @@ class SailLoop:
             return load_unet(stage / "train" / "final" / "unet", self.base)
         started = time.perf_counter()
         stage.mkdir(parents=True, exist_ok=True)
+        parts = []
+        if "self" in self.sail.pair_sources:
+            parts.append(self._ranked_pairs(stage, r, prompts, policy, previous))
+        if "real" in self.sail.pair_sources:
+            parts.append(self._real_pairs(stage, r, policy))
+        pairs = parts[0] if len(parts) == 1 else LatentPairs.cat(parts)
+        by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
+        if self.dist.is_main:
+            pairs.save(stage / "pairs.safetensors")
+        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs)} seed pairs")
+
+        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps), policy.requires_grad_(True), self.stack.scheduler,
+                             seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.device)
+        trainer.train(resume=True)
+        del trainer
+        policy = load_unet(stage / "train" / "final" / "unet", self.base)
+        if self.sail.eval_each_round or r == self.sail.rounds:
+            self.evaluate(f"round-{r:02d}", policy, heldout)
+        if self.dist.is_main:
+            _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
+                                       "pairs_by_source": by_source, "human_pairs": len(seed_pairs)})
+        self.dist.barrier()
+        self.write_metrics()
+        return policy
+
+    def _ranked_pairs(self, stage: Path, r: int, prompts: list[str], policy, previous) -> LatentPairs:
+        """SAIL's (or OnlineDPO's) pairs: candidates of the round's prompts, ranked, best against worst."""
         mine = prompts[self.dist.rank :: self.dist.world_size]
         self.log(f"round {r}: {len(prompts)} prompts x {self.sail.candidates} candidates"
                  + (f", dealt round-robin to {self.dist.world_size} ranks" if self.dist.enabled else ""))
@@ -243,11 +305,7 @@ class SailLoop:
         reference = self.base if self.sail.reference == "base" else previous
         rewards, win, lose = self._rank(r, mine, latents, policy, reference)
         labels = soft_labels(rewards, win, lose, self.sail.soft_label_temperature) if self.sail.soft_labels else None
-        pairs = self._pairs(mine, latents, win, lose, labels)
-        gathered = self.dist.gather_objects((pairs, mine, rewards))
-        # Back into the round's prompt order, so training sees the same data whatever the rank count.
-        world = self.dist.world_size
-        order = torch.tensor([k + i * world for k, g in enumerate(gathered) for i in range(len(g[1]))]).argsort()
+        gathered, order = self._gather_in_order(self._pairs(mine, latents, win, lose, labels), mine, rewards)
         pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order)
         all_rewards = torch.cat([g[2] for g in gathered])[order]
         all_prompts = [p for g in gathered for p in g[1]]
@@ -261,25 +319,33 @@ class SailLoop:
             "labels": pairs.label.tolist(),
         }
         if self.dist.is_main:
-            pairs.save(stage / "pairs.safetensors")
             _write_json(stage / "ranking.json", ranking)
             self._candidate_grid(stage / "candidates.png", mine, latents, rewards, win, lose)
-        self.log(f"round {r}: {len(pairs)} generated pairs; reward spread {ranking['reward_spread_mean']:.3g} "
+        self.log(f"round {r}: {len(pairs)} ranked pairs; reward spread {ranking['reward_spread_mean']:.3g} "
                  f"(mean best - worst per prompt)")
+        return pairs
 
-        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps), policy.requires_grad_(True), self.stack.scheduler,
-                             seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.device)
-        trainer.train(resume=True)
-        del trainer
-        policy = load_unet(stage / "train" / "final" / "unet", self.base)
-        if self.sail.eval_each_round or r == self.sail.rounds:
-            self.evaluate(f"round-{r:02d}", policy, heldout)
+    def _real_pairs(self, stage: Path, r: int, policy) -> LatentPairs:
+        """RealAlign's pairs: this round's slice of the real images, each against its loser."""
+        per = self.sail.real_per_round()
+        positions = list(range((r - 1) * per, r * per))[self.dist.rank :: self.dist.world_size]
+        part = self.real_set.subset(positions)
+        if self.sail.real.loser in PER_ROUND_LOSERS:
+            part = dataclasses.replace(part, lose=self._real_losers(stage, r, part, positions, policy))
+        gathered, order = self._gather_in_order(part)
+        pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order)
         if self.dist.is_main:
-            _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
-                                       "human_pairs": len(seed_pairs)})
-        self.dist.barrier()
-        self.write_metrics()
-        return policy
+            self._real_grid(stage / "real_pairs.png", pairs)
+        self.log(f"round {r}: {len(pairs)} real pairs (RealAlign, loser: {self.sail.real.loser})")
+        return pairs
+
+    def _gather_in_order(self, *parts):
+        """Every rank's ``parts`` and the permutation that puts their concatenation back into round
+        order (rank k holds items k, k + W, ...), so training sees the same data whatever the rank count."""
+        gathered = self.dist.gather_objects(parts)
+        world = self.dist.world_size
+        order = torch.tensor([k + i * world for k, g in enumerate(gathered) for i in range(len(g[0]))]).argsort()
+        return gathered, order
 
     # ------------------------------------------------------------------ round parts
     def _candidates(self, stage: Path, r: int, prompts: list[str], policy) -> torch.Tensor:
@@ -354,6 +420,38 @@ class SailLoop:
             win.append(a)
             lose.append(b)
         return torch.tensor(win), torch.tensor(lose)
+
+    def _real_losers(self, stage: Path, r: int, part: LatentPairs, positions: list[int], policy) -> torch.Tensor:
+        """The round policy's losers for real pairs (its own sample, or the real latent with a redrawn
+        region), seeded by (seed, round, position) and saved so a resumed round does not redraw them."""
+        file = stage / f"real_losers.rank{self.dist.rank}.safetensors"
+        if file.exists():
+            return load_file(file)["latents"]
+        real = self.sail.real
+        caps = captions(part)
+        seeds = torch.tensor([derive_seed(self.config.seed, 8400 + r, p) for p in positions], dtype=torch.int64)
+        stack = self._stack_with(policy)
+        height, width = part.win.shape[-2:]
+        if real.loser == "own_sample":
+            latents = generate_candidates(stack, caps, 1, seeds=seeds.view(-1, 1), height=height, width=width,
+                                          batch_size=self.sail.generation_batch, progress=self.progress,
+                                          **self.sampling).latents[:, 0]
+        else:
+            masks = region_masks(height, width, real.mask_fraction,
+                                 [derive_seed(self.config.seed, 8500 + r, p) for p in positions])
+            latents = regenerate_region(stack, part.win, caps, masks, strength=real.renoise_strength, seeds=seeds,
+                                        batch_size=self.sail.generation_batch, progress=self.progress, **self.sampling)
+        tmp = file.with_name(file.name + ".tmp")
+        save_file({"latents": latents.contiguous()}, tmp)
+        tmp.replace(file)
+        return latents
+
+    def _real_grid(self, path: Path, pairs: LatentPairs) -> None:
+        rows = min(self.sail.grid_prompts, len(pairs))
+        images = self._pictures(torch.stack([pairs.win[:rows], pairs.lose[:rows]], dim=1).flatten(0, 1).float())
+        if images is not None:
+            loser = {"own_sample": "sample", "masked_renoise": "redrawn"}.get(self.sail.real.loser, self.sail.real.loser)
+            image_grid(images, columns=2, captions=["real", loser] * rows).save(path)
 
     def _pairs(self, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
                labels: torch.Tensor | None = None) -> LatentPairs:

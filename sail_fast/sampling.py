@@ -56,6 +56,15 @@ def unconditional_embeds(stack: DiffusionStack, like: PromptEmbeds) -> PromptEmb
     return stack.encode_prompts([""])
 
 
+def _guided_step(stack: DiffusionStack, scheduler, x, t, both: PromptEmbeds, added, guidance: float, gens):
+    """One sampler step with classifier-free guidance; ``both`` holds the unconditional rows first."""
+    model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+    pred = stack.unet(model_in, t, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+    pred_uncond, pred_cond = pred.chunk(2)
+    pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+    return scheduler.step(pred, t, x, generator=gens, return_dict=False)[0]
+
+
 @torch.inference_mode()
 def generate_candidates(
     stack: DiffusionStack,
@@ -115,12 +124,73 @@ def generate_candidates(
         shape = (len(rows), unet.config.in_channels, height, width)
         x = randn_tensor(shape, generator=gens, device=device, dtype=dtype) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-            pred = unet(model_in, t, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
-            pred_uncond, pred_cond = pred.chunk(2)
-            pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-            x = scheduler.step(pred, t, x, generator=gens, return_dict=False)[0]
+            x = _guided_step(stack, scheduler, x, t, both, added, guidance, gens)
         out[rows] = x.float().cpu()
         bar.update(len(rows))
     bar.close()
     return Candidates(out.view(len(prompts), n_per_prompt, *out.shape[1:]), seeds, prompts)
+
+
+@torch.inference_mode()
+def regenerate_region(
+    stack: DiffusionStack,
+    latents: torch.Tensor,
+    prompts: Sequence[str],
+    masks: torch.Tensor,
+    *,
+    strength: float,
+    seeds: torch.Tensor,
+    sampler: str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Re-noise the masked region of clean latents [B, C, H, W] and let the UNet redraw it.
+
+    SDEdit inside a mask: each latent is noised to the sampler step that ``strength`` (in (0, 1])
+    of the way from clean starts at, then denoised with the prompt; after every step the region
+    outside ``masks`` [B, 1, H, W] (1 = redraw) is put back to the original noised to the next
+    step's level with the same noise, and to the original itself after the last. Row b uses
+    ``seeds[b]`` for its noise, so the result does not depend on batching.
+    """
+    prompts = list(prompts)
+    b = len(latents)
+    if len(prompts) != b or masks.shape != (b, 1, *latents.shape[2:]) or tuple(seeds.shape) != (b,):
+        raise ValueError(f"need one prompt, one [1, H, W] mask and one seed per latent: got {len(prompts)} prompts, "
+                         f"masks {tuple(masks.shape)}, seeds {tuple(seeds.shape)} for latents {tuple(latents.shape)}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
+    scheduler = sampling_scheduler(stack, sampler or default_sampler)
+    steps = num_inference_steps or default_steps
+    scheduler.set_timesteps(steps, device=stack.device)
+    kept = int(round(steps * strength))
+    if kept < 1:
+        raise ValueError(f"strength {strength} of {steps} sampler steps leaves no step to run; raise one of them")
+    timesteps = scheduler.timesteps[steps - kept :]
+    guidance = default_cfg if guidance_scale is None else guidance_scale
+    device, dtype = stack.device, stack.dtype
+    cond = stack.encode_prompts(prompts).to(device, dtype)
+    uncond = unconditional_embeds(stack, cond).to(device, dtype)
+    height, width = latents.shape[-2:]
+    out = torch.empty(latents.shape, dtype=torch.float32)
+
+    bar = tqdm(total=b, desc="redraw regions", unit="latent", disable=not progress)
+    for start in range(0, b, batch_size):
+        rows = torch.arange(start, min(start + batch_size, b))
+        gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[rows].tolist()]
+        clean = latents[rows].to(device, dtype)
+        mask = masks[rows].to(device, dtype)
+        both = PromptEmbeds.cat([uncond.repeat_each(len(rows)), cond.index(rows)])
+        added = stack.added_cond_kwargs(both, height, width)
+        noise = randn_tensor(clean.shape, generator=gens, device=device, dtype=dtype)
+        x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(rows)))
+        for i, t in enumerate(timesteps):
+            x = _guided_step(stack, scheduler, x, t, both, added, guidance, gens)
+            known = clean if i + 1 == len(timesteps) else scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2].repeat(len(rows)))
+            x = mask * x + (1 - mask) * known
+        out[rows] = x.float().cpu()
+        bar.update(len(rows))
+    bar.close()
+    return out

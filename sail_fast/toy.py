@@ -356,6 +356,43 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     return summary
 
 
+def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
+    """RealAlign's real data in the toy world: ``count`` MNIST digits (balanced over digits, a seeded
+    draw) as PNGs with a ``metadata.jsonl`` of captions, each a training-pool prompt naming its digit.
+
+    Written to a temporary folder and renamed, so an interrupted write leaves nothing half-done."""
+    import shutil
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    if (out / "metadata.jsonl").is_file():
+        return out
+    images, labels = load_digits()
+    gen = torch.Generator().manual_seed(derive_seed(seed, 7020))
+    by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
+    if count > len(labels):
+        raise ValueError(f"the toy world has {len(labels)} real digits; {count} were asked for")
+    _, rest = split_prompts(seed)
+    prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        digit, k = i % 10, i // 10
+        index = int(by_digit[digit][k])
+        prompt = prompts_of[digit][int(torch.randint(len(prompts_of[digit]), (1,), generator=gen))]
+        pixels = ((images[index, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        name = f"digit-{i:05d}.png"
+        Image.fromarray(pixels).save(tmp / name)  # uint8 [H, W]: a grayscale PNG
+        lines.append(json.dumps({"file_name": name, "text": prompt, "mnist_index": index}))
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def oracle_metrics(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """Mean oracle score (and its standard error), digit accuracy, ink and offset of [P, n, 1, H, W] samples."""
     per_prompt = images.shape[1]

@@ -14,6 +14,9 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   oracle itself, so an upper bound on what any external scorer could give), from the same iter0.
 - ``smpo``: SmPO-Diffusion: the oracle's soft labels, the smpo loss, DDIM-inversion noising.
 - ``smoothed-self``: SAIL with smoothed self-labels (soft labels from the implicit reward).
+- ``realalign``: RealAlign alone: real MNIST digits (captioned with training-pool prompts) beat the
+  policy's own sample for the caption, mixed with the human seed like SAIL's pairs.
+- ``sail-realalign``: SAIL's ranked pairs and RealAlign's pairs together in each round.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 from .config import load_config
 from .loop import SailLoop
 
-CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full", "online-dpo", "smpo", "smoothed-self")
+CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full", "online-dpo", "smpo", "smoothed-self", "realalign",
+              "sail-realalign")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
 
@@ -50,6 +54,10 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         return common + ablation + ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion"]
     if name == "smoothed-self":
         return common + ablation + SOFT
+    if name == "realalign":
+        return common + ablation + ["sail.pair_sources=[real]"]
+    if name == "sail-realalign":
+        return common + ablation + ["sail.pair_sources=[self, real]"]
     if name == "dpo-full":
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]
@@ -92,7 +100,9 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"SAIL round {ablation_rounds}, random pairs", seed_share, pick("random-pairs", last))]
     others = [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, pick("smoothed-self", last)),
               (f"OnlineDPO round {ablation_rounds} (oracle ranks)", seed_share, pick("online-dpo", last)),
-              (f"SmPO round {ablation_rounds} (oracle soft labels, DDIM inversion)", seed_share, pick("smpo", last))]
+              (f"SmPO round {ablation_rounds} (oracle soft labels, DDIM inversion)", seed_share, pick("smpo", last)),
+              (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, pick("realalign", last)),
+              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, pick("sail-realalign", last))]
     return lines + [line for line in others if line[2]]  # the other systems only once they have run
 
 

@@ -17,8 +17,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import argparse  # noqa: E402
 
-import torch  # noqa: E402
-
 from sail_fast.config import RunConfig, dump_config, load_config  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
 from sail_fast.models import build_stack  # noqa: E402

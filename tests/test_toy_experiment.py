@@ -47,11 +47,13 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
     full = condition_overrides("dpo-full", 3, tmp_path / "seed-3", config)
     steps = config.sail.iter0_steps + config.sail.rounds * config.sail.round_steps
     assert "toy.train_on=all" in full and "sail.rounds=0" in full and f"sail.iter0_steps={steps}" in full
-    for name in ("online-dpo", "smpo", "smoothed-self"):
+    for name in ("online-dpo", "smpo", "smoothed-self", "realalign", "sail-realalign"):
         overrides = condition_overrides(name, 3, tmp_path / "seed-3", config, ablation_rounds=2)
         load_config(Path(__file__).resolve().parents[1] / "configs/toy.yaml", overrides)  # valid as a whole
         assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in overrides
     smpo = condition_overrides("smpo", 3, tmp_path / "seed-3", config)
     assert {"sail.ranker_metric=toy_oracle", "sail.soft_labels=true", "train.noising=ddim_inversion"} <= set(smpo)
+    assert "sail.pair_sources=[real]" in condition_overrides("realalign", 3, tmp_path / "seed-3", config)
+    assert "sail.pair_sources=[self, real]" in condition_overrides("sail-realalign", 3, tmp_path / "seed-3", config)
     with pytest.raises(ValueError, match="unknown condition"):
         condition_overrides("sft", 3, tmp_path, config)
