@@ -3,6 +3,8 @@ generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -
 
 ``sail.ranker: external`` ranks with a reward model instead (OnlineDPO), and
 ``sail.soft_labels`` gives each pair the SmPO soft label of its ranking scores.
+``sail.pair_sources`` adds RealAlign's pairs (real images beating losers made for their
+captions, ``sail_fast.realalign``) to the ranked ones, or uses them alone.
 
 Run directory (each stage writes ``done.json`` last; ``--resume`` skips finished stages
 and continues a half-trained one from its latest checkpoint)::
@@ -11,8 +13,10 @@ and continues a half-trained one from its latest checkpoint)::
     human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
     base/eval.json    the base model's evaluation
     iter0/            DPO on the seed against the base: checkpoints/, final/unet, eval.json
+    real-digits/      toy world, RealAlign: the real images with captions (metadata.jsonl)
     round-01/         candidates.rank0.safetensors, pairs.safetensors (latent shard),
-                      ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json
+                      ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json;
+                      RealAlign: real_losers.rank0.safetensors, real_pairs.png
     metrics.json      one row per stage: reward spread, self-label agreement, diversity, metrics
     curves.png        those rows as curves
 
