@@ -47,7 +47,14 @@ from .models import DiffusionStack, build_stack
 from .pair_sources import load_pairs
 from .prompts import read_prompts
 from .ranking import external_scores, soft_labels
-from .realalign import PER_ROUND_LOSERS, captions, encode_real, read_real_images, real_fingerprint, region_masks
+from .realalign import (
+    PER_ROUND_LOSERS,
+    captions,
+    encode_real,
+    read_real_images,
+    real_fingerprint,
+    region_masks,
+)
 from .reward import Draws, ImplicitRewardScorer
 from .sampling import generate_candidates, regenerate_region
 from .seeding import derive_seed
@@ -230,8 +237,8 @@ class SailLoop:
                              "sail.real.per_round (or sail.rounds)")
         settings = {"model": self.config.model.model_dump(), "resolution": self.config.data.resolution, "count": need,
                     "seed": self.config.seed, "loser": real.loser}
-        if real.loser in ("blur", "noise"):
-            settings[f"{real.loser}"] = real.blur_sigma if real.loser == "blur" else real.noise_std
+        if real.loser in ("blur", "noise"):  # the only losers encoded with the real images
+            settings[real.loser] = real.blur_sigma if real.loser == "blur" else real.noise_std
         cache = Path(self.config.data.cache_dir or self.out / "cache") / f"real-{real_fingerprint(source, settings)}.safetensors"
         if self.dist.is_main and not cache.exists():
             self.log(f"RealAlign: encoding {need} real images from {source} (loser: {real.loser})")

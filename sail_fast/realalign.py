@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import ImageSource, LatentPairs, open_image, prepare_image, encode_pixels, image_mode, prompt_table
+from .data import (
+    ImageSource,
+    LatentPairs,
+    encode_pixels,
+    image_mode,
+    open_image,
+    prepare_image,
+    prompt_table,
+)
 from .models import DiffusionStack
 
 REAL_LOSERS = ("own_sample", "blur", "noise", "masked_renoise")

@@ -1,5 +1,5 @@
 """RealAlign: real-image readers, the perturbations against literal formulas, encoding, the
-masked redraw against a literal SDEdit loop, and toy rounds end to end."""
+masked redraw against a literal SDEdit loop, and rounds end to end on the toy and a tiny SD stack."""
 
 import io
 import json
@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from sail_fast.config import load_config
 from sail_fast.data import LatentPairs
@@ -25,7 +24,11 @@ from sail_fast.realalign import (
     read_real_images,
     region_masks,
 )
-from sail_fast.sampling import generate_candidates, regenerate_region, sampling_scheduler
+from sail_fast.sampling import (
+    generate_candidates,
+    regenerate_region,
+    sampling_scheduler,
+)
 from sail_fast.seeding import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,25 +295,47 @@ def test_realalign_mixed_with_sail_pairs_uses_the_policy_sample_as_loser(tmp_pat
     assert (tmp_path / "round-01/real_pairs.png").is_file() and (tmp_path / "round-01/candidates.png").is_file()
 
 
-@pytest.mark.slow
-def test_realalign_alone_with_masked_redraw_losers_trains_and_resumes(tmp_path):
-    from sail_fast.train import run_sail
+def test_realalign_alone_on_an_sd_stack_with_a_vae_redraws_in_latent_space_and_resumes(tmp_path):
+    """Real RGB pictures through a tiny SD1.5-shaped stack with a VAE: two RealAlign-only rounds with
+    masked-redraw losers, then round 2 interrupted after its pairs and resumed."""
+    import shutil
 
-    overrides = [f"output_dir={tmp_path}", "sail.rounds=1", "sail.pair_sources=[real]", "sail.real.loser=masked_renoise",
-                 "sail.real.mask_fraction=0.25", "train.mixup_alpha=1.0"]
-    run_sail(load_config(REPO / "configs/toy-quick.yaml", overrides))
-    real, _ = _real_digits(tmp_path / "real-digits", 8)
-    pairs = LatentPairs.load(tmp_path / "round-01/pairs.safetensors")
-    assert set(pairs.source) == {"realalign"} and len(pairs) == 8
-    assert not (tmp_path / "round-01/candidates.rank0.safetensors").exists()  # no self-ranked candidates
-    torch.testing.assert_close(pairs.win, real)
-    masks = region_masks(16, 16, 0.25, [derive_seed(0, 8501, p) for p in range(8)])
-    assert torch.equal(pairs.lose[masks.expand_as(real) == 0], real[masks.expand_as(real) == 0])
-    assert (pairs.lose - real)[masks.expand_as(real) == 1].abs().mean() > 0.05
-    losers = load_file(tmp_path / "round-01/real_losers.rank0.safetensors")["latents"]
-    assert torch.equal(losers, pairs.lose)
-    assert (tmp_path / "round-01/train/final/unet").is_dir()
-    # A rerun with --resume finds every stage done and redraws nothing.
-    before = (tmp_path / "round-01/real_losers.rank0.safetensors").stat().st_mtime_ns
-    run_sail(load_config(REPO / "configs/toy-quick.yaml", overrides), resume=True)
-    assert (tmp_path / "round-01/real_losers.rank0.safetensors").stat().st_mtime_ns == before
+    from test_loop import make_overrides
+    from test_train import TINY
+
+    from sail_fast.loop import SailLoop
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(6):
+        _image(i, size=20, mode="RGB").save(real / f"{i}.png")
+        (real / f"{i}.txt").write_text(f"a real picture {i}")
+    overrides = make_overrides(tmp_path, "model.with_vae=true", "data.resolution=16", "sail.pair_sources=[real]",
+                               f"sail.real.data={real}", "sail.real.per_round=3", "sail.real.loser=masked_renoise",
+                               "sail.real.mask_fraction=0.5", "sail.real.renoise_strength=1.0", "train.mixup_alpha=0.5")
+    SailLoop(load_config(TINY, overrides)).run()
+    run = tmp_path / "run"
+    cached = list((run / "cache").glob("real-*.safetensors"))
+    assert len(cached) == 1  # encoded once for both rounds
+    encoded = LatentPairs.load(cached[0])
+    assert encoded.win.shape == (6, 4, 8, 8) and captions(encoded) == [f"a real picture {i}" for i in range(6)]
+    for r in (1, 2):
+        stage = run / f"round-{r:02d}"
+        assert not (stage / "candidates.rank0.safetensors").exists() and not (stage / "ranking.json").exists()
+        pairs = LatentPairs.load(stage / "pairs.safetensors")
+        assert pairs.source == ["realalign"] * 3
+        torch.testing.assert_close(pairs.win, encoded.win[3 * (r - 1) : 3 * r])
+        masks = region_masks(8, 8, 0.5, [derive_seed(0, 8500 + r, p) for p in range(3 * (r - 1), 3 * r)])
+        keep = (masks == 0).expand_as(pairs.win)
+        torch.testing.assert_close(pairs.lose[keep], pairs.win[keep], rtol=0, atol=1e-6)  # the latent outside the box
+        assert (pairs.lose - pairs.win)[~keep].abs().mean() > 0.1  # fully re-noised and redrawn inside it
+    assert json.loads((run / "round-02/done.json").read_text())["pairs_by_source"] == {"realalign": 3}
+
+    # Interrupted after round 2 drew its losers: the resumed round trains on the same pairs, redrawing nothing.
+    losers = run / "round-02/real_losers.rank0.safetensors"
+    before, pairs_before = losers.stat().st_mtime_ns, LatentPairs.load(run / "round-02/pairs.safetensors")
+    (run / "round-02/done.json").unlink()
+    shutil.rmtree(run / "round-02/train")
+    SailLoop(load_config(TINY, overrides)).run(resume=True)
+    assert losers.stat().st_mtime_ns == before and (run / "round-02/done.json").exists()
+    assert torch.equal(LatentPairs.load(run / "round-02/pairs.safetensors").lose, pairs_before.lose)
