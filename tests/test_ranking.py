@@ -82,3 +82,38 @@ def test_online_dpo_round_with_soft_labels_on_the_toy(tmp_path):
     assert ((pairs.label > 0.5) & (pairs.label < 1)).all()
     assert set(pairs.source) == {"online_dpo"}
     assert (tmp_path / "round-01/train/final/unet").is_dir()
+
+
+def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
+    """OnlineDPO ranked by PickScore (tiny weights in its published layout) with SmPO soft labels and
+    DDIM-inversion noising, one round on a tiny SD1.5-shaped stack with a VAE."""
+    from test_loop import make_overrides
+    from test_train import TINY
+    from tiny_weights import tiny_clip_dir
+
+    from sail_fast.loop import SailLoop
+    from sail_fast.models import build_stack
+
+    tiny_clip_dir(tmp_path / "pickscore")
+    overrides = make_overrides(tmp_path, "model.with_vae=true", "data.resolution=16", "sail.rounds=1",
+                               "sail.ranker=external", "sail.ranker_metric=pickscore",
+                               f"sail.ranker_weights={tmp_path / 'pickscore'}", "sail.soft_labels=true",
+                               "train.loss=smpo", "train.noising=ddim_inversion", "train.inversion_steps=2")
+    config = load_config(TINY, overrides)
+    SailLoop(config).run()
+    stage = tmp_path / "run/round-01"
+    ranking = json.loads((stage / "ranking.json").read_text())
+    assert ranking["ranker"] == "pickscore"
+    scores = torch.tensor(ranking["rewards"])
+    latents = load_file(stage / "candidates.rank0.safetensors")["latents"]
+    metric, vae = load_metric("pickscore", tmp_path / "pickscore"), build_stack(config.model).vae
+    for p, prompt in enumerate(ranking["prompts"]):
+        torch.testing.assert_close(scores[p], metric.score(decode_latents(latents[p], vae), [prompt] * latents.shape[1]),
+                                   rtol=1e-4, atol=1e-4)
+    pairs = LatentPairs.load(stage / "pairs.safetensors")
+    rows, best, worst = torch.arange(len(scores)), scores.argmax(1), scores.argmin(1)
+    torch.testing.assert_close(pairs.win, latents[rows, best])
+    torch.testing.assert_close(pairs.lose, latents[rows, worst])
+    torch.testing.assert_close(pairs.label, soft_labels(scores, best, worst))
+    assert set(pairs.source) == {"online_dpo"}
+    assert (stage / "train/final/unet").is_dir()
