@@ -114,6 +114,7 @@ class SailLoop:
 
             self.ranker = load_metric(self.sail.ranker_metric, self.sail.ranker_weights, device=self.device)
         self.sampling = self.sail.sampling()
+        self.real_set: LatentPairs | None = None  # RealAlign's encoded real images, loaded by run()
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
