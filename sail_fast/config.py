@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -92,13 +98,16 @@ class TrainConfig(Section):
         return self
 
 
+RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise"]  # see sail_fast.realalign
+
+
 class RealAlignConfig(Section):
     """RealAlign's pairs: a real image (winner) against a loser made for its caption (``sail_fast.realalign``)."""
 
     # A folder of images with captions (metadata.jsonl, or a .txt beside each image) or parquet
     # (image and caption columns). The toy world writes real MNIST digits when this is unset.
     data: str | None = None
-    loser: Literal["own_sample", "blur", "noise", "masked_renoise"] = "own_sample"
+    loser: RealLoser = "own_sample"
     per_round: int | None = None  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
     blur_sigma: float = 2.0  # pixels at data.resolution
     noise_std: float = 0.2  # pixels in [-1, 1]

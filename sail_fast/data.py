@@ -596,10 +596,11 @@ def _flip_decisions(n: int, flip: str, seed: int) -> list[bool]:
     return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5).tolist()
 
 
-def _image_seeds(seed: int, n_pairs: int) -> np.ndarray:
-    """Independent seeds per (pair, side): VAE sampling noise is then independent of batching."""
-    state = np.random.SeedSequence(seed).generate_state(2 * n_pairs, dtype=np.uint64) >> np.uint64(1)
-    return state.reshape(n_pairs, 2)
+def image_seeds(seed: int, n_items: int, per_item: int = 2) -> np.ndarray:
+    """Independent seeds [n_items, per_item] (e.g. per pair and side): VAE sampling noise is then
+    independent of batching."""
+    state = np.random.SeedSequence(seed).generate_state(per_item * n_items, dtype=np.uint64) >> np.uint64(1)
+    return state.reshape(n_items, per_item)
 
 
 def image_mode(stack: DiffusionStack, resolution: int) -> str:
@@ -687,7 +688,7 @@ def encode_pairs(
     prompts, prompt_embeds, pooled = prompt_table([r.prompt for r in records], stack, batch_size=batch_size, dtype=dtype)
     row_of = {p: i for i, p in enumerate(prompts)}
     flips = _flip_decisions(len(records), flip, seed)
-    seeds = _image_seeds(seed, len(records))
+    seeds = image_seeds(seed, len(records))
     win = lose = None
     time_ids = torch.empty(2, len(records), 6, dtype=torch.float32)
 

@@ -44,7 +44,7 @@ from .data import LatentPairs
 from .distributed import DistInfo
 from .images import decode_latents, enlarge, image_grid
 from .models import DiffusionStack, build_stack
-from .pair_sources import load_pairs
+from .pair_sources import fingerprint, load_pairs
 from .prompts import read_prompts
 from .ranking import external_scores, soft_labels
 from .realalign import (
@@ -52,7 +52,6 @@ from .realalign import (
     captions,
     encode_real,
     read_real_images,
-    real_fingerprint,
     region_masks,
 )
 from .reward import Draws, ImplicitRewardScorer
@@ -240,7 +239,7 @@ class SailLoop:
                     "seed": self.config.seed, "loser": real.loser}
         if real.loser in ("blur", "noise"):  # the only losers encoded with the real images
             settings[real.loser] = real.blur_sigma if real.loser == "blur" else real.noise_std
-        cache = Path(self.config.data.cache_dir or self.out / "cache") / f"real-{real_fingerprint(source, settings)}.safetensors"
+        cache = Path(self.config.data.cache_dir or self.out / "cache") / f"real-{fingerprint([Path(source)], settings)}.safetensors"
         if self.dist.is_main and not cache.exists():
             self.log(f"RealAlign: encoding {need} real images from {source} (loser: {real.loser})")
             encoded = encode_real(items[:need], self.stack, resolution=self.config.data.resolution, loser=real.loser,

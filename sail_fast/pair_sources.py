@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import DataConfig, ModelConfig
-from .data import LatentPairs, PairRecord, encode_pairs, read_pairs_jsonl, read_pickapic_parquet
+from .data import (
+    LatentPairs,
+    PairRecord,
+    encode_pairs,
+    read_pairs_jsonl,
+    read_pickapic_parquet,
+)
 from .distributed import DistInfo
 from .models import DiffusionStack
 
@@ -34,14 +40,15 @@ def _kind_of(path: Path) -> str:
     )
 
 
-def _fingerprint(paths: Sequence[Path], model: ModelConfig, data: DataConfig, seed: int) -> str:
+def fingerprint(paths: Sequence[Path], settings: dict) -> str:
+    """A cache key over files (each path, or a directory's files: name, size, mtime) and ``settings``."""
     files = []
     for p in paths:
         for f in sorted([p] if p.is_file() else p.iterdir()):
             if f.is_file():
                 st = f.stat()
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    key = {"files": files, "model": model.model_dump(), "resolution": data.resolution, "flip": data.flip, "seed": seed}
+    key = {"files": files, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -76,7 +83,8 @@ def load_pairs(
         records += found
         image_sources.append(path)
     if records:
-        cache = Path(cache_dir) / f"pairs-{_fingerprint(image_sources, model, data, seed)}.safetensors"
+        settings = {"model": model.model_dump(), "resolution": data.resolution, "flip": data.flip, "seed": seed}
+        cache = Path(cache_dir) / f"pairs-{fingerprint(image_sources, settings)}.safetensors"
         if dist.is_main and not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
             encoded = encode_pairs(records, stack, resolution=data.resolution, flip=data.flip, seed=seed,

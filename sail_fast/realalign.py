@@ -15,31 +15,32 @@ They are encoded once; blurred and noised losers are encoded with them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import RealLoser
 from .data import (
     ImageSource,
     LatentPairs,
     encode_pixels,
     image_mode,
+    image_seeds,
     open_image,
     prepare_image,
     prompt_table,
 )
 from .models import DiffusionStack
 
-REAL_LOSERS = ("own_sample", "blur", "noise", "masked_renoise")
+REAL_LOSERS = get_args(RealLoser)
 PER_ROUND_LOSERS = ("own_sample", "masked_renoise")  # drawn by the policy of the round
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "jpg", "png", "img")
@@ -205,7 +206,7 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
     mode = image_mode(stack, resolution)
     prompts, embeds, pooled = prompt_table([it.caption for it in items], stack, batch_size=batch_size)
     row_of = {p: i for i, p in enumerate(prompts)}
-    seeds = np.random.SeedSequence(seed).generate_state(3 * len(items), dtype=np.uint64).reshape(-1, 3) >> np.uint64(1)
+    seeds = image_seeds(seed, len(items), per_item=3)  # winner, loser, pixel noise
     win, lose, time_ids = [], [], []
     bar = tqdm(total=len(items), desc="encode real images", unit="image", disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -232,14 +233,6 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
         time_ids_win=ids, time_ids_lose=None if ids is None else ids.clone(),
         label=torch.ones(len(items)), source=[SOURCE] * len(items),
     )
-
-
-def real_fingerprint(path: str | os.PathLike, settings: dict) -> str:
-    """A cache key over the real data's files (size, mtime) and the encoding settings."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
-    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    return hashlib.sha256(json.dumps({"files": stats, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def captions(pairs: LatentPairs) -> list[str]:

@@ -56,6 +56,15 @@ def unconditional_embeds(stack: DiffusionStack, like: PromptEmbeds) -> PromptEmb
     return stack.encode_prompts([""])
 
 
+def _sampler(stack: DiffusionStack, sampler: str | None, num_inference_steps: int | None, guidance_scale: float | None):
+    """(scheduler with its timesteps set, steps, CFG scale), each defaulting to the paper's for the stack's kind."""
+    default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
+    scheduler = sampling_scheduler(stack, sampler or default_sampler)
+    steps = num_inference_steps or default_steps
+    scheduler.set_timesteps(steps, device=stack.device)
+    return scheduler, steps, default_cfg if guidance_scale is None else guidance_scale
+
+
 def _guided_step(stack: DiffusionStack, scheduler, x, t, both: PromptEmbeds, added, guidance: float, gens):
     """One sampler step with classifier-free guidance; ``both`` holds the unconditional rows first."""
     model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
@@ -93,10 +102,7 @@ def generate_candidates(
     if n_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"n_per_prompt and batch_size must be >= 1, got {n_per_prompt} and {batch_size}")
     prompts = list(prompts)
-    default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
-    scheduler = sampling_scheduler(stack, sampler or default_sampler)
-    scheduler.set_timesteps(num_inference_steps or default_steps, device=stack.device)
-    guidance = default_cfg if guidance_scale is None else guidance_scale
+    scheduler, _, guidance = _sampler(stack, sampler, num_inference_steps, guidance_scale)
     height = height or stack.sample_size
     width = width or stack.sample_size
     unet, device, dtype = stack.unet, stack.device, stack.dtype
@@ -161,15 +167,11 @@ def regenerate_region(
                          f"masks {tuple(masks.shape)}, seeds {tuple(seeds.shape)} for latents {tuple(latents.shape)}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
-    scheduler = sampling_scheduler(stack, sampler or default_sampler)
-    steps = num_inference_steps or default_steps
-    scheduler.set_timesteps(steps, device=stack.device)
+    scheduler, steps, guidance = _sampler(stack, sampler, num_inference_steps, guidance_scale)
     kept = int(round(steps * strength))
     if kept < 1:
         raise ValueError(f"strength {strength} of {steps} sampler steps leaves no step to run; raise one of them")
     timesteps = scheduler.timesteps[steps - kept :]
-    guidance = default_cfg if guidance_scale is None else guidance_scale
     device, dtype = stack.device, stack.dtype
     cond = stack.encode_prompts(prompts).to(device, dtype)
     uncond = unconditional_embeds(stack, cond).to(device, dtype)

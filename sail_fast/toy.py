@@ -369,10 +369,10 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     if (out / "metadata.jsonl").is_file():
         return out
     images, labels = load_digits()
-    gen = torch.Generator().manual_seed(derive_seed(seed, 7020))
-    by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
     if count > len(labels):
         raise ValueError(f"the toy world has {len(labels)} real digits; {count} were asked for")
+    gen = torch.Generator().manual_seed(derive_seed(seed, 7020))
+    by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
     _, rest = split_prompts(seed)
     prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
     tmp = out.with_name(out.name + ".tmp")

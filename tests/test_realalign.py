@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_data import _encoded, _to_unit
 
 from sail_fast.config import load_config
 from sail_fast.data import LatentPairs
@@ -40,17 +41,6 @@ def _image(seed, size=16, mode="L"):
     return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8))
 
 
-def _unit(img):
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-
-
-def _png(img):
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- readers
 
 
@@ -71,7 +61,7 @@ def test_reads_metadata_jsonl_sidecar_captions_and_parquet(tmp_path):
         (side / f"im{i}.txt").write_text(f"caption {i}\n")
     assert [it.caption for it in read_real_images(side)] == ["caption 0", "caption 1"]
 
-    table = pa.table({"image": [{"bytes": _png(_image(5)), "path": None}, {"bytes": _png(_image(6)), "path": None}],
+    table = pa.table({"image": [{"bytes": _encoded(_image(5), "PNG"), "path": None}, {"bytes": _encoded(_image(6), "PNG"), "path": None}],
                       "prompt": ["five", "six"], "uid": [1, 2]})
     pq.write_table(table, tmp_path / "real.parquet")
     items = read_real_images(tmp_path / "real.parquet")
@@ -159,7 +149,7 @@ def test_encode_real_in_pixel_space_gives_the_real_images_and_their_perturbed_co
     from sail_fast.realalign import RealImage
 
     items = [RealImage(f"caption {i % 2}", im, f"item {i}") for i, im in enumerate(images)]
-    pixels = torch.stack([_unit(im) for im in images])
+    pixels = torch.stack([_to_unit(im) for im in images])
     blur = encode_real(items, stack, resolution=16, loser="blur", blur_sigma=1.5, progress=False)
     torch.testing.assert_close(blur.win, pixels)
     torch.testing.assert_close(blur.lose, gaussian_blur(pixels, 1.5))
@@ -186,7 +176,7 @@ def test_encode_real_with_a_vae_shares_sdxl_time_ids_across_the_pair():
     assert not torch.allclose(out.win, out.lose)
     # The winner is a scaled sample of the VAE posterior of the (already 16 px) real pixels.
     with torch.no_grad():
-        dist = stack.vae.encode(_unit(items[1].image)[None]).latent_dist
+        dist = stack.vae.encode(_to_unit(items[1].image)[None]).latent_dist
     z = (out.win[1] / stack.vae.config.scaling_factor - dist.mean[0]) / dist.std[0]
     assert z.abs().max() < 6 and z.abs().max() > 0
 
@@ -264,7 +254,7 @@ def test_config_rules():
 
 def _real_digits(folder: Path, count: int) -> tuple[torch.Tensor, list[str]]:
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()][:count]
-    return torch.stack([_unit(Image.open(folder / r["file_name"])) for r in lines]), [r["text"] for r in lines]
+    return torch.stack([_to_unit(Image.open(folder / r["file_name"])) for r in lines]), [r["text"] for r in lines]
 
 
 @pytest.mark.slow
