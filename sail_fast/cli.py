@@ -59,7 +59,8 @@ def _generate(args: argparse.Namespace) -> None:
     from sail_fast.generate import generate_to_dir
 
     written = generate_to_dir(args.checkpoint, args.prompts, args.num_images, args.out, seed=args.seed,
-                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale)
+                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                              compile=args.compile)
     print(f"wrote {written} images to {args.out}")
 
 
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--compile", action="store_true",
+                     help="sample with a torch.compile'd UNet (pays off for many images at SD sizes)")
     gen.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="sample checkpoints on a prompt set and score them with local-weights metrics")

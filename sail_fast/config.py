@@ -141,6 +141,9 @@ class SailConfig(Section):
     guidance_scale: float | None = None
     generation_batch: int = 64  # candidates per UNet call
     scoring_batch: int = 256  # noised latents per UNet call
+    # torch.compile the UNets that generate and score (worth it at SD sizes; compiling costs
+    # about a minute per graph on a CPU, paid again for each new batch shape).
+    compile: bool = False
     iter0_steps: int | None = None  # DPO steps of iter0 (default train.steps)
     round_steps: int | None = None  # DPO steps of each round (default train.steps)
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)

@@ -83,11 +83,14 @@ def sample_pictures(stack: DiffusionStack, prompts: list[str], num_images: int, 
 
 
 def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed: int = 0, sampler=None, steps=None,
-                    guidance_scale=None, batch_size: int = 64) -> int:
-    """Write ``num_images`` PNGs per prompt (``PPPP-NN.png``), ``prompts.json`` and ``grid.png``; returns the count."""
+                    guidance_scale=None, batch_size: int = 64, compile: bool = False) -> int:
+    """Write ``num_images`` PNGs per prompt (``PPPP-NN.png``), ``prompts.json`` and ``grid.png``; returns the count.
+    ``compile`` samples with a ``torch.compile``'d UNet."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     stack, run_sampling = resolve_checkpoint(checkpoint)
+    if compile:
+        stack = dataclasses.replace(stack, unet=torch.compile(stack.unet))
     check_picturable(stack, checkpoint)
     prompts = read_prompts(prompts_file)
     sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)

@@ -127,7 +127,8 @@ class SailLoop:
             f.write(text + "\n")
 
     def _stack_with(self, unet) -> DiffusionStack:
-        return dataclasses.replace(self.stack, unet=unet)
+        """The stack sampling with ``unet`` (compiled when ``sail.compile``)."""
+        return dataclasses.replace(self.stack, unet=torch.compile(unet) if self.sail.compile else unet)
 
     def _stage_config(self, stage: int, steps: int | None) -> RunConfig:
         train = self.config.train.model_copy(update={"steps": steps or self.config.train.steps})
@@ -388,7 +389,8 @@ class SailLoop:
                 return scores, scores.argmax(1), scores.argmin(1)
             return scores, *self._random_pairs(r, list(range(len(prompts))), scores)
         scorer = ImplicitRewardScorer(policy, reference, self.stack.scheduler, beta=self.config.train.beta,
-                                      num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch)
+                                      num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch,
+                                      compile=self.sail.compile)
         embeds = self.stack.encode_prompts(prompts)
         height, width = latents.shape[-2:]
         chunk = max(1, self.sail.scoring_batch // (self.sail.candidates * self.sail.num_draws))
@@ -515,7 +517,8 @@ class SailLoop:
         metrics = {"stage": name, "diversity": sample_diversity(latents)}
         if heldout is not None and unet is not self.base:
             scorer = ImplicitRewardScorer(unet, self.base, self.stack.scheduler, beta=self.config.train.beta,
-                                          num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch)
+                                          num_draws=self.sail.num_draws, micro_batch=self.sail.scoring_batch,
+                                          compile=self.sail.compile)
             metrics["self_label_agreement"] = scorer.pair_accuracy(
                 heldout, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 9001)))
         if self.oracle is not None:
