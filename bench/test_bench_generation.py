@@ -3,7 +3,11 @@ with the VAE for training (naive), against batched latent generation (fast).
 
 Both sample 4 prompts x 8 candidates with the same UNet, sampler, CFG and step count
 (10 DDPM steps here, to keep a CPU run short; the per-step work is what differs).
+fast-compiled is the fast path with a torch.compile'd UNet (sail.compile, generate --compile);
+its warm-up round includes the compilation.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -59,15 +63,16 @@ def naive_generate(stack):
     return torch.stack(latents)
 
 
-@pytest.mark.parametrize("variant", ["naive", "fast"])
+@pytest.mark.parametrize("variant", ["naive", "fast", "fast-compiled"])
 def test_generation(benchmark, stack, device, variant):
     benchmark.group = f"candidate generation {len(PROMPTS)}x{N}, {STEPS} steps"
+    sampling_stack = dataclasses.replace(stack, unet=torch.compile(stack.unet)) if variant == "fast-compiled" else stack
 
     def run():
         if variant == "naive":
             out = naive_generate(stack)
         else:
-            out = generate_candidates(stack, PROMPTS, N, sampler="ddpm", num_inference_steps=STEPS,
+            out = generate_candidates(sampling_stack, PROMPTS, N, sampler="ddpm", num_inference_steps=STEPS,
                                       guidance_scale=7.5, batch_size=len(PROMPTS) * N, progress=False).latents
         sync(device)
         return out

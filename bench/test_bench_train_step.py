@@ -10,6 +10,10 @@ import torch
 from bench_utils import sync
 from train_step_variants import PAIRS, VARIANTS, make_step
 
+from sail_fast.architectures import build_unet
+from sail_fast.config import TrainConfig
+from sail_fast.trainer import build_optimizer
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_train_step_throughput(benchmark, arch, device, variant, tmp_path):
@@ -42,3 +46,21 @@ def test_train_step_peak_memory(benchmark, arch, variant):
 
     result = benchmark.pedantic(probe, rounds=1, iterations=1)
     benchmark.extra_info.update(result)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_optimizer_step(benchmark, arch, device, optimizer):
+    # The optimizer's share of a training step: one step over the UNet's parameters with fixed
+    # gradients (bitsandbytes' 8-bit AdamW is a fused kernel on GPUs, plain torch ops on CPUs).
+    benchmark.group = "optimizer step over the UNet's parameters"
+    unet = build_unet(arch, device=device)
+    for p in unet.parameters():
+        p.grad = torch.randn_like(p)
+    opt = build_optimizer(optimizer, unet.parameters(), TrainConfig(learning_rate=1e-5))
+
+    def timed():
+        opt.step()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)  # warm-up allocates the states
+    benchmark.extra_info["parameters"] = sum(p.numel() for p in unet.parameters())

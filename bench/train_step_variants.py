@@ -3,7 +3,8 @@ peak-memory probe (run as a script so each variant gets a fresh process).
 
 naive: fp32 policy and reference, elementwise MSE and loss written out, fp32 AdamW, eager.
 fast:  DPOTrainer: fused paired_mse, reference without autograd in the compute dtype,
-       bitsandbytes 8-bit AdamW, torch.compile; in fp32 or with bf16 autocast.
+       bitsandbytes 8-bit AdamW, torch.compile (unfused on CPU, see trainer.CPU_COMPILE_OPTIONS);
+       in fp32 or with bf16 autocast.
 """
 
 from __future__ import annotations
