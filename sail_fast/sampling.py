@@ -68,7 +68,11 @@ def _sampler(stack: DiffusionStack, sampler: str | None, num_inference_steps: in
 def _guided_step(stack: DiffusionStack, scheduler, x, t, both: PromptEmbeds, added, guidance: float, gens):
     """One sampler step with classifier-free guidance; ``both`` holds the unconditional rows first."""
     model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-    pred = stack.unet(model_in, t, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
+    # One timestep per row, as the scorer and the trainer call the UNet: a compiled UNet then
+    # serves all three with one graph per batch shape.
+    t_rows = t.reshape(1).repeat(len(model_in))
+    pred = stack.unet(model_in, t_rows, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added,
+                      return_dict=False)[0]
     pred_uncond, pred_cond = pred.chunk(2)
     pred = pred_uncond + guidance * (pred_cond - pred_uncond)
     return scheduler.step(pred, t, x, generator=gens, return_dict=False)[0]
