@@ -28,7 +28,6 @@ def test_compiled_training_step_gives_eager_gradients(tmp_path):
         stack = build_stack(config.model, seed=config.seed)
         trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 16, 0))
         assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule) == compiled
-        trainer.policy.requires_grad_(True)
         with torch.no_grad():  # move the policy off the reference, so the loss has a real gradient
             for p in trainer.policy.parameters():
                 p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
