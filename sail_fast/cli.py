@@ -107,6 +107,12 @@ def _toy_experiment(args: argparse.Namespace) -> None:
     print(table.read_text())
 
 
+def _toy_calibrate(args: argparse.Namespace) -> None:
+    from sail_fast.toy_experiment import calibrate
+
+    print(calibrate(args.config, args.out, seed=args.seed, overrides=args.set).read_text())
+
+
 def _plan(args: argparse.Namespace) -> None:
     from sail_fast.config import load_config
     from sail_fast.plan import format_plan
@@ -195,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the two ablations (default: as SAIL)")
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
+    cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "
+                                              "the toy world's calibration table")
+    cal.add_argument("--config", default="configs/toy.yaml")
+    cal.add_argument("--out", default="runs/toy-calibration")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    cal.set_defaults(func=_toy_calibrate)
     return parser
 
 

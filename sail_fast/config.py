@@ -197,7 +197,10 @@ class ToyConfig(Section):
     labelled_pairs: int = 800  # the full labelled set (what 100%-label DPO trains on)
     seed_fraction: float = 0.06  # SAIL's seed: this fraction of the labelled set
     heldout_pairs: int = 100  # extra labelled pairs for self-label agreement
-    temperature: float = 0.5  # Bradley-Terry rater noise
+    temperature: float | None = None  # Bradley-Terry rater noise (default: the calibrated toy_human.TEMPERATURE)
+    # Replace the built-in human preference everywhere (labelling, evaluation, the toy_oracle ranker):
+    # 'path/to/file.py:function', a callable (images [B, H, W] in [0, 1], digits [B] int) -> scores [B].
+    preference: str | None = None
     train_on: Literal["seed", "all"] = "seed"  # all: the full-label Diffusion-DPO baseline
     data_dir: str | None = None  # where the labelled pairs live (default <output_dir>/human; share it across runs)
 

@@ -60,6 +60,7 @@ from .seeding import derive_seed
 from .trainer import DPOTrainer
 
 DONE = "done.json"
+EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample oracle terms [P, n]
 TOY_REAL_DIGITS = 2000  # real digits written for toy RealAlign runs (enough for 20 rounds of 96)
 
 
@@ -104,14 +105,18 @@ class SailLoop:
         self.base = self.stack.unet.eval().requires_grad_(False)
         self.oracle = None
         if config.model.toy:
-            from .toy import ToyOracle
+            from .toy_human import TEMPERATURE, ToyOracle
 
-            self.oracle = ToyOracle.load(temperature=config.toy.temperature if config.toy else 0.5)
+            toy = config.toy
+            self.oracle = ToyOracle.load(temperature=(toy and toy.temperature) or TEMPERATURE,
+                                         preference=toy and toy.preference)
         self.ranker = None
         if self.sail.ranker == "external":
             from .metrics import load_metric
 
-            self.ranker = load_metric(self.sail.ranker_metric, self.sail.ranker_weights, device=self.device)
+            # The toy metrics judge by the run's human, whichever preference it was given.
+            extra = {"preference": self.oracle.preference} if self.oracle and self.sail.ranker_metric.startswith("toy_") else {}
+            self.ranker = load_metric(self.sail.ranker_metric, self.sail.ranker_weights, device=self.device, **extra)
         self.sampling = self.sail.sampling()
         self.real_set: LatentPairs | None = None  # RealAlign's encoded real images, loaded by run()
 
@@ -258,7 +263,9 @@ class SailLoop:
                 raise FileNotFoundError(f"sail.iter0_from={source} is not a finished iter0 stage (no {DONE})")
             if self.dist.is_main and not (stage / DONE).exists():
                 stage.mkdir(parents=True, exist_ok=True)
-                shutil.copy(source / "eval.json", stage / "eval.json")
+                for name in ("eval.json", EVAL_SAMPLES):
+                    if (source / name).exists():
+                        shutil.copy(source / name, stage / name)
                 _write_json(stage / DONE, _read_json(source / DONE) | {"from": str(source.resolve())})
             self.dist.barrier()
             return load_unet(source / "final" / "unet", self.base)
@@ -521,20 +528,40 @@ class SailLoop:
                                           compile=self.sail.compile)
             metrics["self_label_agreement"] = scorer.pair_accuracy(
                 heldout, generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 9001)))
+        samples = None
         if self.oracle is not None:
-            from .toy import oracle_metrics
+            from .toy import oracle_samples, oracle_summary
 
-            metrics |= oracle_metrics(self.oracle, latents, prompts)
+            samples = oracle_samples(self.oracle, latents, prompts)
+            metrics |= oracle_summary(samples, prompts) | self._paired(name, samples)
         if self.dist.is_main:
             images = self._pictures(latents[: min(10, len(prompts))].flatten(0, 1))
+            path.parent.mkdir(parents=True, exist_ok=True)
             if images is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 image_grid(images, columns=n).save(path.with_name("samples.png"))
+            if samples is not None:  # per-sample tables: later stages pair their scores with these
+                tmp = path.with_name("eval_samples.tmp")
+                save_file({"latents": latents.contiguous()} | samples, tmp)
+                tmp.replace(path.with_name(EVAL_SAMPLES))
             _write_json(path, metrics)
         self.dist.barrier()
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         self.log(f"{name}: {shown}")
         return metrics
+
+    def _paired(self, name: str, samples: dict[str, torch.Tensor]) -> dict:
+        """Paired differences (mean, prompt-clustered SE) of every term against the base and iter0,
+        which were sampled on the same prompts with the same seeds."""
+        from .paired import paired_difference
+
+        out = {}
+        for other in ("base", "iter0"):
+            file = self.out / other / EVAL_SAMPLES
+            if other == name or not file.exists():
+                continue
+            theirs = load_file(file)
+            out[f"vs_{other}"] = {k: paired_difference(samples[k], theirs[k]) for k in samples}
+        return out
 
     def metric_rows(self) -> list[dict]:
         rows = []

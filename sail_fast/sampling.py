@@ -75,7 +75,22 @@ def _guided_step(stack: DiffusionStack, scheduler, x, t, both: PromptEmbeds, add
                       return_dict=False)[0]
     pred_uncond, pred_cond = pred.chunk(2)
     pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-    return scheduler.step(pred, t, x, generator=gens, return_dict=False)[0]
+    return scheduler.step(pred, t, x, generator=gens, return_dict=False, **step_options(scheduler))[0]
+
+
+def step_options(scheduler) -> dict:
+    """Keyword arguments that make ``scheduler.step`` self-consistent.
+
+    DDIM with ``clip_sample`` clips its predicted x0 but, by default, keeps stepping with the
+    unclipped eps: x0 and eps then describe different images. Under a cosine schedule in pixel
+    space the clip is active on almost every step and the sampler draws the wrong digits (the toy
+    base drew no correct "1" at 10 steps). ``use_clipped_model_output`` re-derives eps from the
+    clipped x0, so the update stays a DDIM step of one image. DDPM's posterior mean is built from
+    the clipped x0 alone and needs nothing.
+    """
+    if isinstance(scheduler, DDIMScheduler) and scheduler.config.clip_sample:
+        return {"use_clipped_model_output": True}
+    return {}
 
 
 @torch.inference_mode()

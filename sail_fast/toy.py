@@ -9,15 +9,9 @@ with no VAE:
 - Base model: ``pretrain`` trains the text encoder and UNet on those digits
   (``sail-fast toy pretrain``); the result ships in ``sail_fast/toy_model`` so a run
   starts at once.
-- The hidden human preference (``ToyOracle``)::
-
-      score(x, d) = log p_clf(d | x)  +  2 * ink(x)  -  4 * offset(x)
-
-  log p_clf: a small digit classifier's log-probability of the prompted digit d,
-  floored at -10 (is it the right digit, legibly?); ink: the mean stroke intensity in
-  [0, 1] (bold strokes); offset: the distance of the ink's centre of mass from the
-  image centre, as a fraction of the side (centred). Raters compare two images of one
-  prompt with Bradley-Terry noise: P(a preferred) = sigmoid((score_a - score_b) / temperature).
+- The hidden human (``toy_human``): a preference over digit images with diminishing returns
+  (the right digit, legible, strokes near a preferred width, no grey haze, centred) and
+  Bradley-Terry raters who label pairs by it.
 """
 
 from __future__ import annotations
@@ -39,10 +33,9 @@ from transformers import CLIPTextModel
 
 from .models import DiffusionStack, _tiny_text_config, _tiny_tokenizer, load_stack
 from .seeding import derive_seed
+from .toy_human import ORACLE_FILE, TOY_MODEL_DIR, DigitClassifier, ToyOracle  # noqa: F401 (re-exported)
 
 SIDE = 16
-TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
-ORACLE_FILE = "oracle/classifier.safetensors"
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ADJECTIVES = (
@@ -51,10 +44,6 @@ ADJECTIVES = (
 )
 TEMPLATES = ("a {adj} handwritten {d}", "the number {d}, {adj}", "a {adj} {d} written by hand")
 PLAIN_TEMPLATES = ("a handwritten {d}", "the digit {d}", "{d} written by hand")
-
-# Oracle weights and rater noise (documented in the module docstring; never tuned to results).
-INK_WEIGHT, OFFSET_WEIGHT, LOG_PROB_FLOOR = 2.0, 4.0, -10.0
-
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -157,21 +146,6 @@ def load_toy_stack(path: str | Path | None = None) -> DiffusionStack:
 # ----------------------------------------------------------------------------- the oracle
 
 
-class DigitClassifier(nn.Module):
-    """A small CNN over 1x16x16 digits in [-1, 1]; 10 logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 8,
                      holdout: int = 1000, progress: bool = True) -> tuple[DigitClassifier, float]:
     """Train on all but ``holdout`` digits (with small random shifts); returns the held-out accuracy."""
@@ -195,48 +169,6 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
     return model, accuracy
-
-
-class ToyOracle:
-    """The hidden preference of the toy world's "human" raters (see the module docstring)."""
-
-    def __init__(self, classifier: DigitClassifier, temperature: float = 0.5) -> None:
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.temperature = float(temperature)
-
-    @classmethod
-    def load(cls, model_dir: str | Path | None = None, temperature: float = 0.5) -> "ToyOracle":
-        root = Path(model_dir) if model_dir is not None else TOY_MODEL_DIR
-        file = root / ORACLE_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"no toy oracle classifier at {file}; `sail-fast toy pretrain` writes it")
-        classifier = DigitClassifier()
-        classifier.load_state_dict(load_file(file))
-        return cls(classifier, temperature)
-
-    @torch.no_grad()
-    def components(self, images: torch.Tensor, digits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per image: log_prob of the prompted digit, predicted digit, ink, offset, and the score."""
-        x = images.float().clamp(-1, 1)
-        log_probs = F.log_softmax(self.classifier(x), dim=1)
-        log_prob = log_probs.gather(1, digits.view(-1, 1)).squeeze(1).clamp(min=LOG_PROB_FLOOR)
-        ink_map = (x[:, 0] + 1) / 2  # [B, H, W] in [0, 1]
-        ink = ink_map.mean(dim=(1, 2))
-        mass = ink_map.sum(dim=(1, 2)).clamp(min=1e-6)
-        coords = (torch.arange(x.shape[-1], dtype=torch.float32) + 0.5) / x.shape[-1] - 0.5
-        cy = (ink_map.sum(2) * coords).sum(1) / mass
-        cx = (ink_map.sum(1) * coords).sum(1) / mass
-        offset = torch.sqrt(cx**2 + cy**2)
-        score = log_prob + INK_WEIGHT * ink - OFFSET_WEIGHT * offset
-        return {"score": score, "log_prob": log_prob, "predicted": log_probs.argmax(1), "ink": ink, "offset": offset}
-
-    def score(self, images: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-        return self.components(images, digits)["score"]
-
-    def prefer_first(self, score_a: torch.Tensor, score_b: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A rater's choice per pair: True where a is preferred, drawn with Bradley-Terry noise."""
-        p = torch.sigmoid((score_a - score_b) / self.temperature)
-        return torch.rand(p.shape, generator=generator) < p
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -393,16 +325,32 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     return out
 
 
-def oracle_metrics(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    """Mean oracle score (and its standard error), digit accuracy, ink and offset of [P, n, 1, H, W] samples."""
-    per_prompt = images.shape[1]
+TERMS = ("score", "log_prob", "width", "width_term", "haze", "offset", "correct")
+
+
+def oracle_samples(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per-sample terms of samples [P, n, 1, H, W]: each of ``TERMS`` as a [P, n] table (``correct``:
+    1 where the classifier reads the prompted digit)."""
+    num_prompts, per_prompt = images.shape[:2]
     digits = torch.tensor([digit_of(p) for p in prompts]).repeat_interleave(per_prompt)
     parts = oracle.components(images.flatten(0, 1), digits)
-    score = parts["score"]
-    return {
-        "oracle_score": float(score.mean()),
-        "oracle_score_sem": float(score.std() / math.sqrt(len(score))),
-        "digit_accuracy": float((parts["predicted"] == digits).float().mean()),
-        "ink": float(parts["ink"].mean()),
-        "offset": float(parts["offset"].mean()),
-    }
+    parts["correct"] = (parts.pop("predicted") == digits).float()
+    return {k: parts[k].float().view(num_prompts, per_prompt) for k in TERMS}
+
+
+def oracle_summary(samples: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+    """Means of every term, the score's prompt-clustered standard error, and digit accuracy overall and
+    per digit, from ``oracle_samples`` tables."""
+    from .paired import clustered_mean
+
+    score, score_se = clustered_mean(samples["score"]) if len(prompts) > 1 else (float(samples["score"].mean()), float("nan"))
+    digits = torch.tensor([digit_of(p) for p in prompts])
+    per_digit = {str(d): float(samples["correct"][digits == d].mean()) for d in range(10) if (digits == d).any()}
+    out = {"oracle_score": score, "oracle_score_se": score_se, "digit_accuracy": float(samples["correct"].mean()),
+           "digit_accuracy_per_digit": per_digit}
+    return out | {k: float(samples[k].mean()) for k in ("log_prob", "width", "width_term", "haze", "offset")}
+
+
+def oracle_metrics(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) -> dict:
+    """``oracle_summary`` of samples [P, n, 1, H, W]."""
+    return oracle_summary(oracle_samples(oracle, images, prompts), prompts)

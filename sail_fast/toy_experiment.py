@@ -153,3 +153,77 @@ def _plot(out: Path, lines) -> None:
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+# Full-label Diffusion-DPO settings swept to calibrate the toy world (never SAIL): (beta, learning rate).
+CALIBRATION_GRID = ((5000.0, 1e-5), (5000.0, 3e-5), (5000.0, 1e-4), (2000.0, 3e-5), (2000.0, 1e-4))
+CALIBRATION_STEPS = (100, 200)
+
+
+def _seed_from(source: Path, target: Path, *names: str) -> None:
+    """Copy finished parts of an earlier run (the base evaluation, training checkpoints) into ``target``."""
+    import shutil
+
+    for name in names:
+        if (source / name).exists() and not (target / name).exists():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            copy = shutil.copytree if (source / name).is_dir() else shutil.copy
+            copy(source / name, target / name)
+
+
+def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=CALIBRATION_GRID,
+              steps=CALIBRATION_STEPS, overrides: list[str] | None = None) -> Path:
+    """Full-label Diffusion-DPO (all ``toy.labelled_pairs``) over ``grid`` x ``steps``; each run is
+    evaluated paired against the base on the same 1,000 samples. Longer runs continue from the
+    shorter one's checkpoint (the learning rate is constant after warm-up, so that is the same run).
+    Writes calibration.md / calibration.json; returns calibration.md."""
+    out = Path(out)
+    first = None
+    for beta, lr in grid:
+        previous = None
+        for s in steps:
+            run = out / f"beta{beta:g}-lr{lr:g}-steps{s}"
+            if first is not None:
+                _seed_from(first, run, "base/eval.json", "base/eval_samples.safetensors")
+            if previous is not None:
+                _seed_from(previous, run, "iter0/checkpoints")
+            extra = [f"seed={seed}", f"output_dir={run}", f"toy.data_dir={out / 'human'}", f"data.cache_dir={out / 'cache'}",
+                     "toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={s}", f"train.beta={beta}",
+                     f"train.learning_rate={lr}", f"train.checkpoint_every={min(steps)}", "train.keep_checkpoints=1"]
+            SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
+            first, previous = first or run, run
+    return write_calibration(out, grid, steps)
+
+
+def _delta(row: dict, key: str) -> tuple[float, float]:
+    return tuple(row["vs_base"][key])
+
+
+def write_calibration(out: Path, grid=CALIBRATION_GRID, steps=CALIBRATION_STEPS) -> Path:
+    rows = []
+    for beta, lr in grid:
+        for s in steps:
+            file = out / f"beta{beta:g}-lr{lr:g}-steps{s}" / "iter0" / "eval.json"
+            if not file.exists():
+                continue
+            row = json.loads(file.read_text())
+            train_log = file.parent / "metrics.jsonl"
+            last = [json.loads(x) for x in train_log.read_text().splitlines()][-10:] if train_log.exists() else []
+            rows.append({"beta": beta, "learning_rate": lr, "steps": s, "oracle_score": row["oracle_score"],
+                         "digit_accuracy": row["digit_accuracy"], "diversity": row["diversity"],
+                         "train_loss_last10": sum(x["loss"] for x in last) / len(last) if last else None,
+                         "vs_base": row["vs_base"]})
+    md = ["| beta | lr | steps | score | score - base (± SE) | in SE | accuracy - base | haze - base | width term - base "
+          "| log p - base | offset - base | diversity | train loss |", "|---" * 13 + "|"]
+    for r in rows:
+        d, se = _delta(r, "score")
+        cell = lambda k, f=".3f": "{:+{f}} ± {:{f}}".format(*_delta(r, k), f=f)  # noqa: E731
+        loss = "-" if r["train_loss_last10"] is None else f"{r['train_loss_last10']:.3f}"
+        md.append(f"| {r['beta']:g} | {r['learning_rate']:g} | {r['steps']} | {r['oracle_score']:.3f} | {d:+.3f} ± {se:.3f} "
+                  f"| {d / se:+.1f} | {cell('correct')} | {cell('haze', '.4f')} | {cell('width_term')} | {cell('log_prob')} "
+                  f"| {cell('offset', '.4f')} | {r['diversity']:.3f} | {loss} |")
+    (out / "calibration.md").write_text("\n".join(md) + "\n")
+    (out / "calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return out / "calibration.md"

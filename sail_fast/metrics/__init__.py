@@ -22,9 +22,10 @@ METRICS = {
     "imagereward": ("image_reward", "ImageReward", "ImageReward.pt, med_config.json, tokenizer/vocab.txt"),
     "toy_oracle": ("toy_metrics", "ToyOracleScore", "nothing (the shipped toy model) or a `sail-fast toy pretrain` directory"),
     "digit_accuracy": ("toy_metrics", "DigitAccuracy", "nothing (the shipped toy model) or a `sail-fast toy pretrain` directory"),
+    "toy_width": ("toy_metrics", "StrokeWidth", "nothing (a proxy that reads stroke width only)"),
 }
 # Metrics that need no path: they default to weights that ship with the package.
-SHIPPED = {"toy_oracle", "digit_accuracy"}
+SHIPPED = {"toy_oracle", "digit_accuracy", "toy_width"}
 
 
 def load_metric(name: str, weights: str | Path | None = None, **kw) -> Metric:

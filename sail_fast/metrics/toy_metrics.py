@@ -21,11 +21,11 @@ def pictures_to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
 class _ToyMetric(Metric):
     batch_size = 256
 
-    def __init__(self, root: str | Path | None = None, **_) -> None:
-        from ..toy import TOY_MODEL_DIR, ToyOracle
+    def __init__(self, root: str | Path | None = None, preference=None, **_) -> None:
+        from ..toy_human import TOY_MODEL_DIR, ToyOracle
 
         self.weights = str(root or TOY_MODEL_DIR)
-        self.oracle = ToyOracle.load(root)
+        self.oracle = ToyOracle.load(root, preference=preference)
 
     def _components(self, images, prompts) -> tuple[dict, torch.Tensor]:
         from ..toy import digit_of
@@ -35,7 +35,9 @@ class _ToyMetric(Metric):
 
 
 class ToyOracleScore(_ToyMetric):
-    name, version = "toy_oracle", "toy oracle: log p_clf(digit) (floored at -10) + 2 ink - 4 offset"
+    name = "toy_oracle"
+    version = ("toy human: log p_clf(digit) (floored at -10) - ((width - w*) / s)^2 - haze / h0 - 4 offset, "
+               "or toy.preference when given")
 
     def _score_batch(self, images, prompts):
         return self._components(images, prompts)[0]["score"]
@@ -47,3 +49,15 @@ class DigitAccuracy(_ToyMetric):
     def _score_batch(self, images, prompts):
         parts, digits = self._components(images, prompts)
         return (parts["predicted"] == digits).float()
+
+
+class StrokeWidth(_ToyMetric):
+    """A one-aspect proxy reward model, as a single aesthetic scorer is for real images: it sees only
+    stroke width and always prefers bolder, where the human's width term stops paying at w*."""
+
+    name, version = "toy_width", "toy proxy: share of stroke pixels (intensity > 0.5), monotone"
+
+    def _score_batch(self, images, prompts):
+        from ..toy_human import stroke_width
+
+        return stroke_width((pictures_to_pixels(images)[:, 0] + 1) / 2)
