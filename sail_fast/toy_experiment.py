@@ -28,40 +28,42 @@ from pathlib import Path
 from .config import load_config
 from .loop import SailLoop
 
-CONDITIONS = ("sail", "no-mixup", "random-pairs", "dpo-full", "online-dpo", "smpo", "smoothed-self", "realalign",
-              "sail-realalign")
+# Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
+DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
+CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "smoothed-self", "online-dpo-proxy", "online-dpo", "smpo",
+              "realalign", "sail-realalign")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
 
 
 def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_rounds: int | None = None) -> list[str]:
     """The ``--set`` overrides that turn the base config into one condition of one seed
-    (``ablation_rounds``: run the two ablations for fewer rounds than SAIL, to save time)."""
+    (``ablation_rounds``: run the ablations and other systems for fewer rounds than SAIL, to save time)."""
     sail = config.sail
-    common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}"]
+    common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}",
+              f"data.cache_dir={seed_dir / 'cache'}"]
     iter0 = f"sail.iter0_from={seed_dir / 'sail' / 'iter0'}"
     if name == "sail":
         return common
+    if name in DPO_SHARES:  # as many optimizer steps as SAIL spends on iter0 plus all its rounds
+        steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
+        pairs = max(1, round(config.toy.labelled_pairs * DPO_SHARES[name]))
+        return common + ["toy.train_on=all", f"data.max_seed_pairs={pairs}", "sail.rounds=0", f"sail.iter0_steps={steps}"]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
-    if name == "no-mixup":
-        return common + ablation + ["train.mixup_alpha=1.0"]
-    if name == "random-pairs":
-        return common + ablation + ["sail.pairing=random"]
-    if name == "online-dpo":
-        return common + ablation + ORACLE_RANKER
-    if name == "smpo":
-        return common + ablation + ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion"]
-    if name == "smoothed-self":
-        return common + ablation + SOFT
-    if name == "realalign":
-        return common + ablation + ["sail.pair_sources=[real]"]
-    if name == "sail-realalign":
-        return common + ablation + ["sail.pair_sources=[self, real]"]
-    if name == "dpo-full":
-        steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
-        return common + ["toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={steps}"]
-    raise ValueError(f"unknown condition {name!r}; choose from {CONDITIONS}")
+    extra = {
+        "no-mixup": ["train.mixup_alpha=1.0"],
+        "random-pairs": ["sail.pairing=random"],
+        "smoothed-self": SOFT,
+        "online-dpo-proxy": ["sail.ranker=external", "sail.ranker_metric=toy_width"],
+        "online-dpo": ORACLE_RANKER,
+        "smpo": ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion"],
+        "realalign": ["sail.pair_sources=[real]"],
+        "sail-realalign": ["sail.pair_sources=[self, real]"],
+    }
+    if name not in extra:
+        raise ValueError(f"unknown condition {name!r}; choose from {CONDITIONS}")
+    return common + ablation + extra[name]
 
 
 def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], conditions=CONDITIONS,
@@ -77,81 +79,122 @@ def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], c
     return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
 
 
-def _rows(run: Path) -> dict[str, dict]:
-    file = run / "metrics.json"
-    return {row["stage"]: row for row in json.loads(file.read_text())} if file.exists() else {}
+def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
+    """(eval.json, per-sample tables) of one stage of one run, or None if it has not been evaluated."""
+    from safetensors.torch import load_file
+
+    from .loop import EVAL_SAMPLES
+
+    stage_dir = run / stage
+    if not (stage_dir / "eval.json").exists() or not (stage_dir / EVAL_SAMPLES).exists():
+        return None
+    return json.loads((stage_dir / "eval.json").read_text()), load_file(stage_dir / EVAL_SAMPLES)
 
 
-def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, list[dict]]]:
-    """(label, labels used, per-seed metric rows) for each line of the table."""
+def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, str, str]]:
+    """(label, human labels, condition, stage) for each line of the table."""
+    labelled = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
+    total, seed_pairs = labelled["labelled"], labelled["seed"]
+    seed_share = f"{seed_pairs} ({100 * seed_pairs / total:.0f}%)"
     last = f"round-{ablation_rounds:02d}"
-    runs = {s: {c: _rows(out / f"seed-{s}" / c) for c in CONDITIONS} for s in seeds}
-
-    def pick(condition, stage):
-        return [runs[s][condition][stage] | {"seed": s} for s in seeds if stage in runs[s][condition]]
-
-    human = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
-    seed_share = f"{human['seed']} ({100 * human['seed'] / human['labelled']:.0f}%)"
-    lines = [("base model", "0", pick("sail", "base")),
-             ("Diffusion-DPO, 100% of labels", f"{human['labelled']} (100%)", pick("dpo-full", "iter0")),
-             ("SAIL iter0 (seed only)", seed_share, pick("sail", "iter0"))]
-    lines += [(f"SAIL round {r}", seed_share, pick("sail", f"round-{r:02d}")) for r in range(1, rounds + 1)]
-    lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, pick("no-mixup", last)),
-              (f"SAIL round {ablation_rounds}, random pairs", seed_share, pick("random-pairs", last))]
-    others = [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, pick("smoothed-self", last)),
-              (f"OnlineDPO round {ablation_rounds} (oracle ranks)", seed_share, pick("online-dpo", last)),
-              (f"SmPO round {ablation_rounds} (oracle soft labels, DDIM inversion)", seed_share, pick("smpo", last)),
-              (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, pick("realalign", last)),
-              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, pick("sail-realalign", last))]
-    return lines + [line for line in others if line[2]]  # the other systems only once they have run
+    lines = [("base model", "0", "sail", "base")]
+    for name, share in DPO_SHARES.items():
+        pairs = max(1, round(total * share))
+        lines.append((f"Diffusion-DPO, {100 * share:.0f}% of labels", f"{pairs} ({100 * share:.0f}%)", name, "iter0"))
+    lines.append(("SAIL iter0 (seed only)", seed_share, "sail", "iter0"))
+    lines += [(f"SAIL round {r}", seed_share, "sail", f"round-{r:02d}") for r in range(1, rounds + 1)]
+    lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, "no-mixup", last),
+              (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last),
+              (f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
+              (f"OnlineDPO round {ablation_rounds}, proxy ranker (stroke width)", seed_share, "online-dpo-proxy", last),
+              (f"OnlineDPO round {ablation_rounds}, noiseless human ranks", seed_share, "online-dpo", last),
+              (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
+              (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, "realalign", last),
+              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last)]
+    return lines
 
 
-def _mean_spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+def _combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean over seeds of paired differences, and its SE (independent seeds: root sum of squares / S)."""
+    mean = sum(m for m, _ in per_seed) / len(per_seed)
+    return mean, math.sqrt(sum(se**2 for _, se in per_seed)) / len(per_seed)
+
+
+def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[dict]:
+    """Every line of the table that has run: means over seeds, and paired differences (± SE) against
+    the same seed's base and full-label DPO, sampled with the same prompts and noise."""
+    from .paired import paired_difference
+
+    lines = []
+    for label, budget, condition, stage in rows_of(out, seeds, rounds, ablation_rounds):
+        found = {s: _stage(out / f"seed-{s}" / condition, stage) for s in seeds}
+        found = {s: v for s, v in found.items() if v is not None}
+        if not found:
+            continue
+        row = {"model": label, "human_labels": budget, "condition": condition, "stage": stage, "seeds": sorted(found)}
+        for key in ("oracle_score", "digit_accuracy", "haze", "width_term", "log_prob", "offset", "diversity",
+                    "self_label_agreement"):
+            values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else None
+        for other, (o_condition, o_stage) in {"base": ("sail", "base"), "dpo_full": ("dpo-full", "iter0")}.items():
+            pairs = {}
+            for s, (_, samples) in found.items():
+                theirs = _stage(out / f"seed-{s}" / o_condition, o_stage)
+                if theirs is not None:
+                    pairs[s] = {k: paired_difference(samples[k], theirs[1][k]) for k in ("score", "correct", "haze")}
+            if pairs:
+                row[f"vs_{other}"] = {k: _combine([p[k] for p in pairs.values()]) for k in ("score", "correct", "haze")}
+        lines.append(row)
+    return lines
+
+
+def _pm(pair, fmt=".3f") -> str:
+    return "-" if pair is None else f"{pair[0]:+{fmt}} ± {pair[1]:{fmt}}"
 
 
 def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None) -> Path:
-    """results.md and results.json: mean ± standard deviation over seeds for each line."""
-    keys = ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity")
+    """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it)."""
     lines = collect(out, seeds, rounds, ablation_rounds or rounds)
-    # Each seed has its own eval prompts and labels, so the paired change from that seed's base
-    # is the sharper comparison.
-    base = {r["seed"]: r["oracle_score"] for r in lines[0][2]}
-    md = ["| model | human labels | " + " | ".join(k.replace("_", " ") for k in keys)
-          + " | oracle score - base (same seed) | seeds |", "|---" * (len(keys) + 4) + "|"]
-    data = []
-    for label, budget, rows in lines:
-        cells = [_mean_spread([r[k] for r in rows if r.get(k) is not None]) for k in keys]
-        cells.append(_mean_spread([r["oracle_score"] - base[r["seed"]] for r in rows if r["seed"] in base]))
-        md.append(f"| {label} | {budget} | " + " | ".join(cells) + f" | {len(rows)} |")
-        data.append({"model": label, "human_labels": budget, "per_seed": rows})
+    md = ["| model | human labels | score | score - base | score - DPO 100% | accuracy | accuracy - base | haze - base "
+          "| width term | self-label agreement | diversity | seeds |", "|---" * 12 + "|"]
+    for r in lines:
+        base, full = r.get("vs_base", {}), r.get("vs_dpo_full", {})
+        agree = "-" if r["self_label_agreement"] is None else f"{r['self_label_agreement']:.3f}"
+        md.append(f"| {r['model']} | {r['human_labels']} | {r['oracle_score']:.3f} | {_pm(base.get('score'))} "
+                  f"| {_pm(full.get('score'))} | {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
+                  f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
+                  f"| {len(r['seeds'])} |")
     (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(lines, indent=2) + "\n")
     _plot(out, lines)
     return out / "results.md"
 
 
-def _plot(out: Path, lines) -> None:
+def _plot(out: Path, lines: list[dict]) -> None:
+    """Score change from the base against the number of human labels: DPO's curve, SAIL's points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for i, (label, _, rows) in enumerate(lines):
-        values = [r["oracle_score"] for r in rows if "oracle_score" in r]
-        if values:
-            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.6)
-            ax.plot([i - 0.3, i + 0.3], [sum(values) / len(values)] * 2, color="black")
-    ax.set_xticks(range(len(lines)), [label for label, _, _ in lines], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("oracle score (hidden preference)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    dpo = [r for r in lines if r["condition"] in DPO_SHARES and "vs_base" in r]
+    if dpo:
+        xs = [int(r["human_labels"].split()[0]) for r in dpo]
+        ys, es = zip(*(r["vs_base"]["score"] for r in dpo))
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="Diffusion-DPO on a share of the labels")
+    others = [r for r in lines if r["condition"] not in DPO_SHARES and r["stage"] != "base" and "vs_base" in r]
+    for i, r in enumerate(others):
+        x = int(r["human_labels"].split()[0]) * (1.04 ** i)  # spread the points that share a label budget
+        ax.errorbar([x], [r["vs_base"]["score"][0]], yerr=[r["vs_base"]["score"][1]], fmt="s", capsize=3, label=r["model"])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("human-labelled pairs")
+    ax.set_ylabel("human score - base (paired, ± SE)")
+    ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=100)
+    fig.savefig(out / "results.png", dpi=110)
     plt.close(fig)
 
 

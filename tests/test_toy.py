@@ -6,9 +6,6 @@ import torch
 
 from sail_fast.data import read_pairs_jsonl
 from sail_fast.toy import (
-    INK_WEIGHT,
-    LOG_PROB_FLOOR,
-    OFFSET_WEIGHT,
     DigitClassifier,
     ToyOracle,
     digit_of,
@@ -20,9 +17,18 @@ from sail_fast.toy import (
     sample_digits,
     split_prompts,
 )
+from sail_fast.toy_human import (
+    HAZE_SCALE,
+    LOG_PROB_FLOOR,
+    OFFSET_WEIGHT,
+    WIDTH_SCALE,
+    WIDTH_TARGET,
+    rater_temperature,
+    real_digit_constants,
+)
 
 REPO_TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
-SAMPLING = {"sampler": "ddim", "num_inference_steps": 10, "guidance_scale": 3.0}
+SAMPLING = {"sampler": "ddim", "num_inference_steps": 10, "guidance_scale": 5.0}
 
 
 def uniform_oracle(temperature=0.5):
@@ -53,15 +59,50 @@ def test_eval_prompts_are_balanced_fixed_and_disjoint_from_the_rest():
 
 def test_oracle_score_is_the_documented_formula():
     image = -torch.ones(1, 1, 16, 16)
-    image[0, 0, 2:6, 10:14] = 1.0  # a 4x4 block, centre (row 4, col 12) of the 16x16 square
+    image[0, 0, 2:6, 10:14] = 1.0  # a 4x4 stroke block, centre (row 4, col 12) of the 16x16 square
+    image[0, 0, 12, 2] = 2 * 0.3 - 1  # intensity 0.3 far from the stroke: haze
+    image[0, 0, 6, 11] = 2 * 0.3 - 1  # intensity 0.3 touching the stroke: an antialiased edge, not haze
     parts = uniform_oracle().components(image, torch.tensor([3]))
-    ink = 16 / 256
-    offset = math.hypot(4 / 16 - 0.5, 12 / 16 - 0.5)
-    assert parts["ink"].item() == pytest.approx(ink)
+    width, hz = 16 / 256, 1 / 256
+    mass = 16 + 0.3 + 0.3
+    cy = (16 * (4 / 16 - 0.5) + 0.3 * (12.5 / 16 - 0.5) + 0.3 * (6.5 / 16 - 0.5)) / mass
+    cx = (16 * (12 / 16 - 0.5) + 0.3 * (2.5 / 16 - 0.5) + 0.3 * (11.5 / 16 - 0.5)) / mass
+    offset = math.hypot(cx, cy)
+    assert parts["width"].item() == pytest.approx(width)
+    assert parts["haze"].item() == pytest.approx(hz)
     assert parts["offset"].item() == pytest.approx(offset, rel=1e-5)
     assert parts["log_prob"].item() == pytest.approx(math.log(0.1), rel=1e-5)
-    expected = math.log(0.1) + INK_WEIGHT * ink - OFFSET_WEIGHT * offset
+    width_term = -(((width - WIDTH_TARGET[3]) / WIDTH_SCALE[3]) ** 2)
+    expected = math.log(0.1) + width_term - hz / HAZE_SCALE - OFFSET_WEIGHT * offset
     assert parts["score"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_term_has_its_optimum_inside_the_real_digits():
+    """Bolder pays only up to w*: a blob loses to a digit at the preferred width, and so does a
+    thin one; the constants are what the real digits give today."""
+    oracle = uniform_oracle()
+    images, labels = load_digits()
+    sevens = images[labels == 7]
+    intensity = (sevens[:, 0] + 1) / 2
+    width = (intensity > 0.5).float().mean(dim=(1, 2))
+    at_target = sevens[(width - WIDTH_TARGET[7]).abs().argmin()].unsqueeze(0)
+    thinnest = sevens[width.argmin()].unsqueeze(0)
+    blob = torch.nn.functional.max_pool2d(at_target, 5, stride=1, padding=2)  # strokes dilated into a blob
+    scores = oracle.score(torch.cat([at_target, thinnest, blob]), torch.tensor([7, 7, 7]))
+    assert scores[0] > scores[1] and scores[0] > scores[2]
+    fresh = real_digit_constants()
+    assert fresh["width_target"] == pytest.approx(list(WIDTH_TARGET), abs=1e-4)
+    assert fresh["width_scale"] == pytest.approx(list(WIDTH_SCALE), abs=1e-4)
+    assert fresh["haze_scale"] == pytest.approx(HAZE_SCALE)
+
+
+def test_rater_temperature_hits_the_asked_agreement():
+    gaps = torch.linspace(0.01, 3.0, 5000)
+    t = rater_temperature(gaps, torch.zeros_like(gaps), agreement=0.72)
+    assert float(torch.sigmoid(gaps / t).mean()) == pytest.approx(0.72, abs=1e-6)
+    oracle = uniform_oracle(temperature=t)
+    labels = oracle.prefer_first(gaps, torch.zeros_like(gaps), torch.Generator().manual_seed(0))
+    assert float(labels.float().mean()) == pytest.approx(0.72, abs=0.02)
 
 
 def test_oracle_floors_a_confidently_wrong_digit():
@@ -117,7 +158,7 @@ def test_human_pairs_go_through_the_pairs_jsonl_path(tmp_path):
 
 
 def test_dpo_moves_generation_toward_the_winners(tmp_path):
-    """Real digits, bold (more ink) preferred over thin ones of the same class: after DPO the
+    """Real digits, bold (wider strokes) preferred over thin ones of the same class: after DPO the
     model draws bolder digits. Checks the sign of the whole train -> sample path."""
     import copy
     import dataclasses
@@ -128,11 +169,11 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
 
     stack = load_toy_stack()
     images, labels = load_digits()
-    ink = ((images + 1) / 2).mean(dim=(1, 2, 3))
+    width = ((images + 1) / 2 > 0.5).float().mean(dim=(1, 2, 3))
     win, lose, digit = [], [], []
     for d in range(10):
         order = (labels == d).nonzero().squeeze(1)
-        order = order[ink[order].argsort()]
+        order = order[width[order].argsort()]
         half = len(order) // 2
         lose.append(images[order[:half]])
         win.append(images[order[-half:]])
@@ -143,12 +184,12 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
                         ["human"] * len(digit))
     eval_prompts = split_prompts(0)[0][:20]
 
-    def mean_ink(unet):
+    def mean_width(unet):
         drawn = sample_digits(dataclasses.replace(stack, unet=unet.eval()), eval_prompts, 4, seed=5, sampling=SAMPLING,
                               progress=False)
-        return oracle_metrics(ToyOracle.load(), drawn, eval_prompts)["ink"]
+        return oracle_metrics(ToyOracle.load(), drawn, eval_prompts)["width"]
 
     config = load_config(REPO_TOY, ["train.steps=30", "train.progress=false", "train.checkpoint_every=1000",
                                     f"output_dir={tmp_path}"])
     trainer = DPOTrainer(config, copy.deepcopy(stack.unet).requires_grad_(True), stack.scheduler, pairs)
-    assert mean_ink(trainer.train()) > mean_ink(stack.unet) + 0.03
+    assert mean_width(trainer.train()) > mean_width(stack.unet) + 0.02
