@@ -196,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--config", default="configs/toy.yaml")
     exp.add_argument("--out", default="runs/toy-experiment")
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    exp.add_argument("--conditions", nargs="+", default=None, help="default: all of them (sail no-mixup random-pairs dpo-full online-dpo smpo smoothed-self realalign sail-realalign)")
+    exp.add_argument("--conditions", nargs="+", default=None,
+                     help="default: all of them (sail dpo-6 dpo-12 dpo-25 dpo-50 dpo-full no-mixup random-pairs smoothed-self "
+                          "online-dpo-proxy online-dpo smpo realalign sail-realalign); sail first, the others reuse its iter0")
     exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the two ablations (default: as SAIL)")
+    exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
     cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "

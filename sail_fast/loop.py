@@ -198,6 +198,14 @@ class SailLoop:
         for r, prompts in enumerate(self._round_prompts(), start=1):
             policy, previous = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout), policy
         final = self.final_dir()
+        self.write_metrics()
+        if self.dist.is_main and self.oracle is not None:
+            from .run_report import report
+
+            last = f"round-{self.sail.rounds:02d}" if self.sail.rounds else "iter0"
+            self.log("\n" + report(self.out, self.metric_rows(), last, self._eval_prompts()))
+            if (self.out / "compare.png").exists():
+                self.log(f"base and final model, same prompts and seeds: {self.out / 'compare.png'}")
         self.log(f"SAIL finished: final policy in {final}; metrics in {self.out / 'metrics.json'}")
         return final
 

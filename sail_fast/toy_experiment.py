@@ -1,5 +1,9 @@
 """The toy world's headline table: SAIL against full-label Diffusion-DPO and the ablations,
-over several seeds (``sail-fast toy experiment``).
+over several seeds (``sail-fast toy experiment``), and the calibration sweep that fixes the
+training regime on full-label Diffusion-DPO alone (``sail-fast toy calibrate``).
+
+Every stage is evaluated on the same held-out prompts with the same noise seeds, so rows are
+compared by paired differences with prompt-clustered standard errors (``sail_fast.paired``).
 
 Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/human``):
 
@@ -8,10 +12,13 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
 - ``no-mixup``: the rounds with ``train.mixup_alpha = 1`` (generated pairs only), from the same iter0.
 - ``random-pairs``: two random candidates per prompt (ordered by the implicit reward) instead of
   best vs worst, from the same iter0.
-- ``dpo-full``: Diffusion-DPO on 100% of the labelled pairs, for as many optimizer steps as SAIL
-  spends on iter0 plus all rounds.
-- ``online-dpo``: OnlineDPO, the rounds ranked by an external reward model (here the noiseless
-  oracle itself, so an upper bound on what any external scorer could give), from the same iter0.
+- ``dpo-6`` ... ``dpo-full``: Diffusion-DPO on the first 6, 12, 25, 50 or 100% of the labelled
+  pairs (the label-efficiency curve), for as many optimizer steps as SAIL spends on iter0 plus all
+  rounds.
+- ``online-dpo-proxy``: OnlineDPO ranked by a one-aspect proxy reward model (``toy_width``: stroke
+  width only, always bolder), as the paper's single Aesthetic scorer; from the same iter0.
+- ``online-dpo``: OnlineDPO ranked by the noiseless human itself, an upper bound on what any
+  external scorer could give; from the same iter0.
 - ``smpo``: SmPO-Diffusion: the oracle's soft labels, the smpo loss, DDIM-inversion noising.
 - ``smoothed-self``: SAIL with smoothed self-labels (soft labels from the implicit reward).
 - ``realalign``: RealAlign alone: real MNIST digits (captioned with training-pool prompts) beat the

@@ -17,7 +17,7 @@ def sail_fast(*args, cwd):
 
 def test_toy_quick_profile_runs_end_to_end_and_generates(tmp_path):
     run = tmp_path / "run"
-    sail_fast("run", "--config", str(REPO / "configs/toy-quick.yaml"), "--set", f"output_dir={run}", cwd=tmp_path)
+    first = sail_fast("run", "--config", str(REPO / "configs/toy-quick.yaml"), "--set", f"output_dir={run}", cwd=tmp_path)
     rows = json.loads((run / "metrics.json").read_text())
     assert [r["stage"] for r in rows] == ["base", "iter0", "round-01", "round-02"]
     for row in rows:
@@ -25,8 +25,13 @@ def test_toy_quick_profile_runs_end_to_end_and_generates(tmp_path):
     summary = json.loads((run / "human/summary.json").read_text())
     assert (summary["labelled"], summary["seed"], summary["heldout"]) == (64, 16, 16)
     assert len((run / "human/seed.jsonl").read_text().splitlines()) == 16
-    for picture in ("curves.png", "round-01/candidates.png", "base/samples.png"):
+    for picture in ("curves.png", "round-01/candidates.png", "base/samples.png", "compare.png"):
         assert Image.open(run / picture).size[0] > 0
+    # The run ends with its table: every stage, with the paired change from the base.
+    table = (run / "summary.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["base", "iter0", "round-01", "round-02"]
+    assert "| round-02 |" in first.stdout + first.stderr
+    assert rows[-1]["vs_base"]["score"][1] > 0  # a paired standard error, from the per-sample tables
 
     # A second run with --resume finds every stage finished and only re-reads.
     again = sail_fast("run", "--config", str(REPO / "configs/toy-quick.yaml"), "--set", f"output_dir={run}", "--resume",

@@ -1,0 +1,68 @@
+"""What a finished SAIL run shows a person: a small table of its stages and a side-by-side picture.
+
+Both read the per-sample evaluation files (``eval_samples.safetensors``) that the loop writes for
+the toy world: every stage was sampled on the same prompts with the same seeds, so the table's
+differences are paired and the picture compares like with like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from .images import decode_latents, enlarge
+
+
+def stage_table(rows: list[dict]) -> str:
+    """Markdown: per stage, the human score, its paired change from the base (± prompt-clustered SE),
+    and digit accuracy. ``rows`` are the loop's metric rows (eval.json plus the stage name)."""
+    lines = ["| stage | score | score - base (paired ± SE) | digit accuracy | haze |", "|---|---|---|---|---|"]
+    for row in rows:
+        if "oracle_score" not in row:
+            continue
+        change = row.get("vs_base", {}).get("score")
+        cell = "-" if change is None else f"{change[0]:+.3f} ± {change[1]:.3f}"
+        lines.append(f"| {row['stage']} | {row['oracle_score']:.3f} | {cell} | {row['digit_accuracy']:.3f} "
+                     f"| {row.get('haze', float('nan')):.4f} |")
+    return "\n".join(lines)
+
+
+def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: Path, *, per_prompt: int = 4,
+                    rows: int = 10) -> Path:
+    """``path``: for ``rows`` prompts (one per digit first), ``per_prompt`` samples of the base beside
+    the same seeds drawn by the final model, each row labelled with its prompt."""
+    from .toy import digit_of
+
+    base = load_file(base_dir / "eval_samples.safetensors")["latents"]
+    final = load_file(final_dir / "eval_samples.safetensors")["latents"]
+    first_of_digit = list(dict.fromkeys(digit_of(p) for p in prompts))
+    chosen = [next(i for i, p in enumerate(prompts) if digit_of(p) == d) for d in first_of_digit][:rows]
+    n = min(per_prompt, base.shape[1])
+    tiles = [enlarge(decode_latents(x[chosen, :n].flatten(0, 1).clamp(-1, 1)), min_side=64) for x in (base, final)]
+    side = tiles[0][0].width
+    label_w, gap, head = 190, 16, 18
+    width = label_w + 2 * n * side + gap
+    picture = Image.new("RGB", (width, head + len(chosen) * (side + 4)), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.text((label_w, 3), f"base ({base_dir.name})", fill="black")
+    draw.text((label_w + n * side + gap, 3), f"final ({final_dir.name})", fill="black")
+    for r, i in enumerate(chosen):
+        y = head + r * (side + 4)
+        draw.text((4, y + side // 2 - 6), prompts[i][:30], fill="black")
+        for k in range(n):
+            picture.paste(tiles[0][r * n + k].convert("RGB"), (label_w + k * side, y))
+            picture.paste(tiles[1][r * n + k].convert("RGB"), (label_w + n * side + gap + k * side, y))
+    picture.save(path)
+    return path
+
+
+def report(out: Path, rows: list[dict], final_stage: str, prompts: list[str]) -> str:
+    """The table as text, and compare.png when the base and the final stage both have samples."""
+    table = stage_table(rows)
+    if (out / "base" / "eval_samples.safetensors").exists() and (out / final_stage / "eval_samples.safetensors").exists():
+        compare_picture(out / "base", out / final_stage, prompts, out / "compare.png")
+    (out / "summary.md").write_text(table + "\n")
+    return table
+
