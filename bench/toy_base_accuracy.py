@@ -18,5 +18,5 @@ for name, sampler, steps in (("config", cfg.sampler, cfg.sampling_steps), ("ddpm
                  "overall": round(float(s["correct"].mean()), 4), "diversity": round(sample_diversity(x), 4),
                  "width_std_within_prompt": round(float(s["width"].std(1).mean()), 4)}
     print(name, out[name], flush=True)
-report["digit_accuracy"] = out | {"command": "python bench/toy_base_accuracy.py (plain prompts, 10 seeds each)"}
+report["digit_accuracy"] = out | {"command": "python bench/toy_base_accuracy.py (the 60 plain prompts, 10 seeds each)"}
 (TOY_MODEL_DIR / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -19,6 +19,8 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   width only, always bolder), as the paper's single Aesthetic scorer; from the same iter0.
 - ``online-dpo``: OnlineDPO ranked by the noiseless human itself, an upper bound on what any
   external scorer could give; from the same iter0.
+- ``ref-previous``: SAIL with the implicit reward's reference set to the previous round's policy
+  instead of the base (a lever the paper offers), all rounds, from the same iter0.
 - ``smpo``: SmPO-Diffusion: the oracle's soft labels, the smpo loss, DDIM-inversion noising.
 - ``smoothed-self``: SAIL with smoothed self-labels (soft labels from the implicit reward).
 - ``realalign``: RealAlign alone: real MNIST digits (captioned with training-pool prompts) beat the
@@ -37,8 +39,8 @@ from .loop import SailLoop
 
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
-CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "smoothed-self", "online-dpo-proxy", "online-dpo", "smpo",
-              "realalign", "sail-realalign")
+CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
+              "online-dpo", "smpo", "realalign", "sail-realalign")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
 
@@ -56,6 +58,8 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         pairs = max(1, round(config.toy.labelled_pairs * DPO_SHARES[name]))
         return common + ["toy.train_on=all", f"data.max_seed_pairs={pairs}", "sail.rounds=0", f"sail.iter0_steps={steps}"]
+    if name == "ref-previous":  # the paper's reference lever: every round, each evaluated, from the same iter0
+        return common + [iter0, "sail.reference=previous"]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
     extra = {
@@ -111,8 +115,10 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
     lines.append(("SAIL iter0 (seed only)", seed_share, "sail", "iter0"))
     lines += [(f"SAIL round {r}", seed_share, "sail", f"round-{r:02d}") for r in range(1, rounds + 1)]
     lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, "no-mixup", last),
-              (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last),
-              (f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
+              (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last)]
+    lines += [(f"SAIL round {r}, reward reference = previous round", seed_share, "ref-previous", f"round-{r:02d}")
+              for r in range(1, rounds + 1)]
+    lines += [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
               (f"OnlineDPO round {ablation_rounds}, proxy ranker (stroke width)", seed_share, "online-dpo-proxy", last),
               (f"OnlineDPO round {ablation_rounds}, noiseless human ranks", seed_share, "online-dpo", last),
               (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
