@@ -46,8 +46,8 @@ def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: P
     width = label_w + 2 * n * side + gap
     picture = Image.new("RGB", (width, head + len(chosen) * (side + 4)), "white")
     draw = ImageDraw.Draw(picture)
-    draw.text((label_w, 3), f"base ({base_dir.name})", fill="black")
-    draw.text((label_w + n * side + gap, 3), f"final ({final_dir.name})", fill="black")
+    draw.text((label_w, 3), "base model", fill="black")
+    draw.text((label_w + n * side + gap, 3), f"final model ({final_dir.name}), same seeds", fill="black")
     for r, i in enumerate(chosen):
         y = head + r * (side + 4)
         draw.text((4, y + side // 2 - 6), prompts[i][:30], fill="black")

@@ -85,6 +85,10 @@ def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], c
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
         for name in conditions:
+            # Every condition shares the seed's base evaluation (same prompts, seeds and weights); eval.json
+            # goes last, as it marks the stage done.
+            if name != "sail":
+                _seed_from(seed_dir / "sail", seed_dir / name, "base/eval_samples.safetensors", "base/eval.json")
             extra = condition_overrides(name, seed, seed_dir, base, ablation_rounds)
             SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
     return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
@@ -242,7 +246,7 @@ def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=C
         for s in steps:
             run = out / f"beta{beta:g}-lr{lr:g}-steps{s}"
             if first is not None:
-                _seed_from(first, run, "base/eval.json", "base/eval_samples.safetensors")
+                _seed_from(first, run, "base/eval_samples.safetensors", "base/eval.json")  # eval.json last: the marker
             if previous is not None:
                 _seed_from(previous, run, "iter0/checkpoints")
             extra = [f"seed={seed}", f"output_dir={run}", f"toy.data_dir={out / 'human'}", f"data.cache_dir={out / 'cache'}",

@@ -96,7 +96,7 @@ def test_eval_cli_on_the_toy_world(tmp_path, capsys, monkeypatch):
     sampling = result["checkpoints"][0]["sampling"]
     assert sampling == {"sampler": "ddim", "num_inference_steps": 6, "guidance_scale": 3.0}
     assert result["seed"] == 0 and result["images_per_prompt"] == 2
-    assert result["metrics"]["toy_oracle"]["version"].startswith("toy oracle")
+    assert result["metrics"]["toy_oracle"]["version"].startswith("toy human")
     labels = [c["label"] for c in result["checkpoints"]]
     # the same checkpoint twice: identical pictures, every prompt a tie
     same = result["win_rates"][f"{labels[1]} vs {labels[0]}"]["toy_oracle"]

@@ -210,7 +210,8 @@ def _literal_redraw(stack, clean, prompt, mask, strength, seed, steps, guidance)
         for i, t in enumerate(timesteps):
             e_c = stack.unet(x, t, encoder_hidden_states=cond).sample
             e_u = stack.unet(x, t, encoder_hidden_states=uncond).sample
-            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+            # The toy scheduler clips x0, so a DDIM step of one image re-derives eps from the clipped x0.
+            x = sched.step(e_u + guidance * (e_c - e_u), t, x, use_clipped_model_output=True).prev_sample
             known = x0 if i + 1 == len(timesteps) else noised(timesteps[i + 1])
             x = mask * x + (1 - mask) * known
     return x[0]
