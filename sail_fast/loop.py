@@ -196,7 +196,10 @@ class SailLoop:
         policy = self.iter0_stage(seed_pairs, heldout)
         previous = self.base
         for r, prompts in enumerate(self._round_prompts(), start=1):
-            policy, previous = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout), policy
+            policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout)
+            # Round r trains its input policy in place, so the next round's reference (sail.reference:
+            # previous) is read back from disk: the weights round r started from, as on --resume.
+            previous = load_unet(self._policy_dir(r - 1), self.base) if self.sail.reference == "previous" else self.base
         final = self.final_dir()
         self.write_metrics()
         if self.dist.is_main and self.oracle is not None:
@@ -210,8 +213,13 @@ class SailLoop:
         return final
 
     def final_dir(self) -> Path:
-        last = self.sail.rounds
-        return self.out / (f"round-{last:02d}/train/final/unet" if last else "iter0/final/unet")
+        return self._policy_dir(self.sail.rounds)
+
+    def _policy_dir(self, r: int) -> Path:
+        """The UNet directory of the policy after round r (0: iter0, wherever it was trained)."""
+        if r == 0:
+            return Path(self.sail.iter0_from or self.out / "iter0") / "final" / "unet"
+        return self.out / f"round-{r:02d}/train/final/unet"
 
     # ------------------------------------------------------------------ stages
     def human_stage(self) -> Path:

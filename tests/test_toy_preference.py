@@ -84,3 +84,16 @@ def test_width_proxy_always_prefers_bolder_where_the_human_stops():
     proxy = load_metric("toy_width").score(pictures, ["a handwritten 7"] * 2)
     human = load_metric("toy_oracle").score(pictures, ["a handwritten 7"] * 2)
     assert proxy[1] > proxy[0] and human[0] > human[1]
+
+
+def test_reference_previous_ranks_against_the_weights_the_round_started_from(tmp_path):
+    """sail.reference: previous. Round 2 ranks round 1's policy against iter0's: once, the previous
+    policy was the object round 1 had trained in place, so every reward was exactly 0."""
+    from sail_fast.train import run_sail
+
+    run_sail(load_config(REPO / "configs/toy-quick.yaml", [
+        f"output_dir={tmp_path}", "sail.reference=previous", "sail.eval_each_round=false", "train.progress=false"]))
+    ranking = json.loads((tmp_path / "round-02/ranking.json").read_text())
+    rewards = torch.tensor(ranking["rewards"])
+    assert ranking["reference"] == "previous" and ranking["reward_spread_mean"] > 0
+    assert (rewards.max(1).values > rewards.min(1).values).all()
