@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q --no-build-isolation "deepspeed>=0.15"
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
-# The SAIL loop on the offline toy world (about 15 minutes on a 2-core CPU); run again to
+# The SAIL loop on the offline toy world (about 9 minutes on a 2-core CPU); run again to
 # resume an interrupted run from its last finished stage.
 run: install
 	sail-fast run --config configs/toy.yaml --resume
