@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 

@@ -30,6 +30,7 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -94,6 +95,7 @@ def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], c
     return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
 
 
+@functools.lru_cache(maxsize=None)  # every row pairs with the same base and full-DPO files: read each once
 def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
     """(eval.json, per-sample tables) of one stage of one run, or None if it has not been evaluated."""
     from safetensors.torch import load_file
@@ -171,6 +173,7 @@ def _pm(pair, fmt=".3f") -> str:
 
 def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None) -> Path:
     """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it)."""
+    _stage.cache_clear()  # runs may have finished stages since the last table
     lines = collect(out, seeds, rounds, ablation_rounds or rounds)
     md = ["| model | human labels | score | score - base | score - DPO 100% | accuracy | accuracy - base | haze - base "
           "| width term | self-label agreement | diversity | seeds |", "|---" * 12 + "|"]
