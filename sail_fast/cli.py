@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sail_fast.arguments import add_run_arguments, user_errors
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -40,9 +43,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from sail_fast.train import main as train_main
+    from sail_fast.config import load_config
+    from sail_fast.train import run_sail, run_training
 
-    train_main(args.args)
+    config = load_config(args.config, args.set)
+    (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
+                                                             allow_config_change=args.allow_config_change)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -52,7 +58,7 @@ def _run(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     if config.sail is None:
         raise SystemExit(f"{args.config} has no sail: section; `sail-fast train` runs a single DPO stage")
-    run_sail(config, resume=args.resume)
+    run_sail(config, resume=args.resume, allow_config_change=args.allow_config_change)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -121,7 +127,8 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__,
+                                     epilog="Errors print one line; add --debug anywhere to see the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check and time the fused paired_mse kernel on SD-shaped latents")
     check.add_argument("--rows", type=int, default=80, help="rows: candidates x draws (default 8 x 10)")
@@ -130,14 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     check.add_argument("--repeats", type=int, default=10)
     check.set_defaults(func=_check)
-    train = sub.add_parser("train", add_help=False, help="Diffusion-DPO training; same flags as sail_fast/train.py")
-    train.add_argument("args", nargs=argparse.REMAINDER)
+    train = sub.add_parser("train", help="SAIL (a config with a sail: section) or one Diffusion-DPO stage, "
+                                         "as sail_fast/train.py (which `deepspeed` launches)")
+    add_run_arguments(train)
     train.set_defaults(func=_train)
 
     run = sub.add_parser("run", help="the whole SAIL loop (iter0, then the rounds); default: the offline toy world")
-    run.add_argument("--config", default="configs/toy.yaml", help="YAML run config with a sail: section")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    run.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last finished stage")
+    add_run_arguments(run, config_default="configs/toy.yaml")
     run.set_defaults(func=_run)
 
     gen = sub.add_parser("generate", help="sample PNGs from a checkpoint")
@@ -214,8 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    # --debug may come anywhere on the line: show the full traceback of an error.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    if debug:
+        args.func(args)
+        return
+    with user_errors(parser.prog):
+        args.func(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     ValidationError,
     field_validator,
     model_validator,
@@ -55,15 +56,15 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     loss: Literal["sigmoid", "smpo", "hinge", "ipo", "sft", "mapo"] = "sigmoid"
-    beta: float = 5000.0
+    beta: float = Field(5000.0, gt=0)
     mapo_gamma: float = 0.1
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
-    learning_rate: float = 1e-5
+    learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    steps: int = 100  # optimizer steps
+    steps: int = Field(100, ge=1)  # optimizer steps
     pairs_per_step: int = 128  # effective batch, across ranks and accumulation
     micro_batch_pairs: int = 8  # pairs per rank per forward
     mixup_alpha: float = 0.25  # fraction of each batch from generated pairs (when there are any)
@@ -75,9 +76,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     compile: bool = False
     ema_decay: float | None = None
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # the newest N are kept
+    log_every: int = Field(1, ge=1)
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); batch sizes are filled in
     progress: bool = True
 
@@ -144,8 +145,8 @@ class SailConfig(Section):
     # torch.compile the UNets that generate and score (worth it at SD sizes; compiling costs
     # about a minute per graph on a CPU, paid again for each new batch shape).
     compile: bool = False
-    iter0_steps: int | None = None  # DPO steps of iter0 (default train.steps)
-    round_steps: int | None = None  # DPO steps of each round (default train.steps)
+    iter0_steps: int | None = Field(None, ge=1)  # DPO steps of iter0 (default train.steps)
+    round_steps: int | None = Field(None, ge=1)  # DPO steps of each round (default train.steps)
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
     heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
     eval_prompts: int = 50  # prompts sampled for each stage's evaluation
@@ -216,6 +217,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self):
+        if self.sail is not None and self.model.toy and self.sail.prompts is not None:
+            raise ValueError(f"sail.prompts={self.sail.prompts!r} is set, but the toy world draws its rounds' prompts from "
+                             "its own digit prompts; unset sail.prompts")
         if self.toy is not None and not self.model.toy:
             raise ValueError("the toy: section needs model.toy: true (its oracle judges the toy digits)")
         if self.sail is not None and self.sail.soft_labels and self.train.loss != "smpo":
@@ -239,31 +243,39 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the file, the key, the value and the fix."""
+
+
 def _explain(error: ValidationError, source: str) -> str:
     valid = _valid_keys(RunConfig)
-    lines = [f"invalid configuration ({source}):"]
+    lines = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  config key '{key}' does not exist{hint}")
+            section = key.rpartition(".")[0]
+            siblings = [k for k in valid if k.rpartition(".")[0] == section]
+            hint = f"; did you mean '{close[0]}'?" if close else f"; {section or 'the top level'} has: {', '.join(siblings)}"
+            lines.append(f"config key '{key}' does not exist{hint}")
+        elif err["loc"] and not isinstance(err.get("input"), dict):
+            lines.append(f"{key} = {err.get('input')!r}: {err['msg'].replace('Value error, ', '')}")
         else:
-            lines.append(f"  {key or '(top level)'}: {err['msg']}")
-    lines.append("valid keys: " + ", ".join(valid))
-    return "\n".join(lines)
+            msg = err["msg"].replace("Value error, ", "")
+            lines.append(f"{key}: {msg}" if key else msg)
+    return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
 def _apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
-        raise ValueError(f"--set expects key=value (e.g. train.steps=10), got {assignment!r}")
+        raise ConfigError(f"--set expects key=value (e.g. train.steps=10), got {assignment!r}")
     key, raw = assignment.split("=", 1)
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: '{part}' is not a section")
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
     node[parts[-1]] = yaml.safe_load(raw)  # YAML typing: 10 -> int, true -> bool, [a, b] -> list
 
 
@@ -274,15 +286,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
     for assignment in overrides or []:
         _apply_override(data, assignment)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ValueError(_explain(err, str(path) if path else "overrides")) from None
+        raise ConfigError(_explain(err, str(path) if path else "overrides")) from None
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:

@@ -38,10 +38,14 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
 
 
 def mean_and_sem(values: torch.Tensor) -> dict[str, float]:
-    """Mean and standard error over prompts of the per-prompt means (images of one prompt are not independent)."""
-    per_prompt = values.double().mean(dim=1)
+    """Mean and standard error over prompts of the per-prompt means (images of one prompt are not independent).
+    NaN scores (non-finite pictures, never scored) are left out and counted."""
+    values = values.double()
+    per_prompt = values.nanmean(dim=1)
+    per_prompt = per_prompt[~per_prompt.isnan()]
     sem = per_prompt.std().item() / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
-    return {"mean": per_prompt.mean().item(), "sem": sem, "prompts": len(per_prompt)}
+    mean = per_prompt.mean().item() if len(per_prompt) else float("nan")
+    return {"mean": mean, "sem": sem, "prompts": len(per_prompt), "non_finite_images": int(values.isnan().sum())}
 
 
 def summarize(scores: torch.Tensor, groups: list[str] | None) -> dict:
@@ -56,9 +60,12 @@ def summarize(scores: torch.Tensor, groups: list[str] | None) -> dict:
 def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
     """Per prompt, compare the mean score over its images: wins, ties and losses of ``challenger``,
     and win_rate = (wins + ties / 2) / prompts."""
-    a, b = challenger.double().mean(dim=1), baseline.double().mean(dim=1)
+    a, b = challenger.double().nanmean(dim=1), baseline.double().nanmean(dim=1)
+    both = ~(a.isnan() | b.isnan())  # a prompt with no finite picture on either side is not compared
+    a, b = a[both], b[both]
     wins, ties = int((a > b).sum()), int((a == b).sum())
-    return {"wins": wins, "ties": ties, "losses": len(a) - wins - ties, "win_rate": (wins + ties / 2) / len(a)}
+    rate = (wins + ties / 2) / len(a) if len(a) else float("nan")
+    return {"wins": wins, "ties": ties, "losses": len(a) - wins - ties, "win_rate": rate}
 
 
 def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metric], *, images_per_prompt: int, seed: int,
@@ -76,11 +83,13 @@ def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metri
     shown = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"eval {Path(checkpoint).name}", unit="chunk"):
         chunk = prompts[start:start + batch_size]
-        pictures = sample_pictures(stack, chunk, n, sampling, seeds=seeds[start:start + len(chunk)],
-                                   batch_size=batch_size * n, progress=False)
+        pictures, finite = sample_pictures(stack, chunk, n, sampling, seeds=seeds[start:start + len(chunk)],
+                                           batch_size=batch_size * n, progress=False)
         per_image_prompts = [p for p in chunk for _ in range(n)]
         for name, metric in metrics.items():
-            scores[name].append(metric.score(pictures, per_image_prompts).view(len(chunk), n))
+            # A non-finite picture is reported (NaN, counted in eval.json), never scored as the black image it decodes to.
+            scored = metric.score(pictures, per_image_prompts).float().masked_fill(~finite, float("nan"))
+            scores[name].append(scored.view(len(chunk), n))
         if image_dir is not None:
             image_dir.mkdir(parents=True, exist_ok=True)
             for i, picture in enumerate(pictures):
@@ -141,7 +150,8 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
                                                   seed=seed, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                                   sampling=fixed, batch_size=batch_size, image_dir=image_dir)
         fixed = sampling
-        image_grid(enlarge(grid), columns=images_per_prompt).save(out / f"samples-{file.stem}.png")
+        shown = [f"{prompt_set.prompts[i // images_per_prompt][:40]} | {label}" for i in range(len(grid))]
+        image_grid(enlarge(grid), columns=images_per_prompt, captions=shown).save(out / f"samples-{file.stem}.png")
         per_image[label], sampling_used[label] = scores, sampling
         file.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,
                                     "scores": {k: v.tolist() for k, v in scores.items()}}) + "\n")
@@ -174,6 +184,11 @@ def markdown_report(result: dict) -> str:
     for ck in result["checkpoints"]:
         cells = [f"{ck['scores'][m]['mean']:.4f} ± {ck['scores'][m]['sem']:.4f}" for m in metrics]
         lines.append(f"| {ck['label']} | " + " | ".join(cells) + " |")
+    for ck in result["checkpoints"]:
+        bad = max(ck["scores"][m].get("non_finite_images", 0) for m in metrics)
+        if bad:
+            lines += ["", f"**{ck['label']}: {bad} pictures hold NaN or inf**; they are left out of its scores "
+                          "(and drawn as a red NaN marker)."]
     if ps["groups"]:
         for m in metrics:
             lines += ["", f"## {m} by group", "", "| checkpoint | " + " | ".join(ps["groups"]) + " | mean |",

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from .config import load_config
-from .images import decode_latents, enlarge, image_grid
+from .images import decode_latents, enlarge, image_grid, is_finite
 from .models import DiffusionStack, build_stack, load_stack
 from .prompts import read_prompts
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
@@ -75,11 +75,12 @@ def check_picturable(stack: DiffusionStack, checkpoint) -> None:
 
 
 def sample_pictures(stack: DiffusionStack, prompts: list[str], num_images: int, sampling: dict, *, seeds: torch.Tensor,
-                    batch_size: int = 64, progress: bool = True) -> list[Image.Image]:
-    """``num_images`` pictures per prompt, prompt-major; ``seeds`` [P, num_images] fixes each one's noise."""
+                    batch_size: int = 64, progress: bool = True) -> tuple[list[Image.Image], torch.Tensor]:
+    """``num_images`` pictures per prompt, prompt-major (``seeds`` [P, num_images] fixes each one's noise),
+    and which of them are finite ([P * num_images] bool; the others are drawn as a NaN marker)."""
     latents = generate_candidates(stack, prompts, num_images, seeds=seeds, batch_size=batch_size, progress=progress,
-                                  **sampling).latents
-    return decode_latents(latents.flatten(0, 1), stack.vae)
+                                  **sampling).latents.flatten(0, 1)
+    return decode_latents(latents, stack.vae), is_finite(latents)
 
 
 def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed: int = 0, sampler=None, steps=None,
@@ -94,13 +95,17 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
     check_picturable(stack, checkpoint)
     prompts = read_prompts(prompts_file)
     sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
-    images = sample_pictures(stack, prompts, num_images, sampling, seeds=candidate_seeds(seed, len(prompts), num_images),
-                             batch_size=batch_size)
+    images, finite = sample_pictures(stack, prompts, num_images, sampling,
+                                     seeds=candidate_seeds(seed, len(prompts), num_images), batch_size=batch_size)
+    if not finite.all():
+        print(f"WARNING: {int((~finite).sum())} of {len(images)} pictures hold NaN or inf (drawn as a red NaN marker)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(out / f"{i // num_images:04d}-{i % num_images:02d}.png")
     record = {"checkpoint": str(checkpoint), "seed": seed, "sampling": sampling, "prompts": prompts}
     (out / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
-    image_grid(enlarge(images[: num_images * min(len(prompts), 16)]), columns=num_images).save(out / "grid.png")
+    shown = num_images * min(len(prompts), 16)
+    captions = [f"{prompts[i // num_images]} #{i % num_images}" for i in range(shown)]
+    image_grid(enlarge(images[:shown]), columns=num_images, captions=captions).save(out / "grid.png")
     return len(images)

@@ -9,10 +9,11 @@ captions, ``sail_fast.realalign``) to the ranked ones, or uses them alone.
 Run directory (each stage writes ``done.json`` last; ``--resume`` skips finished stages
 and continues a half-trained one from its latest checkpoint)::
 
-    config.yaml
+    config.yaml       the config the run started with (config.resume-N.yaml: later ones, --allow-config-change)
+    run.lock          host and pid of the run working here (sail_fast.rundir)
     human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
     base/eval.json    the base model's evaluation
-    iter0/            DPO on the seed against the base: checkpoints/, final/unet, eval.json
+    iter0/            DPO on the seed against the base: config.yaml (as the stage ran), checkpoints/, final/unet, eval.json
     real-digits/      toy world, RealAlign: the real images with captions (metadata.jsonl)
     round-01/         candidates.rank0.safetensors, pairs.safetensors (latent shard),
                       ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json;
@@ -26,27 +27,28 @@ the pairs are gathered on every rank before the data-parallel DPO stage.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
 import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, dump_config
+from .config import RunConfig
 from .data import LatentPairs
 from .distributed import DistInfo
 from .images import decode_latents, enlarge, image_grid
 from .models import DiffusionStack, build_stack
 from .pair_sources import fingerprint, load_pairs
 from .prompts import read_prompts
-from .ranking import external_scores, soft_labels
+from .ranking import drop_non_finite, external_scores, soft_labels
 from .realalign import (
     PER_ROUND_LOSERS,
     captions,
@@ -55,6 +57,7 @@ from .realalign import (
     region_masks,
 )
 from .reward import Draws, ImplicitRewardScorer
+from .rundir import RunLock, atomic_write_text, claim_folder, read_json, record_config, release_folder, write_json
 from .sampling import generate_candidates, regenerate_region
 from .seeding import derive_seed
 from .trainer import DPOTrainer
@@ -62,17 +65,6 @@ from .trainer import DPOTrainer
 DONE = "done.json"
 EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample oracle terms [P, n]
 TOY_REAL_DIGITS = 2000  # real digits written for toy RealAlign runs (enough for 20 rounds of 96)
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)  # atomic: a kill never leaves half a marker
 
 
 def sample_diversity(latents: torch.Tensor) -> float:
@@ -135,9 +127,13 @@ class SailLoop:
         """The stack sampling with ``unet`` (compiled when ``sail.compile``)."""
         return dataclasses.replace(self.stack, unet=torch.compile(unet) if self.sail.compile else unet)
 
-    def _stage_config(self, stage: int, steps: int | None) -> RunConfig:
+    def _stage_config(self, stage: int, steps: int | None, stage_dir: Path) -> RunConfig:
+        """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
         train = self.config.train.model_copy(update={"steps": steps or self.config.train.steps})
-        return self.config.model_copy(update={"seed": derive_seed(self.config.seed, 100 + stage) % 2**31, "train": train})
+        config = self.config.model_copy(update={"seed": derive_seed(self.config.seed, 100 + stage) % 2**31, "train": train})
+        if self.dist.is_main and not (stage_dir / "config.yaml").exists():
+            atomic_write_text(stage_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        return config
 
     def _round_prompts(self) -> list[list[str]]:
         """Disjoint prompt sets, one per round."""
@@ -170,15 +166,22 @@ class SailLoop:
         return (pool[used:] or pool)[: self.sail.eval_prompts]
 
     # ------------------------------------------------------------------ the run
-    def run(self, *, resume: bool = False) -> Path:
-        """Run every unfinished stage; returns the final policy's UNet directory."""
+    def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
+        """Run every unfinished stage; returns the final policy's UNet directory.
+
+        The run folder is locked for the run's lifetime; ``resume`` refuses a config that differs from
+        the one the run started with unless ``allow_config_change`` (see ``sail_fast.rundir``)."""
         if not resume and (self.out / "base").exists():
             raise FileExistsError(
                 f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
             )
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(self.config, self.out / "config.yaml")
+        self._round_prompts()  # enough prompts for every round? Found out now, not after iter0 has trained.
+        with RunLock(self.out, log=self.log) if self.dist.is_main else contextlib.nullcontext():
+            record_config(self.out, self.config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
+                          log=self.log, write=self.dist.is_main)
+            return self._run_stages()
+
+    def _run_stages(self) -> Path:
         seed_sources, heldout_sources = list(self.config.data.seed_pairs), list(self.sail.heldout_pairs)
         if self.config.toy is not None:
             human = self.human_stage()
@@ -228,14 +231,28 @@ class SailLoop:
 
         toy = self.config.toy
         human = Path(toy.data_dir) if toy.data_dir else self.out / "human"
-        if not (human / DONE).exists() and self.dist.is_main:
+        # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
+        settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
+                    "heldout_pairs": toy.heldout_pairs, "seed": self.config.seed, "temperature": self.oracle.temperature,
+                    "preference": toy.preference, "sampling": self.sampling}
+        if (human / DONE).exists():
+            labelled_with = read_json(human / DONE).get("settings", {})
+            changed = {k: (labelled_with[k], v) for k, v in settings.items() if k in labelled_with and labelled_with[k] != v}
+            if changed:
+                raise ValueError(
+                    f"toy.data_dir {human} was labelled with other settings: "
+                    + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
+                    + ". Point toy.data_dir at a new folder (or unset it) to label with these settings"
+                )
+        elif self.dist.is_main:
             self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human}")
-            shutil.rmtree(human, ignore_errors=True)
+            claim_folder(human, "toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
             summary = make_human_pairs(
                 self.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
                 heldout=toy.heldout_pairs, seed=self.config.seed, sampling=self.sampling, progress=self.progress,
             )
-            _write_json(human / DONE, summary)
+            release_folder(human)
+            write_json(human / DONE, summary | {"settings": settings})
         self.dist.barrier()
         return human
 
@@ -282,20 +299,20 @@ class SailLoop:
                 for name in ("eval.json", EVAL_SAMPLES):
                     if (source / name).exists():
                         shutil.copy(source / name, stage / name)
-                _write_json(stage / DONE, _read_json(source / DONE) | {"from": str(source.resolve())})
+                write_json(stage / DONE, read_json(source / DONE) | {"from": str(source.resolve())})
             self.dist.barrier()
             return load_unet(source / "final" / "unet", self.base)
         if not (stage / DONE).exists():
             self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
             started = time.perf_counter()
-            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps), copy.deepcopy(self.base).requires_grad_(True),
+            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage), copy.deepcopy(self.base).requires_grad_(True),
                                  self.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.device)
             trainer.train(resume=True)
             del trainer
             policy = load_unet(stage / "final" / "unet", self.base)
             self.evaluate("iter0", policy, heldout)
             if self.dist.is_main:
-                _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
+                write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
             self.dist.barrier()
         self.write_metrics()
         return load_unet(stage / "final" / "unet", self.base)
@@ -317,7 +334,7 @@ class SailLoop:
             pairs.save(stage / "pairs.safetensors")
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs)} seed pairs")
 
-        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps), policy.requires_grad_(True), self.stack.scheduler,
+        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps, stage), policy.requires_grad_(True), self.stack.scheduler,
                              seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.device)
         trainer.train(resume=True)
         del trainer
@@ -325,7 +342,7 @@ class SailLoop:
         if self.sail.eval_each_round or r == self.sail.rounds:
             self.evaluate(f"round-{r:02d}", policy, heldout)
         if self.dist.is_main:
-            _write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
+            write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
                                        "pairs_by_source": by_source, "human_pairs": len(seed_pairs)})
         self.dist.barrier()
         self.write_metrics()
@@ -339,22 +356,33 @@ class SailLoop:
         latents = self._candidates(stage, r, mine, policy)
         reference = self.base if self.sail.reference == "base" else previous
         rewards, win, lose = self._rank(r, mine, latents, policy, reference)
+        rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=self.sail.pairing == "best_worst")
         labels = soft_labels(rewards, win, lose, self.sail.soft_label_temperature) if self.sail.soft_labels else None
-        gathered, order = self._gather_in_order(self._pairs(mine, latents, win, lose, labels), mine, rewards)
-        pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order)
+        gathered, order = self._gather_in_order(self._pairs(mine, latents, win, lose, labels), mine, rewards, keep)
         all_rewards = torch.cat([g[2] for g in gathered])[order]
+        all_keep = torch.cat([g[3] for g in gathered])[order]
+        # Prompts left with fewer than two finite candidates give no pair (counted and logged).
+        pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order[all_keep].tolist())
         all_prompts = [p for g in gathered for p in g[1]]
-        spread = (all_rewards.max(1).values - all_rewards.min(1).values)
+        dropped = int((~torch.isfinite(all_rewards)).sum())
+        if dropped:
+            self.log(f"round {r}: WARNING {dropped} candidates had a non-finite reward or latent and were dropped; "
+                     f"{int((~all_keep).sum())} prompts were left without a pair")
+        finite = all_rewards[all_keep]
+        spread = (finite.nan_to_num(float("-inf")).max(1).values - finite.nan_to_num(float("inf")).min(1).values)
         ranking = {
-            "prompts": [all_prompts[i] for i in order.tolist()], "rewards": all_rewards.tolist(),
+            "prompts": [all_prompts[i] for i in order.tolist()],
+            "rewards": [[v if math.isfinite(v) else None for v in row] for row in all_rewards.tolist()],
+            "dropped_candidates": dropped, "prompts_without_pair": int((~all_keep).sum()),
             "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
-            "reward_std_within_prompt": float(all_rewards.std(1).mean()),
+            "reward_std_within_prompt": float(torch.stack([row[torch.isfinite(row)].std() for row in finite]).mean())
+            if len(finite) else float("nan"),
             "diversity": sample_diversity(latents), "reference": self.sail.reference, "pairing": self.sail.pairing,
             "ranker": self.sail.ranker_metric if self.sail.ranker == "external" else "implicit",
             "labels": pairs.label.tolist(),
         }
         if self.dist.is_main:
-            _write_json(stage / "ranking.json", ranking)
+            write_json(stage / "ranking.json", ranking)
             self._candidate_grid(stage / "candidates.png", mine, latents, rewards, win, lose)
         self.log(f"round {r}: {len(pairs)} ranked pairs; reward spread {ranking['reward_spread_mean']:.3g} "
                  f"(mean best - worst per prompt)")
@@ -521,9 +549,9 @@ class SailLoop:
             return
         captions = []
         for p in range(rows):
-            for n in order[p].tolist():
+            for k, n in enumerate(order[p].tolist()):
                 mark = "W " if n == int(win[p]) else "L " if n == int(lose[p]) else ""
-                captions.append(f"{mark}{rewards[p, n]:+.2f}")
+                captions.append((f"{prompts[p]}: " if k == 0 else "") + f"{mark}{rewards[p, n]:+.2f}")
         image_grid(images, columns=latents.shape[1], captions=captions).save(path)
 
     @torch.no_grad()
@@ -531,7 +559,7 @@ class SailLoop:
         """A stage's metrics: fixed-seed samples on the eval prompts, self-label agreement, oracle (toy)."""
         path = self.out / name / "eval.json"
         if path.exists():
-            return _read_json(path)
+            return read_json(path)
         prompts = self._eval_prompts()
         n = self.sail.eval_images_per_prompt
         # The same seeds at every stage, so stages differ only by their weights.
@@ -554,12 +582,13 @@ class SailLoop:
             images = self._pictures(latents[: min(10, len(prompts))].flatten(0, 1))
             path.parent.mkdir(parents=True, exist_ok=True)
             if images is not None:
-                image_grid(images, columns=n).save(path.with_name("samples.png"))
+                shown = [f"{prompts[i // n]} ({name})" for i in range(len(images))]
+                image_grid(images, columns=n, captions=shown).save(path.with_name("samples.png"))
             if samples is not None:  # per-sample tables: later stages pair their scores with these
                 tmp = path.with_name("eval_samples.tmp")
                 save_file({"latents": latents.contiguous()} | samples, tmp)
                 tmp.replace(path.with_name(EVAL_SAMPLES))
-            _write_json(path, metrics)
+            write_json(path, metrics)
         self.dist.barrier()
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         self.log(f"{name}: {shown}")
@@ -586,10 +615,10 @@ class SailLoop:
             file = self.out / name / "eval.json"
             if not file.exists():
                 continue  # not finished, or not evaluated (sail.eval_each_round: false)
-            row = {"stage": name, "round": i - 1} | _read_json(file)
+            row = {"stage": name, "round": i - 1} | read_json(file)
             ranking = self.out / name / "ranking.json"
             if ranking.exists():
-                info = _read_json(ranking)
+                info = read_json(ranking)
                 row |= {k: info[k] for k in ("reward_spread_mean", "reward_std_within_prompt")}
                 row["candidate_diversity"] = info["diversity"]
             rows.append(row)
@@ -599,7 +628,7 @@ class SailLoop:
         if not self.dist.is_main:
             return
         rows = self.metric_rows()
-        _write_json(self.out / "metrics.json", rows)
+        write_json(self.out / "metrics.json", rows)
         plot_curves(rows, self.out / "curves.png")
 
 

@@ -2,14 +2,17 @@
 
 Each entry is a ``pairs.jsonl`` file, Pick-a-Pic parquet (a file or a directory of them),
 or latent shards (a ``.safetensors`` file or a directory of them). Image pairs are encoded
-by the VAE and text encoders once and cached; the cache key covers the files (size and
-mtime), the model and the preprocessing, so a change anywhere re-encodes.
+by the VAE and text encoders once and cached; the cache key covers the files and every image
+a pairs.jsonl names (path, size and mtime in nanoseconds, not a content hash: reading every
+image of a large set at each start would cost more than it guards), the model and the
+preprocessing, so a change anywhere re-encodes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +55,14 @@ def fingerprint(paths: Sequence[Path], settings: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _stat(name: str) -> list:
+    try:
+        st = os.stat(name)
+    except OSError:
+        return [name, None, None]  # encoding will name the missing file
+    return [name, st.st_size, st.st_mtime_ns]
+
+
 def load_pairs(
     sources: Sequence[str],
     stack: DiffusionStack,
@@ -80,10 +91,16 @@ def load_pairs(
             continue
         found, stats = read_pairs_jsonl(path) if kind == "jsonl" else read_pickapic_parquet(path)
         log(f"{path}: {stats}")
+        if not found:
+            raise ValueError(f"{path} holds no usable pairs ({stats}); fill it or remove it from the config's pair list")
         records += found
         image_sources.append(path)
     if records:
-        settings = {"model": model.model_dump(), "resolution": data.resolution, "flip": data.flip, "seed": seed}
+        # The images a pairs.jsonl names are part of the key too (size and mtime: an image fixed on disk
+        # is encoded again; parquet holds its images' bytes, covered by the file's own entry).
+        named = sorted({str(src) for rec in records for src in (rec.win, rec.lose) if isinstance(src, (str, os.PathLike))})
+        settings = {"model": model.model_dump(), "resolution": data.resolution, "flip": data.flip, "seed": seed,
+                    "images": [_stat(name) for name in named]}
         cache = Path(cache_dir) / f"pairs-{fingerprint(image_sources, settings)}.safetensors"
         if dist.is_main and not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)

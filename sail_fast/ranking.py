@@ -33,10 +33,39 @@ def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, tem
 
     Scores [P, N] are normalised within each prompt, z = (s - mean) / std over its N candidates, so
     the label does not depend on the scorer's scale; then p = exp(z_w / T) / (exp(z_w / T) + exp(z_l / T))
-    = sigmoid((z_w - z_l) / T). A prompt whose candidates all score the same gets p = 0.5.
+    = sigmoid((z_w - z_l) / T). A prompt whose candidates all score the same gets p = 0.5. NaN scores
+    (dropped candidates, ``drop_non_finite``) are left out of the mean and std.
     """
     scores = scores.double()
-    std = scores.std(dim=1, keepdim=True)
-    z = (scores - scores.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+    finite = torch.isfinite(scores)
+    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = scores.nan_to_num(0.0).sum(dim=1, keepdim=True) / count
+    var = ((scores - mean).nan_to_num(0.0) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    std = var.sqrt()
+    z = (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
     rows = torch.arange(len(scores))
     return torch.sigmoid((z[rows, win] - z[rows, lose]) / temperature).float()
+
+
+def drop_non_finite(scores: torch.Tensor, latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
+                    best_worst: bool = True):
+    """Keep non-finite candidates out of the pairs.
+
+    A candidate is dropped when its score or any of its latent values is NaN or infinite (one NaN
+    pixel would otherwise make it both the best and the worst of its prompt). Best/worst pairs are
+    re-chosen among the finite candidates; random pairs that drew a dropped candidate are dropped.
+    Returns (scores with NaN for the dropped, win, lose, keep [P] bool: prompts with a pair left,
+    the number of dropped candidates)."""
+    finite = torch.isfinite(scores) & torch.isfinite(latents.flatten(2).float()).all(-1).to(scores.device)
+    dropped = int((~finite).sum())
+    scores = scores.float().masked_fill(~finite, float("nan"))
+    keep = finite.sum(1) >= 2
+    if dropped == 0:
+        return scores, win, lose, keep, 0
+    if best_worst:
+        win = scores.masked_fill(~finite, float("-inf")).argmax(1)
+        lose = scores.masked_fill(~finite, float("inf")).argmin(1)
+    else:
+        rows = torch.arange(len(scores))
+        keep &= finite[rows, win] & finite[rows, lose]
+    return scores, win, lose, keep, dropped

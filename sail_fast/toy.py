@@ -291,10 +291,11 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     """RealAlign's real data in the toy world: ``count`` MNIST digits (balanced over digits, a seeded
     draw) as PNGs with a ``metadata.jsonl`` of captions, each a training-pool prompt naming its digit.
 
-    Written to a temporary folder and renamed, so an interrupted write leaves nothing half-done."""
-    import shutil
-
+    ``metadata.jsonl`` is written last: it marks the folder finished. A folder holding anything this
+    function did not write is refused (``sail_fast.rundir.claim_folder``), never deleted."""
     from PIL import Image
+
+    from .rundir import atomic_write_text, claim_folder, release_folder
 
     out = Path(out_dir)
     if (out / "metadata.jsonl").is_file():
@@ -306,9 +307,7 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
     _, rest = split_prompts(seed)
     prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    claim_folder(out, "the real-digits folder")
     lines = []
     for i in range(count):
         digit, k = i % 10, i // 10
@@ -316,11 +315,10 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
         prompt = prompts_of[digit][int(torch.randint(len(prompts_of[digit]), (1,), generator=gen))]
         pixels = ((images[index, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         name = f"digit-{i:05d}.png"
-        Image.fromarray(pixels).save(tmp / name)  # uint8 [H, W]: a grayscale PNG
+        Image.fromarray(pixels).save(out / name)  # uint8 [H, W]: a grayscale PNG
         lines.append(json.dumps({"file_name": name, "text": prompt, "mnist_index": index}))
-    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    release_folder(out)
+    atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out
 
 

@@ -16,31 +16,38 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 
-from sail_fast.config import RunConfig, dump_config, load_config  # noqa: E402
+from sail_fast.arguments import add_run_arguments, user_errors  # noqa: E402
+
+from sail_fast.config import RunConfig, load_config  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
 from sail_fast.models import build_stack  # noqa: E402
 from sail_fast.pair_sources import load_pairs  # noqa: E402
+from sail_fast.rundir import RunLock, record_config  # noqa: E402
 from sail_fast.trainer import DPOTrainer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="SAIL (configs with a sail: section) or one Diffusion-DPO stage")
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=10 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    add_run_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return parser.parse_args(argv)
 
 
-def run_training(config: RunConfig, *, resume: bool = False) -> Path:
+def run_training(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
+    """One Diffusion-DPO stage on ``data.seed_pairs``, in ``output_dir`` (locked while it runs)."""
     dist = init_distributed()
+    out = Path(config.output_dir)
+    with RunLock(out, log=print) if dist.is_main else contextlib.nullcontext():
+        record_config(out, config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
+                      log=print, write=dist.is_main)
+        return _train_stage(config, dist, resume)
+
+
+def _train_stage(config: RunConfig, dist, resume: bool) -> Path:
     device = compute_device(dist)
     out = Path(config.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(config, out / "config.yaml")
     stack = build_stack(config.model, seed=config.seed, device=device)
     pairs = load_pairs(config.data.seed_pairs, stack, model=config.model, data=config.data,
                        cache_dir=config.data.cache_dir or out / "cache", seed=config.seed, dist=dist,
@@ -50,18 +57,20 @@ def run_training(config: RunConfig, *, resume: bool = False) -> Path:
     return out / "final"
 
 
-def run_sail(config: RunConfig, *, resume: bool = False) -> Path:
+def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
     from sail_fast.loop import SailLoop
 
     dist = init_distributed()
-    return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume)
+    return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume, allow_config_change=allow_config_change)
 
 
 def main(argv: list[str] | None = None) -> None:
     """A config with a sail: section runs the whole SAIL loop; without one, one DPO stage."""
     args = parse_args(argv)
-    config = load_config(args.config, args.set)
-    (run_sail if config.sail is not None else run_training)(config, resume=args.resume)
+    with user_errors("train.py"):
+        config = load_config(args.config, args.set)
+        (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
+                                                                 allow_config_change=args.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from .data import LatentPairs, MixupSampler, PairBatch
 from .distributed import DistInfo
 from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, preference_loss
+from .rundir import atomic_write_text, verify_manifest, write_manifest
 from .seeding import generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,10 +62,20 @@ def build_optimizer(name: str, params, train) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or adafactor")
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (half-written ones end in .tmp and are ignored)."""
-    found = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"))
-    return found[-1] if found else None
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient norm."""
+
+
+def latest_checkpoint(output_dir: str | Path, log=None) -> Path | None:
+    """The newest intact checkpoint: finished (half-written ones end in .tmp) and matching its manifest.
+    Newer ones that do not match are skipped, with the reason passed to ``log``."""
+    for found in sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"), reverse=True):
+        problem = verify_manifest(found)
+        if problem is None:
+            return found
+        if log is not None:
+            log(f"skipping checkpoint {found}: {problem}")
+    return None
 
 
 class DPOTrainer:
@@ -219,10 +231,14 @@ class DPOTrainer:
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / self.accumulation
         if self.engine is None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.train_cfg.max_grad_norm)
-            self.optimizer.step()
-            self.lr_schedule.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.train_cfg.max_grad_norm)
+            sums["grad_norm"] = float(grad_norm)
+            if torch.isfinite(grad_norm):  # else the update is refused, and train() stops on it
+                self.optimizer.step()
+                self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
+        elif self.engine.get_global_grad_norm() is not None:
+            sums["grad_norm"] = float(self.engine.get_global_grad_norm())
         if self.ema is not None:
             self.ema.step(self.policy.parameters())
         self.step += 1
@@ -232,7 +248,7 @@ class DPOTrainer:
     def train(self, *, resume: bool = False, stop_after: int | None = None) -> UNet2DConditionModel:
         """Run to ``train.steps`` optimizer steps (``stop_after`` ends early, as a kill would)."""
         cfg = self.train_cfg
-        existing = latest_checkpoint(self.output_dir)
+        existing = latest_checkpoint(self.output_dir, log=self._log_line if self.dist.is_main else None)
         if existing is not None and not resume:
             raise FileExistsError(
                 f"{self.output_dir} already has checkpoints (latest {existing.name}); pass --resume to continue "
@@ -247,8 +263,11 @@ class DPOTrainer:
         metrics_path = self.output_dir / ("metrics.jsonl" if self.dist.is_main else f"metrics.rank{self.dist.rank}.jsonl")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="dpo", unit="step", disable=not (cfg.progress and self.dist.is_main))
         start_step, started = self.step, time.perf_counter()
+        last_finite = None  # (step, loss) for the error message
         while self.step < cfg.steps:
             metrics = self.train_step()
+            self._stop_if_non_finite(metrics, last_finite)
+            last_finite = (self.step, metrics["loss"])
             elapsed = time.perf_counter() - started
             metrics |= {"step": self.step, "pairs_per_s": (self.step - start_step) * cfg.pairs_per_step / elapsed}
             self.dist.barrier()
@@ -267,6 +286,21 @@ class DPOTrainer:
             self.save_final()
         return self.policy
 
+    def _stop_if_non_finite(self, metrics: dict, last_finite) -> None:
+        """Stop at once on a NaN/inf loss or gradient norm (averaged over ranks, so every rank stops):
+        nothing of this step is saved, and the last checkpoint stays the newest."""
+        loss, norm = metrics["loss"], metrics.get("grad_norm", 0.0)
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        kept = latest_checkpoint(self.output_dir)
+        before = f"the last finite loss was {last_finite[1]:.4g} at step {last_finite[0]}" if last_finite else "no step had a finite loss"
+        raise NonFiniteError(
+            f"{self.output_dir}: training diverged at step {self.step}: loss {loss}, gradient norm {norm}; {before}. "
+            f"Nothing of this step was saved; the newest checkpoint is {kept or 'none'}. Lower train.learning_rate "
+            f"(now {self.train_cfg.learning_rate:g}) or train.beta (now {self.train_cfg.beta:g}), or check the pairs "
+            f"for NaN latents"
+        )
+
     # ------------------------------------------------------------ checkpoints
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The policy's full weights on the main rank (gathered under ZeRO-3), else None."""
@@ -282,6 +316,9 @@ class DPOTrainer:
         return None
 
     def _save_unet(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:  # never write NaN weights where the next stage would load them
+            raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
         unet = UNet2DConditionModel.from_config(self.policy.config)
         unet.load_state_dict(state)
         unet.save_pretrained(path)
@@ -301,9 +338,13 @@ class DPOTrainer:
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
         else:
             trainer_state |= {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        self.dist.barrier()  # every rank's DeepSpeed shard is on disk
         if self.dist.is_main:
             self._save_unet(tmp / "unet", state)
             torch.save(trainer_state, tmp / "trainer_state.pt")
+            write_manifest(tmp)  # last: resume checks the files against it
+            if final.exists():  # a damaged checkpoint of this step, skipped on resume: replaced
+                shutil.rmtree(final)
             tmp.rename(final)  # atomic: a kill leaves a .tmp directory, never a half checkpoint
             for old in sorted(final.parent.glob("step-[0-9]*[0-9]"))[: -self.train_cfg.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -324,7 +365,15 @@ class DPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         if self.dist.is_main:
+            self._drop_metrics_after(self.step)
             self._log_line(f"resumed from {path} at step {self.step}")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """The steps after the checkpoint are trained again: drop their logged rows, so none appears twice."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(row + "\n" for row in rows))
 
     def save_final(self) -> Path:
         """The trained UNet in diffusers layout (plus its EMA twin), for the next stage to load."""

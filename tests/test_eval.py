@@ -150,12 +150,16 @@ def test_eval_sd_stack_with_vae_and_clip_metrics(tmp_path):
     assert "## hpsv2 by group" in (out / "eval.md").read_text()
 
 
-def test_eval_fails_fast_on_missing_weights(tmp_path):
+def test_eval_fails_fast_on_missing_weights(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    with pytest.raises(FileNotFoundError, match="ImageReward.pt"):
+    with pytest.raises(SystemExit) as code:  # a user's mistake: one line on stderr, exit status 2
         main(["eval", "--checkpoint", str(TOY_MODEL_DIR), "--prompts", str(prompts), "--metrics", "imagereward",
               "--weights", f"imagereward={tmp_path}", "--out", str(tmp_path / "o")])
+    assert code.value.code == 2 and "ImageReward.pt" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="ImageReward.pt"):  # --debug: the exception itself
+        main(["eval", "--checkpoint", str(TOY_MODEL_DIR), "--prompts", str(prompts), "--metrics", "imagereward",
+              "--weights", f"imagereward={tmp_path}", "--out", str(tmp_path / "o"), "--debug"])
     with pytest.raises(SystemExit, match="NAME=PATH"):
         main(["eval", "--checkpoint", str(TOY_MODEL_DIR), "--prompts", str(prompts), "--metrics", "pickscore",
               "--weights", "pickscore", "--out", str(tmp_path / "o")])

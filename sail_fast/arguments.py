@@ -1,0 +1,43 @@
+"""What every entry point shares: the flags of a training command, and how a user's mistake ends
+a command (one clear line, exit status 2; ``--debug`` for the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import sys
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
+    """--config, --set, --resume and --allow-config-change: the flags of every command that trains."""
+    parser.add_argument("--config", required=config_default is None, default=config_default,
+                        help="YAML run config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=10 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last finished stage")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: go on although the config differs from the one the run started with "
+                             "(both are kept in the run folder)")
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """A mistake in the config, the data or the run folder ends the command with one clear line (exit 2)
+    instead of a traceback; --debug shows the traceback."""
+    from sail_fast.config import ConfigError
+    from sail_fast.rundir import ConfigChangedError, FolderInUseError, RunLockedError
+    from sail_fast.trainer import NonFiniteError
+
+    try:
+        yield
+    except (ConfigError, ConfigChangedError, FolderInUseError, RunLockedError, NonFiniteError, FileNotFoundError,
+            FileExistsError, ValueError) as err:
+        sys.stderr.write(f"{prog}: error: {err}\n(run with --debug for the traceback)\n")
+        raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        sys.stderr.write(f"{prog}: error: no space left on {err.filename or 'the device'}: free space or choose "
+                         "another output_dir, then rerun with --resume\n")
+        raise SystemExit(2) from None

@@ -1,0 +1,229 @@
+"""The run folder's safety rules: atomic writes, one run at a time, verified checkpoints,
+and a resume that cannot silently mix configurations.
+
+- ``atomic_write_text`` / ``write_json``: written to a temporary name and renamed, so a kill
+  never leaves half a file.
+- ``RunLock``: ``<run>/run.lock`` holds the host and pid of the run using the folder; a second
+  run is refused with the holder's name; a lock left by a killed process on this host is stale
+  and taken over.
+- ``write_manifest`` / ``verify_manifest``: each checkpoint lists its files and sizes in
+  ``manifest.json``, written last; a checkpoint whose files do not match is skipped on resume.
+- ``config_changes``: the keys that differ between the config a run started with and the one it
+  is resumed with, less those that cannot change a result (``RESULT_NEUTRAL_KEYS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+LOCK = "run.lock"
+# Keys that change where or how visibly a run works, never what it computes.
+RESULT_NEUTRAL_KEYS = frozenset({"output_dir", "data.cache_dir", "train.progress", "sail.grid_prompts"})
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------- the lock
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the lifetime of a run (a context manager)."""
+
+    def __init__(self, run_dir: str | Path, log=None) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.log = log or (lambda text: None)
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
+                    self.log(f"removing a stale lock {self.path} ({holder or 'unreadable'}): its process has ended")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if holder.get("host") == me["host"] and int(holder.get("pid", -1)) == me["pid"]:
+                    raise RunLockedError(f"{self.path.parent} is already in use by this process")
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('since')}); wait for it to finish, choose another output_dir, or delete "
+                    f"{self.path} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take {self.path}: another run keeps re-creating it")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------- checkpoints
+def write_manifest(folder: str | Path) -> None:
+    """List every file under ``folder`` with its size, in ``manifest.json`` (written last)."""
+    folder = Path(folder)
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != MANIFEST}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def verify_manifest(folder: str | Path) -> str | None:
+    """None if ``folder`` matches its manifest, else why not."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return f"no {MANIFEST} (the checkpoint was never finished)"
+    try:
+        files = read_json(folder / MANIFEST)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+    return None
+
+
+# ------------------------------------------------------------------------ configs
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_changes(before: dict, after: dict) -> dict[str, tuple]:
+    """{key: (before, after)} for every key whose value differs, except the result-neutral ones."""
+    old, new = _flatten(before), _flatten(after)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k not in RESULT_NEUTRAL_KEYS}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return "\n".join(f"  {key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
+
+
+# ------------------------------------------------------------------ folders we fill
+CLAIM = ".sail-fast-writing"
+
+
+class FolderInUseError(FileExistsError):
+    """A folder the run would write into holds files the run did not write."""
+
+
+def claim_folder(path: str | Path, what: str) -> Path:
+    """Make ``path`` a folder this run may fill and, when interrupted, clear: it must be new, empty,
+    or one the run began earlier (it holds the claim marker). Anything else is refused, never deleted."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FolderInUseError(f"{what} {path} is a file; point it at a new or empty folder")
+    if (path / CLAIM).exists():
+        shutil.rmtree(path)  # an interrupted write of ours: start it again
+    elif path.exists() and any(path.iterdir()):
+        found = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise FolderInUseError(
+            f"{what} {path} already holds files this run did not write ({shown}); the run never deletes them: "
+            f"point it at a new or empty folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CLAIM).write_text("sail-fast is writing this folder; it is removed when the write has finished\n")
+    return path
+
+
+def release_folder(path: str | Path) -> None:
+    """The write into a claimed folder has finished."""
+    (Path(path) / CLAIM).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ config records
+class ConfigChangedError(ValueError):
+    """--resume with a config that differs from the one the run started with."""
+
+
+def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_change: bool = False, log=None,
+                  write: bool = True) -> None:
+    """Write ``config.yaml`` for a new run; on resume, refuse a changed config (the keys and values
+    are listed) unless ``allow_change``, which keeps the first config and adds the new one beside it.
+    ``write``: False on the ranks other than the main one, which check but leave the writing to it."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not (resume and path.is_file()):
+        if write:
+            atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+        return
+    changes = config_changes(yaml.safe_load(path.read_text()) or {}, config)
+    if not changes:
+        return
+    if not allow_change:
+        raise ConfigChangedError(
+            f"--resume with a config that differs from the one {run_dir} ran with ({path}):\n{describe_changes(changes)}\n"
+            "its finished and half-finished stages used the first values. Resume with the same config, start a new "
+            "output_dir, or pass --allow-config-change to go on with the new values (both configs are kept)"
+        )
+    if not write:
+        return
+    k = 1
+    while (run_dir / f"config.resume-{k}.yaml").exists():
+        k += 1
+    atomic_write_text(run_dir / f"config.resume-{k}.yaml", yaml.safe_dump(config, sort_keys=False))
+    if log is not None:
+        log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
+            f"{describe_changes(changes)}")
