@@ -17,8 +17,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sail_fast.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
-from sail_fast.models import DiffusionStack, tiny_stack
+from sail_fast.models import DiffusionStack
 from sail_fast.sampling import generate_candidates
+from sail_fast.tiny import tiny_stack
 
 PROMPTS = ["a red bicycle", "a handwritten 7", "a cat on a sofa", "a mountain lake"]
 N, STEPS = 8, 10

@@ -8,7 +8,6 @@ copy moves the three inputs' bytes once in and once out, the memory-bandwidth li
 
 import pytest
 import torch
-
 from sail_fast.kernels import paired_mse, resolve_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ from train_step_variants import PAIRS, VARIANTS, make_step
 
 from sail_fast.architectures import build_unet
 from sail_fast.config import TrainConfig
-from sail_fast.trainer import build_optimizer
+from sail_fast.dpo.optim import build_optimizer
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,10 +1,18 @@
 """Per-digit accuracy of the shipped base at the toy config's sampler and at DDPM 50 -> pretrain.json."""
 import json
-from pathlib import Path
-import torch
+
 from sail_fast.config import load_config
-from sail_fast.loop import sample_diversity
-from sail_fast.toy import DIGIT_WORDS, PLAIN_TEMPLATES, TOY_MODEL_DIR, ToyOracle, load_toy_stack, oracle_samples, sample_digits
+from sail_fast.models import TOY_MODEL_DIR
+from sail_fast.sail.evaluation import sample_diversity
+from sail_fast.toy.human import ToyOracle
+from sail_fast.toy.labels import oracle_samples
+from sail_fast.toy.world import (
+    DIGIT_WORDS,
+    PLAIN_TEMPLATES,
+    load_toy_stack,
+    sample_digits,
+)
+
 cfg = load_config("configs/toy.yaml").sail
 prompts = [t.format(d=form) for d in range(10) for form in (str(d), DIGIT_WORDS[d]) for t in PLAIN_TEMPLATES]
 stack, oracle = load_toy_stack(), ToyOracle.load()

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sail_fast.architectures import UNET_CONFIGS, TEXT_SHAPES, build_unet
+from sail_fast.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
-from sail_fast.trainer import DPOTrainer
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.dpo.trainer import DPOTrainer
 
 PAIRS, BETA = 4, 5000.0
 VARIANTS = ("naive", "fast-fp32", "fast-bf16")

@@ -9,12 +9,17 @@ import errno
 import sys
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
-    """--config, --set, --resume and --allow-config-change: the flags of every command that trains."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
+    """--config and --set: every command that reads a run config."""
     parser.add_argument("--config", required=config_default is None, default=config_default,
                         help="YAML run config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=10 (repeatable)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
+    """--config, --set, --resume and --allow-config-change: the flags of every command that trains."""
+    add_config_arguments(parser, config_default=config_default)
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last finished stage")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: go on although the config differs from the one the run started with "
@@ -25,9 +30,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | 
 def user_errors(prog: str):
     """A mistake in the config, the data or the run folder ends the command with one clear line (exit 2)
     instead of a traceback; --debug shows the traceback."""
-    from sail_fast.config import ConfigError
-    from sail_fast.rundir import ConfigChangedError, FolderInUseError, RunLockedError
-    from sail_fast.trainer import NonFiniteError
+    from .config import ConfigError
+    from .dpo.trainer import NonFiniteError
+    from .rundir import ConfigChangedError, FolderInUseError, RunLockedError
 
     try:
         yield

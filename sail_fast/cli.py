@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sail_fast.arguments import add_run_arguments, user_errors
+from .arguments import add_config_arguments, add_run_arguments, user_errors
+from .toy import PRETRAIN_STEPS
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -43,8 +44,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from sail_fast.config import load_config
-    from sail_fast.train import run_sail, run_training
+    from .config import load_config
+    from .train import run_sail, run_training
 
     config = load_config(args.config, args.set)
     (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
@@ -52,8 +53,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from sail_fast.config import load_config
-    from sail_fast.train import run_sail
+    from .config import load_config
+    from .train import run_sail
 
     config = load_config(args.config, args.set)
     if config.sail is None:
@@ -62,7 +63,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from sail_fast.generate import generate_to_dir
+    from .generate import generate_to_dir
 
     written = generate_to_dir(args.checkpoint, args.prompts, args.num_images, args.out, seed=args.seed,
                               sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -71,8 +72,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from sail_fast.evaluate import evaluate, load_metrics
-    from sail_fast.prompts import read_prompt_set
+    from .evaluate import evaluate, load_metrics
+    from .prompts import read_prompt_set
 
     weights = {}
     for item in args.weights:
@@ -92,18 +93,19 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _toy_pretrain(args: argparse.Namespace) -> None:
-    from sail_fast.toy import TOY_MODEL_DIR, pretrain
+    from .models import TOY_MODEL_DIR
+    from .toy.pretrain import pretrain
 
     report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     print(json.dumps(report, indent=2))
 
 
 def _toy_experiment(args: argparse.Namespace) -> None:
-    from sail_fast.toy_experiment import CONDITIONS, run_experiment
+    from .toy.experiment import CONDITIONS, run_experiment
 
     if args.table_only:
-        from sail_fast.config import load_config
-        from sail_fast.toy_experiment import write_table
+        from .config import load_config
+        from .toy.experiment import write_table
 
         rounds = load_config(args.config, args.set).sail.rounds
         print(write_table(Path(args.out), args.seeds, rounds, args.ablation_rounds or rounds).read_text())
@@ -114,14 +116,14 @@ def _toy_experiment(args: argparse.Namespace) -> None:
 
 
 def _toy_calibrate(args: argparse.Namespace) -> None:
-    from sail_fast.toy_experiment import calibrate
+    from .toy.experiment import calibrate
 
     print(calibrate(args.config, args.out, seed=args.seed, overrides=args.set).read_text())
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from sail_fast.config import load_config
-    from sail_fast.plan import format_plan
+    from .config import load_config
+    from .plan import format_plan
 
     print(format_plan(load_config(args.config, args.set), args.gpus, args.gpu_memory))
 
@@ -184,37 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     plan = sub.add_parser("plan", help="per-GPU training memory by optimizer, ZeRO stage and checkpointing")
-    plan.add_argument("--config", required=True)
+    add_config_arguments(plan)
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.set_defaults(func=_plan)
 
     toy = sub.add_parser("toy", help="the toy digits world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="train the toy base model and the oracle's classifier")
     pre.add_argument("--out", default=None, help="where to write them (default: the package's shipped toy_model/)")
-    pre.add_argument("--steps", type=int, default=2500)
+    pre.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}, as the shipped model")
     pre.add_argument("--batch-size", type=int, default=64)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_toy_pretrain)
     exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the README table")
-    exp.add_argument("--config", default="configs/toy.yaml")
+    add_config_arguments(exp, config_default="configs/toy.yaml")
     exp.add_argument("--out", default="runs/toy-experiment")
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     exp.add_argument("--conditions", nargs="+", default=None,
                      help="default: all of them (sail dpo-6 dpo-12 dpo-25 dpo-50 dpo-full no-mixup random-pairs smoothed-self "
                           "online-dpo-proxy online-dpo smpo realalign sail-realalign); sail first, the others reuse its iter0")
-    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
     cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "
                                               "the toy world's calibration table")
-    cal.add_argument("--config", default="configs/toy.yaml")
+    add_config_arguments(cal, config_default="configs/toy.yaml")
     cal.add_argument("--out", default="runs/toy-calibration")
     cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     cal.set_defaults(func=_toy_calibrate)
     return parser
 

@@ -99,11 +99,11 @@ class TrainConfig(Section):
         return self
 
 
-RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise"]  # see sail_fast.realalign
+RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise"]  # see sail_fast.sail.realalign
 
 
 class RealAlignConfig(Section):
-    """RealAlign's pairs: a real image (winner) against a loser made for its caption (``sail_fast.realalign``)."""
+    """RealAlign's pairs: a real image (winner) against a loser made for its caption (``sail_fast.sail.realalign``)."""
 
     # A folder of images with captions (metadata.jsonl, or a .txt beside each image) or parquet
     # (image and caption columns). The toy world writes real MNIST digits when this is unset.
@@ -217,6 +217,16 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self):
+        # Settings a SAIL run would silently ignore are refused instead.
+        if self.sail is not None and self.train.ema_decay is not None:
+            raise ValueError("train.ema_decay writes an EMA twin (final/unet_ema) that no SAIL round reads: each round "
+                             "trains the policy itself. Unset it, or use `sail-fast train` for one stage with an EMA")
+        if self.sail is not None and self.sail.adaptive and (self.sail.pairing != "best_worst" or self.sail.ranker != "implicit"):
+            raise ValueError("sail.adaptive races candidates for best and worst by their implicit reward; it needs "
+                             "sail.pairing: best_worst and sail.ranker: implicit")
+        if self.sail is not None and "real" in self.sail.pair_sources and self.data.flip != "none":
+            raise ValueError(f"data.flip={self.data.flip!r} is not applied to RealAlign's real images; set data.flip: none "
+                             "for a run with sail.pair_sources: real")
         if self.sail is not None and self.model.toy and self.sail.prompts is not None:
             raise ValueError(f"sail.prompts={self.sail.prompts!r} is set, but the toy world draws its rounds' prompts from "
                              "its own digit prompts; unset sail.prompts")

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .generate import check_picturable, resolve_checkpoint, sample_pictures, sampling_settings
+from .generate import (
+    check_picturable,
+    resolve_checkpoint,
+    sample_pictures,
+    sampling_settings,
+)
 from .images import enlarge, image_grid
 from .metrics import METRICS, Metric, load_metric
 from .prompts import PromptSet

@@ -10,9 +10,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from .build import build_stack
 from .config import load_config
 from .images import decode_latents, enlarge, image_grid, is_finite
-from .models import DiffusionStack, build_stack, load_stack
+from .models import DiffusionStack, load_stack
 from .prompts import read_prompts
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 

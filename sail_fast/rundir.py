@@ -1,8 +1,8 @@
 """The run folder's safety rules: atomic writes, one run at a time, verified checkpoints,
 and a resume that cannot silently mix configurations.
 
-- ``atomic_write_text`` / ``write_json``: written to a temporary name and renamed, so a kill
-  never leaves half a file.
+- ``atomic_target`` / ``atomic_write_text`` / ``atomic_save_tensors`` / ``write_json``: written to a
+  temporary name and renamed, so a kill never leaves half a file.
 - ``RunLock``: ``<run>/run.lock`` holds the host and pid of the run using the folder; a second
   run is refused with the holder's name; a lock left by a killed process on this host is stale
   and taken over.
@@ -10,10 +10,26 @@ and a resume that cannot silently mix configurations.
   ``manifest.json``, written last; a checkpoint whose files do not match is skipped on resume.
 - ``config_changes``: the keys that differ between the config a run started with and the one it
   is resumed with, less those that cannot change a result (``RESULT_NEUTRAL_KEYS``).
+
+A SAIL run's folder (each stage writes ``done.json`` last; ``--resume`` skips finished stages and
+continues a half-trained one from its latest intact checkpoint)::
+
+    config.yaml       the config the run started with (config.resume-N.yaml: later ones, --allow-config-change)
+    run.lock          host and pid of the run working here (sail_fast.rundir)
+    human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
+    base/eval.json    the base model's evaluation
+    iter0/            DPO on the seed against the base: config.yaml (as the stage ran), checkpoints/, final/unet, eval.json
+    real-digits/      toy world, RealAlign: the real images with captions (metadata.jsonl)
+    round-01/         candidates.rank0.safetensors, pairs.safetensors (latent shard),
+                      ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json;
+                      RealAlign: real_losers.rank0.safetensors, real_pairs.png
+    metrics.json      one row per stage: reward spread, self-label agreement, diversity, metrics
+    curves.png        those rows as curves
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,12 +42,27 @@ LOCK = "run.lock"
 RESULT_NEUTRAL_KEYS = frozenset({"output_dir", "data.cache_dir", "train.progress", "sail.grid_prompts"})
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_target(path: str | Path):
+    """Yields a temporary name beside ``path`` to write to; renamed to ``path`` when the block ends, so a
+    kill never leaves half a file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_target(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def write_json(path: str | Path, obj) -> None:

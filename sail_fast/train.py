@@ -19,13 +19,12 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 
 from sail_fast.arguments import add_run_arguments, user_errors  # noqa: E402
-
+from sail_fast.build import build_stack  # noqa: E402
 from sail_fast.config import RunConfig, load_config  # noqa: E402
+from sail_fast.data.sources import load_pairs  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
-from sail_fast.models import build_stack  # noqa: E402
-from sail_fast.pair_sources import load_pairs  # noqa: E402
+from sail_fast.dpo.trainer import DPOTrainer  # noqa: E402
 from sail_fast.rundir import RunLock, record_config  # noqa: E402
-from sail_fast.trainer import DPOTrainer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +57,7 @@ def _train_stage(config: RunConfig, dist, resume: bool) -> Path:
 
 
 def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
-    from sail_fast.loop import SailLoop
+    from sail_fast.sail.loop import SailLoop
 
     dist = init_distributed()
     return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume, allow_config_change=allow_config_change)

@@ -7,15 +7,15 @@ import dataclasses
 
 import pytest
 import torch
-
-from sail_fast.config import load_config
-from sail_fast.models import build_stack, tiny_stack
-from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.sampling import generate_candidates
-from sail_fast.trainer import DPOTrainer
-
 from test_reward import _perturbed_copy
 from test_train import TINY, planted_pairs
+
+from sail_fast.build import build_stack
+from sail_fast.config import load_config
+from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.reward import ImplicitRewardScorer
+from sail_fast.sampling import generate_candidates
+from sail_fast.tiny import tiny_stack
 
 
 def test_compiled_training_step_gives_eager_gradients(tmp_path):

@@ -11,18 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from sail_fast.data import (
-    LatentPairs,
-    MixupSampler,
-    PairBatch,
+from sail_fast.data.encode import encode_pairs
+from sail_fast.data.latent_pairs import LatentPairs, PairBatch
+from sail_fast.data.records import (
     PairRecord,
     ReadStats,
-    encode_pairs,
     read_pairs_jsonl,
     read_pickapic_parquet,
     write_pairs_jsonl,
 )
-from sail_fast.models import tiny_stack
+from sail_fast.dpo.mixup import MixupSampler
+from sail_fast.tiny import tiny_stack
 
 # ----------------------------------------------------------------------------- helpers
 

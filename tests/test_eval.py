@@ -9,8 +9,9 @@ from tiny_weights import hps_dir, tiny_clip_dir
 
 from sail_fast.cli import main
 from sail_fast.evaluate import checkpoint_labels, summarize, win_rate
+from sail_fast.models import TOY_MODEL_DIR
 from sail_fast.prompts import HPS_STYLES, read_prompt_set
-from sail_fast.toy import TOY_MODEL_DIR, prompt_pool
+from sail_fast.toy.world import prompt_pool
 
 
 def test_hpsv2_style_folder_json_styles_and_blocks(tmp_path):
@@ -128,7 +129,7 @@ def test_eval_cli_on_the_toy_world(tmp_path, capsys, monkeypatch):
 def test_eval_sd_stack_with_vae_and_clip_metrics(tmp_path):
     """An SD-shaped pipeline (VAE decode to RGB) scored by PickScore and HPSv2 from tiny local weights,
     on grouped prompts."""
-    from sail_fast.models import tiny_stack
+    from sail_fast.tiny import tiny_stack
 
     tiny_stack("sd15", with_vae=True).save_pretrained(tmp_path / "pipe")
     tiny_clip_dir(tmp_path / "weights" / "pickscore")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sail_fast.images import decode_latents, image_grid
-from sail_fast.models import tiny_stack
+from sail_fast.tiny import tiny_stack
 
 
 def test_pixel_space_latents_map_minus_one_to_one_onto_0_255():
@@ -31,7 +31,8 @@ def test_vae_decode_matches_the_vae_itself():
 def test_grid_layout_and_errors():
     latents = torch.zeros(5, 3, 4, 6)
     grid = image_grid(decode_latents(latents), columns=2, captions=[f"r={i}" for i in range(5)])
-    assert grid.size == (2 * 6, 3 * (4 + 12))
+    # Each caption gets a band of readable text under its picture: one 10 px line (+ 2 px leading), 2 px margin.
+    assert grid.size == (2 * 6, 3 * (4 + 14))
     with pytest.raises(ValueError, match="2 captions for 5 images"):
         image_grid(decode_latents(latents), columns=2, captions=["a", "b"])
     with pytest.raises(ValueError, match=r"latents must be \[B, C, H, W\]"):

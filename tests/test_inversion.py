@@ -10,11 +10,11 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
+from sail_fast.build import build_stack
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
-from sail_fast.inversion import ddim_invert
-from sail_fast.models import build_stack
-from sail_fast.trainer import DPOTrainer
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.dpo.inversion import ddim_invert
+from sail_fast.dpo.trainer import DPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod

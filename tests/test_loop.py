@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sail_fast.build import build_stack
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
-from sail_fast.loop import SailLoop, sample_diversity
-from sail_fast.models import build_stack
-from sail_fast.trainer import DPOTrainer
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.sail.evaluation import sample_diversity
+from sail_fast.sail.loop import SailLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, planted_pairs  # noqa: E402
@@ -126,8 +127,10 @@ def test_sample_diversity_is_the_mean_pairwise_rms_distance():
 
 @pytest.mark.slow
 def test_two_ranks_deal_the_prompts_and_gather_the_same_pairs(tmp_path):
-    # No DPO steps, so both runs rank candidates of the base model; 5 prompts deal 3 + 2.
-    overrides = make_overrides(tmp_path, "train.steps=0", "train.micro_batch_pairs=4", "sail.rounds=1",
+    # One DPO step at a learning rate below fp32 resolution (steps must be >= 1), so both runs rank
+    # candidates of the base model, bit for bit; 5 prompts deal 3 + 2.
+    overrides = make_overrides(tmp_path, "train.steps=1", "train.learning_rate=1e-30", "train.micro_batch_pairs=4",
+                               "sail.rounds=1",
                                "sail.prompts_per_round=5")
     SailLoop(load_config(TINY, overrides)).run()
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", "29511"]

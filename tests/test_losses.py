@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sail_fast.losses import LOSSES, loss_from_mse, preference_loss
+from sail_fast.dpo.losses import LOSSES, loss_from_mse, preference_loss
 
 BETA = 50.0
 

@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sail_fast.models import DiffusionStack, PromptEmbeds, load_stack, tiny_stack
+from sail_fast.models import DiffusionStack, PromptEmbeds, load_stack
+from sail_fast.tiny import tiny_stack
 
 KINDS = ["sd15", "sdxl"]
 # (sequence length, prompt feature dim, pooled dim) of the tiny stacks.

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sail_fast import data as data_module
 from sail_fast.config import load_config
-from sail_fast.data import PairRecord, write_pairs_jsonl
-from sail_fast.models import tiny_stack
-from sail_fast.pair_sources import load_pairs
+from sail_fast.data import encode as data_module
+from sail_fast.data.records import PairRecord, write_pairs_jsonl
+from sail_fast.data.sources import load_pairs
+from sail_fast.tiny import tiny_stack
 
 
 def _image(seed):
@@ -27,7 +27,7 @@ def test_jsonl_pairs_are_encoded_once_then_read_from_the_cache(tmp_path, stack, 
     config = load_config(overrides=["model.tiny=sd15", "data.resolution=8", f"data.seed_pairs=[{tmp_path / 'pairs.jsonl'}]"])
     calls = []
     real_encode = data_module.encode_pairs
-    monkeypatch.setattr("sail_fast.pair_sources.encode_pairs", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    monkeypatch.setattr("sail_fast.data.sources.encode_pairs", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
     kw = dict(model=config.model, data=config.data, cache_dir=tmp_path / "cache", log=lambda *_: None)
     first = load_pairs(config.data.seed_pairs, stack, **kw)
     second = load_pairs(config.data.seed_pairs, stack, **kw)

@@ -6,7 +6,6 @@ sets TRITON_INTERPRET=1), so these tests exercise the real kernel code either wa
 
 import pytest
 import torch
-
 from sail_fast.kernels import paired_mse, paired_mse_reference, resolve_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,11 +11,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile
 
+from sail_fast.build import build_stack
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
-from sail_fast.models import build_stack
-from sail_fast.plan import meta_unet, optimizer_state_bytes, plan_memory, unet_config_for
-from sail_fast.trainer import DPOTrainer, build_optimizer
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.dpo.optim import build_optimizer
+from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.plan import (
+    meta_unet,
+    optimizer_state_bytes,
+    plan_memory,
+    unet_config_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from sail_fast.kernels import dpo_logit, implicit_reward, paired_mse_reference
 
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
+from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.images import decode_latents
 from sail_fast.metrics import load_metric
-from sail_fast.ranking import external_scores, soft_labels
+from sail_fast.sail.ranking import external_scores, soft_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_soft_labels_are_a_softmax_over_normalised_scores():
 
 
 def test_external_scores_keep_prompt_and_candidate_order():
-    from sail_fast.toy import load_toy_stack, prompt_pool
+    from sail_fast.toy.world import load_toy_stack, prompt_pool
 
     stack = load_toy_stack()
     metric = load_metric("toy_oracle")
@@ -91,8 +91,8 @@ def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
     from test_train import TINY
     from tiny_weights import tiny_clip_dir
 
-    from sail_fast.loop import SailLoop
-    from sail_fast.models import build_stack
+    from sail_fast.build import build_stack
+    from sail_fast.sail.loop import SailLoop
 
     tiny_clip_dir(tmp_path / "pickscore")
     overrides = make_overrides(tmp_path, "model.with_vae=true", "data.resolution=16", "sail.rounds=1",

@@ -15,9 +15,8 @@ from PIL import Image
 from test_data import _encoded, _to_unit
 
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
-from sail_fast.models import tiny_stack
-from sail_fast.realalign import (
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.sail.realalign import (
     captions,
     encode_real,
     gaussian_blur,
@@ -31,6 +30,7 @@ from sail_fast.sampling import (
     sampling_scheduler,
 )
 from sail_fast.seeding import derive_seed
+from sail_fast.tiny import tiny_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_region_masks_are_seeded_rectangles_of_the_asked_area():
 def test_encode_real_in_pixel_space_gives_the_real_images_and_their_perturbed_copies():
     stack = tiny_stack("sd15", in_channels=1)
     images = [_image(i) for i in range(3)]
-    from sail_fast.realalign import RealImage
+    from sail_fast.sail.realalign import RealImage
 
     items = [RealImage(f"caption {i % 2}", im, f"item {i}") for i, im in enumerate(images)]
     pixels = torch.stack([_to_unit(im) for im in images])
@@ -166,7 +166,7 @@ def test_encode_real_in_pixel_space_gives_the_real_images_and_their_perturbed_co
 
 def test_encode_real_with_a_vae_shares_sdxl_time_ids_across_the_pair():
     stack = tiny_stack("sdxl", with_vae=True)
-    from sail_fast.realalign import RealImage
+    from sail_fast.sail.realalign import RealImage
 
     items = [RealImage("a", _image(0, size=24, mode="RGB").resize((32, 24)), "x"), RealImage("b", _image(1, mode="RGB"), "y")]
     out = encode_real(items, stack, resolution=16, loser="blur", progress=False)
@@ -186,7 +186,7 @@ def test_encode_real_with_a_vae_shares_sdxl_time_ids_across_the_pair():
 
 @pytest.fixture(scope="module")
 def toy_stack():
-    from sail_fast.toy import load_toy_stack
+    from sail_fast.toy.world import load_toy_stack
 
     return load_toy_stack()
 
@@ -218,7 +218,7 @@ def _literal_redraw(stack, clean, prompt, mask, strength, seed, steps, guidance)
 
 
 def test_regenerate_region_matches_a_literal_masked_sdedit_loop(toy_stack):
-    from sail_fast.toy import load_digits
+    from sail_fast.toy.world import load_digits
 
     digits, _ = load_digits()
     clean = digits[:3]
@@ -272,7 +272,7 @@ def test_realalign_mixed_with_sail_pairs_uses_the_policy_sample_as_loser(tmp_pat
     torch.testing.assert_close(mine.win, real)
     assert captions(mine) == caps
     # The loser is the round's policy (iter0) sampling the caption with the round's seed for that position.
-    from sail_fast.loop import load_unet
+    from sail_fast.models import load_unet
 
     policy = load_unet(tmp_path / "iter0/final/unet", toy_stack.unet)
     import dataclasses
@@ -294,7 +294,7 @@ def test_realalign_alone_on_an_sd_stack_with_a_vae_redraws_in_latent_space_and_r
     from test_loop import make_overrides
     from test_train import TINY
 
-    from sail_fast.loop import SailLoop
+    from sail_fast.sail.loop import SailLoop
 
     real = tmp_path / "real"
     real.mkdir()

@@ -19,16 +19,22 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from sail_fast.build import build_stack
 from sail_fast.cli import main
 from sail_fast.config import ConfigError, load_config
-from sail_fast.data import PairRecord, write_pairs_jsonl
+from sail_fast.data.records import PairRecord, write_pairs_jsonl
+from sail_fast.dpo.trainer import DPOTrainer, NonFiniteError
 from sail_fast.images import decode_latents, image_grid
-from sail_fast.loop import SailLoop
-from sail_fast.models import build_stack
-from sail_fast.ranking import drop_non_finite, soft_labels
-from sail_fast.rundir import LOCK, ConfigChangedError, FolderInUseError, RunLock, RunLockedError
+from sail_fast.rundir import (
+    LOCK,
+    ConfigChangedError,
+    FolderInUseError,
+    RunLock,
+    RunLockedError,
+)
+from sail_fast.sail.loop import SailLoop
+from sail_fast.sail.ranking import drop_non_finite, soft_labels
 from sail_fast.train import run_training
-from sail_fast.trainer import DPOTrainer, NonFiniteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_config  # noqa: E402
@@ -119,7 +125,7 @@ def test_a_nan_candidate_is_never_best_or_worst():
 
 
 def test_sail_round_drops_non_finite_candidates(tmp_path, monkeypatch):
-    from sail_fast import loop as loop_module
+    from sail_fast.sail import pairing as loop_module
 
     real = loop_module.generate_candidates
 
@@ -144,7 +150,7 @@ def test_sail_round_drops_non_finite_candidates(tmp_path, monkeypatch):
 def test_eval_reports_non_finite_pictures_instead_of_scoring_them(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from sail_fast.toy import TOY_MODEL_DIR
+    from sail_fast.models import TOY_MODEL_DIR
 
     broken = tmp_path / "broken"
     shutil.copytree(TOY_MODEL_DIR, broken)
@@ -192,8 +198,8 @@ def test_resume_with_a_changed_config_is_refused_with_the_diff(tmp_path):
 
 # ---------------------------------------------------------------------------- 4. the encode cache
 def test_an_image_fixed_on_disk_is_encoded_again(tmp_path):
-    from sail_fast.models import tiny_stack
-    from sail_fast.pair_sources import load_pairs
+    from sail_fast.data.sources import load_pairs
+    from sail_fast.tiny import tiny_stack
 
     stack = tiny_stack("sd15", sample_size=8, in_channels=1)
 
@@ -212,8 +218,8 @@ def test_an_image_fixed_on_disk_is_encoded_again(tmp_path):
 
 
 def test_an_empty_pairs_file_is_named(tmp_path):
-    from sail_fast.models import tiny_stack
-    from sail_fast.pair_sources import load_pairs
+    from sail_fast.data.sources import load_pairs
+    from sail_fast.tiny import tiny_stack
 
     (tmp_path / "empty.jsonl").write_text("\n")
     config = load_config(overrides=["model.tiny=sd15"])

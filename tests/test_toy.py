@@ -4,27 +4,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from sail_fast.data import read_pairs_jsonl
-from sail_fast.toy import (
-    DigitClassifier,
-    ToyOracle,
-    digit_of,
-    load_digits,
-    load_toy_stack,
-    make_human_pairs,
-    oracle_metrics,
-    prompt_pool,
-    sample_digits,
-    split_prompts,
-)
-from sail_fast.toy_human import (
+from sail_fast.data.records import read_pairs_jsonl
+from sail_fast.toy.human import (
     HAZE_SCALE,
     LOG_PROB_FLOOR,
     OFFSET_WEIGHT,
     WIDTH_SCALE,
     WIDTH_TARGET,
+    DigitClassifier,
+    ToyOracle,
     rater_temperature,
     real_digit_constants,
+)
+from sail_fast.toy.labels import make_human_pairs, oracle_metrics
+from sail_fast.toy.world import (
+    digit_of,
+    load_digits,
+    load_toy_stack,
+    prompt_pool,
+    sample_digits,
+    split_prompts,
 )
 
 REPO_TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -164,8 +163,8 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
     import dataclasses
 
     from sail_fast.config import load_config
-    from sail_fast.data import LatentPairs
-    from sail_fast.trainer import DPOTrainer
+    from sail_fast.data.latent_pairs import LatentPairs
+    from sail_fast.dpo.trainer import DPOTrainer
 
     stack = load_toy_stack()
     images, labels = load_digits()

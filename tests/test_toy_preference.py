@@ -9,12 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sail_fast.config import load_config
-from sail_fast.data import read_pairs_jsonl
+from sail_fast.data.records import read_pairs_jsonl
 from sail_fast.images import decode_latents
 from sail_fast.metrics import load_metric
-from sail_fast.metrics.toy_metrics import pictures_to_pixels
-from sail_fast.toy import load_digits
-from sail_fast.toy_human import ToyOracle, load_preference
+from sail_fast.toy.human import ToyOracle, load_preference
+from sail_fast.toy.metrics import pictures_to_pixels
+from sail_fast.toy.world import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 # A human who likes little ink: the opposite of the built-in one's bold strokes.

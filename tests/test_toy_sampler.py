@@ -13,7 +13,14 @@ from diffusers import DDIMScheduler
 
 from sail_fast.config import load_config
 from sail_fast.sampling import SAMPLERS, step_options
-from sail_fast.toy import DIGIT_WORDS, PLAIN_TEMPLATES, ToyOracle, load_toy_stack, oracle_samples, sample_digits
+from sail_fast.toy.human import ToyOracle
+from sail_fast.toy.labels import oracle_samples
+from sail_fast.toy.world import (
+    DIGIT_WORDS,
+    PLAIN_TEMPLATES,
+    load_toy_stack,
+    sample_digits,
+)
 
 TOY = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml").sail
 # Every plain prompt: 3 templates x (digit, word) per digit.

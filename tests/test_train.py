@@ -14,11 +14,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from sail_fast.build import build_stack
 from sail_fast.config import load_config
-from sail_fast.data import LatentPairs
+from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.dpo.trainer import DPOTrainer
 from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.models import build_stack
-from sail_fast.trainer import DPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

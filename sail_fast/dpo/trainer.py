@@ -27,13 +27,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .config import RunConfig
-from .data import LatentPairs, MixupSampler, PairBatch
-from .distributed import DistInfo
+from ..config import RunConfig
+from ..data.latent_pairs import LatentPairs, PairBatch
+from ..distributed import DistInfo
+from ..rundir import atomic_write_text, verify_manifest, write_manifest
+from ..seeding import generator
 from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, preference_loss
-from .rundir import atomic_write_text, verify_manifest, write_manifest
-from .seeding import generator
+from .mixup import MixupSampler
+from .optim import build_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch 2.13's CPU inductor fuses part of the UNet's backward wrongly: the gradients are 26-67%
@@ -41,25 +43,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # compiled forward + backward still beats eager (0.37 s against 0.51 s on sd15-small); GPUs
 # compile with the defaults.
 CPU_COMPILE_OPTIONS = {"max_fusion_size": 1}
-
-
-def build_optimizer(name: str, params, train) -> torch.optim.Optimizer:
-    """AdamW, bitsandbytes' 8-bit AdamW, or Adafactor (the paper's SDXL setting)."""
-    params = [p for p in params if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=train.learning_rate, betas=train.adam_betas, weight_decay=train.weight_decay)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=train.learning_rate, betas=train.adam_betas, weight_decay=train.weight_decay)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            params, lr=train.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False,
-            weight_decay=train.weight_decay,
-        )
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or adafactor")
 
 
 class NonFiniteError(RuntimeError):
@@ -87,7 +70,6 @@ class DPOTrainer:
         seed_pairs: LatentPairs,
         *,
         generated_pairs: LatentPairs | None = None,
-        reference: UNet2DConditionModel | None = None,
         output_dir: str | Path | None = None,
         dist: DistInfo = DistInfo(),
         device: torch.device | str = "cpu",
@@ -124,10 +106,10 @@ class DPOTrainer:
         self.policy = policy.to(self.device, memory_format=torch.contiguous_format).train()
         if train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
-        # The reference is the policy as it starts (or the one given), frozen, in the compute dtype.
+        # The reference is the policy as it starts, frozen, in the compute dtype.
         self.reference = None
         if train.loss not in REFERENCE_FREE:
-            self.reference = copy.deepcopy(reference if reference is not None else policy).to(self.device)
+            self.reference = copy.deepcopy(policy).to(self.device)
             if self.reference.dtype != self.compute_dtype:  # diffusers warns on any .to(dtype), even a no-op
                 self.reference.to(dtype=self.compute_dtype)
             self.reference.eval().requires_grad_(False)

@@ -35,8 +35,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import load_config
-from .loop import SailLoop
+from ..config import load_config
+from ..sail.loop import SailLoop
 
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
@@ -100,7 +100,7 @@ def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
     """(eval.json, per-sample tables) of one stage of one run, or None if it has not been evaluated."""
     from safetensors.torch import load_file
 
-    from .loop import EVAL_SAMPLES
+    from ..sail.evaluation import EVAL_SAMPLES
 
     stage_dir = run / stage
     if not (stage_dir / "eval.json").exists() or not (stage_dir / EVAL_SAMPLES).exists():
@@ -142,7 +142,7 @@ def _combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
 def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[dict]:
     """Every line of the table that has run: means over seeds, and paired differences (± SE) against
     the same seed's base and full-label DPO, sampled with the same prompts and noise."""
-    from .paired import paired_difference
+    from ..paired import paired_difference
 
     lines = []
     for label, budget, condition, stage in rows_of(out, seeds, rounds, ablation_rounds):

@@ -27,18 +27,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import RealLoser
-from .data import (
-    ImageSource,
-    LatentPairs,
+from ..config import RealLoser
+from ..data.encode import (
     encode_pixels,
     image_mode,
     image_seeds,
-    open_image,
     prepare_image,
     prompt_table,
 )
-from .models import DiffusionStack
+from ..data.latent_pairs import LatentPairs
+from ..data.records import ImageSource, open_image
+from ..models import DiffusionStack
 
 REAL_LOSERS = get_args(RealLoser)
 PER_ROUND_LOSERS = ("own_sample", "masked_renoise")  # drawn by the policy of the round

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels import dpo_logit, paired_mse
+from ..kernels import dpo_logit, paired_mse
 
 LOSSES = ("sigmoid", "smpo", "hinge", "ipo", "sft", "mapo")
 REFERENCE_FREE = ("sft", "mapo")

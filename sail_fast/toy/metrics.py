@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import Metric
+from ..metrics.base import Metric
 
 
 def pictures_to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -22,13 +22,14 @@ class _ToyMetric(Metric):
     batch_size = 256
 
     def __init__(self, root: str | Path | None = None, preference=None, **_) -> None:
-        from ..toy_human import TOY_MODEL_DIR, ToyOracle
+        from ..models import TOY_MODEL_DIR
+        from .human import ToyOracle
 
         self.weights = str(root or TOY_MODEL_DIR)
         self.oracle = ToyOracle.load(root, preference=preference)
 
     def _components(self, images, prompts) -> tuple[dict, torch.Tensor]:
-        from ..toy import digit_of
+        from .world import digit_of
 
         digits = torch.tensor([digit_of(p) for p in prompts])
         return self.oracle.components(pictures_to_pixels(images), digits), digits
@@ -58,6 +59,6 @@ class StrokeWidth(_ToyMetric):
     name, version = "toy_width", "toy proxy: share of stroke pixels (intensity > 0.5), monotone"
 
     def _score_batch(self, images, prompts):
-        from ..toy_human import stroke_width
+        from .human import stroke_width
 
         return stroke_width((pictures_to_pixels(images)[:, 0] + 1) / 2)

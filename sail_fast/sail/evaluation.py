@@ -1,0 +1,127 @@
+"""Each stage's evaluation: fixed-seed samples on the world's evaluation prompts, diversity, self-label
+agreement on held-out human pairs, and (where the world has a judge) per-sample scores, paired against
+the base and iter0 (same prompts, same seeds), written as ``<stage>/eval.json`` and ``eval_samples``;
+then ``metrics.json`` and ``curves.png`` over the stages."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..data.latent_pairs import LatentPairs
+from ..images import image_grid
+from ..paired import paired_difference
+from ..reward import ImplicitRewardScorer
+from ..rundir import atomic_save_tensors, read_json, write_json
+from ..sampling import generate_candidates
+from ..seeding import derive_seed
+from .context import RunContext
+
+EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
+
+
+def sample_diversity(latents: torch.Tensor) -> float:
+    """Mean RMS distance between two samples of the same prompt, for latents [P, n, ...]."""
+    flat = latents.flatten(2).float()
+    n = flat.shape[1]
+    if n < 2:
+        return float("nan")
+    dist = torch.cdist(flat, flat) / math.sqrt(flat.shape[-1])  # [P, n, n]
+    return float(dist.sum(dim=(1, 2)).mean() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None) -> dict:
+    """A stage's metrics: fixed-seed samples on the eval prompts, self-label agreement, the world's judgment."""
+    path = ctx.out / name / "eval.json"
+    if path.exists():
+        return read_json(path)
+    prompts = ctx.world.eval_prompts()
+    n = ctx.sail.eval_images_per_prompt
+    # The same seeds at every stage, so stages differ only by their weights.
+    latents = generate_candidates(ctx.stack_with(unet), prompts, n, seed=derive_seed(ctx.seed, 9000),
+                                  batch_size=ctx.sail.generation_batch, progress=ctx.progress, **ctx.sampling).latents
+    metrics = {"stage": name, "diversity": sample_diversity(latents)}
+    if heldout is not None and unet is not ctx.base:
+        scorer = ImplicitRewardScorer(unet, ctx.base, ctx.stack.scheduler, beta=ctx.config.train.beta,
+                                      num_draws=ctx.sail.num_draws, micro_batch=ctx.sail.scoring_batch,
+                                      compile=ctx.sail.compile)
+        metrics["self_label_agreement"] = scorer.pair_accuracy(
+            heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9001)))
+    samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
+    if samples is not None:
+        metrics |= ctx.world.summary(samples, prompts) | paired_with_earlier(ctx.out, name, samples)
+    if ctx.dist.is_main:
+        images = ctx.pictures(latents[: min(10, len(prompts))].flatten(0, 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if images is not None:
+            shown = [f"{prompts[i // n]} ({name})" for i in range(len(images))]
+            image_grid(images, columns=n, captions=shown).save(path.with_name("samples.png"))
+        if samples is not None:  # per-sample tables: later stages pair their scores with these
+            atomic_save_tensors({"latents": latents} | samples, path.with_name(EVAL_SAMPLES))
+        write_json(path, metrics)
+    ctx.dist.barrier()
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    ctx.log(f"{name}: {shown}")
+    return metrics
+
+def paired_with_earlier(out: Path, name: str, samples: dict[str, torch.Tensor]) -> dict:
+    """Paired differences (mean, prompt-clustered SE) of every term against the base and iter0,
+    which were sampled on the same prompts with the same seeds."""
+    paired = {}
+    for other in ("base", "iter0"):
+        file = out / other / EVAL_SAMPLES
+        if other == name or not file.exists():
+            continue
+        theirs = load_file(file)
+        paired[f"vs_{other}"] = {k: paired_difference(samples[k], theirs[k]) for k in samples}
+    return paired
+
+
+def metric_rows(out: Path, rounds: int) -> list[dict]:
+    rows = []
+    stages = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, rounds + 1)]
+    for i, name in enumerate(stages):
+        file = out / name / "eval.json"
+        if not file.exists():
+            continue  # not finished, or not evaluated (sail.eval_each_round: false)
+        row = {"stage": name, "round": i - 1} | read_json(file)
+        ranking = out / name / "ranking.json"
+        if ranking.exists():
+            info = read_json(ranking)
+            row |= {k: info[k] for k in ("reward_spread_mean", "reward_std_within_prompt")}
+            row["candidate_diversity"] = info["diversity"]
+        rows.append(row)
+    return rows
+
+def write_metrics(out: Path, rounds: int) -> None:
+    """``metrics.json`` (one row per evaluated stage) and ``curves.png``."""
+    rows = metric_rows(out, rounds)
+    write_json(out / "metrics.json", rows)
+    plot_curves(rows, out / "curves.png")
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """One panel per metric against the stage (base, iter0, round 1, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity", "reward_spread_mean")
+            if any(k in row for row in rows)]
+    if not rows or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [row["round"] for row in rows if key in row]
+        ax.plot(xs, [row[key] for row in rows if key in row], marker="o")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("round (-1 = base, 0 = iter0)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,198 @@
+"""The SAIL loop: iter0 Diffusion-DPO on the seed pairs, then T rounds of
+generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -> DPO.
+
+``sail.ranker: external`` ranks with a reward model instead (OnlineDPO), and
+``sail.soft_labels`` gives each pair the SmPO soft label of its ranking scores.
+``sail.pair_sources`` adds RealAlign's pairs (real images beating losers made for their
+captions, ``sail_fast.sail.real_pairs``) to the ranked ones, or uses them alone.
+
+The run folder's layout is in ``sail_fast.rundir``; each stage writes ``done.json`` last, and ``--resume``
+skips finished stages and continues a half-trained one from its latest intact checkpoint.
+
+The loop only sequences the stages; each is a function of a ``RunContext`` (``context``): the world
+(``world``: prompts, human pairs, real images, a judge), ranking (``ranking``), pairing (``pairing``),
+RealAlign's pairs (``real_pairs``), training (``sail_fast.dpo``) and evaluation (``evaluation``).
+
+Under the DeepSpeed launcher each rank generates and ranks its slice of a round's prompts;
+the pairs are gathered on every rank before the data-parallel DPO stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from ..build import build_stack
+from ..config import RunConfig
+from ..data.latent_pairs import LatentPairs
+from ..data.sources import load_pairs
+from ..distributed import DistInfo
+from ..dpo.trainer import DPOTrainer
+from ..models import load_unet
+from ..rundir import RunLock, atomic_write_text, read_json, record_config, write_json
+from ..seeding import derive_seed
+from .context import RunContext
+from .evaluation import EVAL_SAMPLES, evaluate_stage, metric_rows, write_metrics
+from .pairing import round_pairs
+from .ranking import make_ranker
+from .real_pairs import encoded_real_images
+from .world import world_for
+
+DONE = "done.json"
+
+
+class SailLoop:
+    """Runs ``config``'s SAIL rounds in ``config.output_dir`` (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, *, dist: DistInfo = DistInfo(), device: torch.device | str = "cpu",
+                 log=None) -> None:
+        if config.sail is None:
+            raise ValueError("this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`")
+        self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
+        self.out = Path(config.output_dir)
+        stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
+        self.ctx = RunContext(config, stack, stack.unet.eval().requires_grad_(False), dist, torch.device(device), self.out,
+                              world_for(config, self.out, self.log), self.log, config.train.progress and dist.is_main)
+        self.base = self.ctx.base
+        self.ranker = make_ranker(self.ctx) if "self" in self.sail.pair_sources else None
+
+    def log(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
+        (self._log or tqdm.write)(text)
+        with (self.out / "sail.log").open("a") as f:
+            f.write(text + "\n")
+
+    def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
+        """Run every unfinished stage; returns the final policy's UNet directory.
+
+        The run folder is locked for the run's lifetime; ``resume`` refuses a config that differs from
+        the one the run started with unless ``allow_config_change`` (see ``sail_fast.rundir``)."""
+        if not resume and (self.out / "base").exists():
+            raise FileExistsError(
+                f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
+            )
+        self._round_prompts()  # enough prompts for every round? Found out now, not after iter0 has trained.
+        with RunLock(self.out, log=self.log) if self.dist.is_main else contextlib.nullcontext():
+            record_config(self.out, self.config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
+                          log=self.log, write=self.dist.is_main)
+            return self._run_stages()
+
+    def _run_stages(self) -> Path:
+        seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
+        pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.out / "cache",
+                     "seed": self.config.seed, "dist": self.dist, "log": self.log}
+        seed_pairs = load_pairs(seed_sources, self.ctx.stack, **pair_args)
+        heldout = load_pairs(heldout_sources, self.ctx.stack, **pair_args) if heldout_sources else None
+        # The seed file is the human budget: a cap meant for real data must not cut it silently.
+        self.log(f"seed: {len(seed_pairs)} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
+        real_set = encoded_real_images(self.ctx) if "real" in self.sail.pair_sources else None
+
+        evaluate_stage(self.ctx, "base", self.base, heldout)
+        policy = self.iter0_stage(seed_pairs, heldout)
+        previous = self.base
+        for r, prompts in enumerate(self._round_prompts(), start=1):
+            policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
+            # Round r trains its input policy in place, so the next round's reference (sail.reference:
+            # previous) is read back from disk: the weights round r started from, as on --resume.
+            previous = load_unet(self._policy_dir(r - 1), self.base) if self.sail.reference == "previous" else self.base
+        self._write_metrics()
+        last = f"round-{self.sail.rounds:02d}" if self.sail.rounds else "iter0"
+        self.ctx.world.report(self.ctx, metric_rows(self.out, self.sail.rounds), last)
+        self.log(f"SAIL finished: final policy in {self.final_dir()}; metrics in {self.out / 'metrics.json'}")
+        return self.final_dir()
+
+    def final_dir(self) -> Path:
+        return self._policy_dir(self.sail.rounds)
+
+    def _policy_dir(self, r: int) -> Path:
+        """The UNet directory of the policy after round r (0: iter0, wherever it was trained)."""
+        if r == 0:
+            return Path(self.sail.iter0_from or self.out / "iter0") / "final" / "unet"
+        return self.out / f"round-{r:02d}/train/final/unet"
+
+    def _round_prompts(self) -> list[list[str]]:
+        """Disjoint prompt sets, one per round."""
+        pool, per, rounds = self.ctx.world.round_pool(), self.sail.prompts_per_round, self.sail.rounds
+        if per * rounds > len(pool):
+            raise ValueError(
+                f"{rounds} rounds x sail.prompts_per_round={per} need {per * rounds} distinct prompts, but the pool has "
+                f"{len(pool)}; lower one of them or give a larger sail.prompts file"
+            )
+        return [pool[r * per : (r + 1) * per] for r in range(rounds)]
+
+    def _stage_config(self, stage: int, steps: int | None, stage_dir: Path) -> RunConfig:
+        """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
+        train = self.config.train.model_copy(update={"steps": steps or self.config.train.steps})
+        config = self.config.model_copy(update={"seed": derive_seed(self.config.seed, 100 + stage) % 2**31, "train": train})
+        if self.dist.is_main and not (stage_dir / "config.yaml").exists():
+            atomic_write_text(stage_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        return config
+
+    def _write_metrics(self) -> None:
+        if self.dist.is_main:
+            write_metrics(self.out, self.sail.rounds)
+
+    def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
+        stage = self.out / "iter0"
+        if self.sail.iter0_from:
+            source = Path(self.sail.iter0_from)
+            if not (source / DONE).exists():
+                raise FileNotFoundError(f"sail.iter0_from={source} is not a finished iter0 stage (no {DONE})")
+            if self.dist.is_main and not (stage / DONE).exists():
+                stage.mkdir(parents=True, exist_ok=True)
+                for name in ("eval.json", EVAL_SAMPLES):
+                    if (source / name).exists():
+                        shutil.copy(source / name, stage / name)
+                write_json(stage / DONE, read_json(source / DONE) | {"from": str(source.resolve())})
+            self.dist.barrier()
+            return load_unet(source / "final" / "unet", self.base)
+        if not (stage / DONE).exists():
+            self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
+            started = time.perf_counter()
+            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage), copy.deepcopy(self.base).requires_grad_(True),
+                                 self.ctx.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.ctx.device)
+            trainer.train(resume=True)
+            del trainer
+            policy = load_unet(stage / "final" / "unet", self.base)
+            evaluate_stage(self.ctx, "iter0", policy, heldout)
+            if self.dist.is_main:
+                write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
+            self.dist.barrier()
+        self._write_metrics()
+        return load_unet(stage / "final" / "unet", self.base)
+
+    def round_stage(self, r: int, prompts: list[str], policy, previous, seed_pairs: LatentPairs, heldout, real_set):
+        stage = self.out / f"round-{r:02d}"
+        if (stage / DONE).exists():
+            return load_unet(stage / "train" / "final" / "unet", self.base)
+        started = time.perf_counter()
+        stage.mkdir(parents=True, exist_ok=True)
+        reference = self.base if self.sail.reference == "base" else previous
+        pairs = round_pairs(self.ctx, self.ranker, real_set, stage, r, prompts, policy, reference)
+        by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
+        if self.dist.is_main:
+            pairs.save(stage / "pairs.safetensors")
+        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs)} seed pairs")
+
+        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps, stage), policy.requires_grad_(True), self.ctx.stack.scheduler,
+                             seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.ctx.device)
+        trainer.train(resume=True)
+        del trainer
+        policy = load_unet(stage / "train" / "final" / "unet", self.base)
+        if self.sail.eval_each_round or r == self.sail.rounds:
+            evaluate_stage(self.ctx, f"round-{r:02d}", policy, heldout)
+        if self.dist.is_main:
+            write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
+                                       "pairs_by_source": by_source, "human_pairs": len(seed_pairs)})
+        self.dist.barrier()
+        self._write_metrics()
+        return policy

@@ -1,0 +1,122 @@
+"""A round's pairs. Self pairs: candidates from the policy (saved, so a resumed round does not redraw
+them), ranked (``ranking``), best against worst (or two at random, the ablation), gathered across ranks
+into round order, with ``ranking.json`` and ``candidates.png`` beside them; with RealAlign's pairs
+(``real_pairs``) added or instead, as ``sail.pair_sources`` says."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..data.latent_pairs import LatentPairs
+from ..images import image_grid
+from ..rundir import atomic_save_tensors, write_json
+from ..sampling import generate_candidates
+from ..seeding import derive_seed
+from .context import RunContext
+from .evaluation import sample_diversity
+from .ranking import Ranker, drop_non_finite, soft_labels
+from .real_pairs import real_pairs
+
+
+def candidates(ctx: RunContext, stage: Path, r: int, prompts: list[str], policy) -> torch.Tensor:
+    """N latents per prompt from the current policy, saved so a resumed round skips sampling."""
+    file = stage / f"candidates.rank{ctx.dist.rank}.safetensors"
+    if file.exists():
+        return load_file(file)["latents"]
+    # Each candidate's seed is a function of (seed, round, its prompt's place in the round):
+    # the round samples the same candidates whatever the number of ranks.
+    n = ctx.sail.candidates
+    seeds = torch.tensor([[derive_seed(ctx.seed, 8100 + r, ctx.global_position(i), k) for k in range(n)]
+                          for i in range(len(prompts))], dtype=torch.int64).view(len(prompts), n)
+    latents = generate_candidates(ctx.stack_with(policy), prompts, n, seeds=seeds, batch_size=ctx.sail.generation_batch,
+                                  progress=ctx.progress, **ctx.sampling).latents
+    atomic_save_tensors({"latents": latents}, file)
+    return latents
+
+
+def chosen_pairs(ctx: RunContext, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> LatentPairs:
+    """The (winner, loser) candidates of each prompt as LatentPairs, with the prompts' embeddings."""
+    rows = torch.arange(len(prompts))
+    embeds = ctx.stack.encode_prompts(list(prompts) + [""]).to("cpu", torch.float32)
+    added = ctx.stack.added_cond_kwargs(embeds.index(list(range(len(prompts)))), *latents.shape[-2:])  # SDXL only
+    time_ids = None if added is None else added["time_ids"].float().cpu()
+    return LatentPairs(
+        win=latents[rows, win].float(), lose=latents[rows, lose].float(), prompt_index=rows.clone(),
+        prompts=list(prompts) + [""], prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+        time_ids_win=time_ids, time_ids_lose=None if time_ids is None else time_ids.clone(),
+        label=torch.ones(len(prompts)) if labels is None else labels.float().cpu(),
+        source=["online_dpo" if ctx.sail.ranker == "external" else "sail"] * len(prompts),
+    )
+
+
+def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: list[str], policy, reference) -> LatentPairs:
+    """SAIL's (or OnlineDPO's) pairs: candidates of the round's prompts, ranked, best against worst."""
+    sail, dist = ctx.sail, ctx.dist
+    mine = prompts[dist.rank :: dist.world_size]
+    ctx.log(f"round {r}: {len(prompts)} prompts x {sail.candidates} candidates"
+            + (f", dealt round-robin to {dist.world_size} ranks" if dist.enabled else ""))
+    latents = candidates(ctx, stage, r, mine, policy)
+    rewards, win, lose = ranker.rank(r, mine, latents, policy, reference)
+    rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=sail.pairing == "best_worst")
+    labels = soft_labels(rewards, win, lose, sail.soft_label_temperature) if sail.soft_labels else None
+    gathered, order = ctx.gather_in_order(chosen_pairs(ctx, mine, latents, win, lose, labels), mine, rewards, keep)
+    all_rewards = torch.cat([g[2] for g in gathered])[order]
+    all_keep = torch.cat([g[3] for g in gathered])[order]
+    # Prompts left with fewer than two finite candidates give no pair (counted and logged).
+    pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order[all_keep].tolist())
+    all_prompts = [p for g in gathered for p in g[1]]
+    dropped = int((~torch.isfinite(all_rewards)).sum())
+    if dropped:
+        ctx.log(f"round {r}: WARNING {dropped} candidates had a non-finite reward or latent and were dropped; "
+                f"{int((~all_keep).sum())} prompts were left without a pair")
+    finite = all_rewards[all_keep]
+    spread = (finite.nan_to_num(float("-inf")).max(1).values - finite.nan_to_num(float("inf")).min(1).values)
+    ranking = {
+        "prompts": [all_prompts[i] for i in order.tolist()],
+        "rewards": [[v if math.isfinite(v) else None for v in row] for row in all_rewards.tolist()],
+        "dropped_candidates": dropped, "prompts_without_pair": int((~all_keep).sum()),
+        "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
+        "reward_std_within_prompt": float(torch.stack([row[torch.isfinite(row)].std() for row in finite]).mean())
+        if len(finite) else float("nan"),
+        "diversity": sample_diversity(latents), "reference": sail.reference, "pairing": sail.pairing,
+        "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
+        "labels": pairs.label.tolist(),
+    }
+    if dist.is_main:
+        write_json(stage / "ranking.json", ranking)
+        candidate_grid(ctx, stage / "candidates.png", mine, latents, rewards, win, lose)
+    ctx.log(f"round {r}: {len(pairs)} ranked pairs; reward spread {ranking['reward_spread_mean']:.3g} "
+            f"(mean best - worst per prompt)")
+    return pairs
+
+
+def candidate_grid(ctx: RunContext, path: Path, prompts, latents, rewards, win, lose) -> None:
+    """Each row one prompt's candidates, best to worst, with W and L marked and the prompt under the first."""
+    rows = min(ctx.sail.grid_prompts, len(prompts))
+    order = rewards[:rows].argsort(dim=1, descending=True)  # each row best to worst
+    picked = torch.stack([latents[p, order[p]] for p in range(rows)]).flatten(0, 1)
+    images = ctx.pictures(picked)
+    if images is None:
+        return
+    captions = []
+    for p in range(rows):
+        for k, n in enumerate(order[p].tolist()):
+            mark = "W " if n == int(win[p]) else "L " if n == int(lose[p]) else ""
+            captions.append((f"{prompts[p]}: " if k == 0 else "") + f"{mark}{rewards[p, n]:+.2f}")
+    image_grid(images, columns=latents.shape[1], captions=captions).save(path)
+
+
+def round_pairs(ctx: RunContext, ranker: Ranker | None, real_set: LatentPairs | None, stage: Path, r: int,
+                prompts: list[str], policy, reference) -> LatentPairs:
+    """Every pair round r trains on (besides the seed), from each of ``sail.pair_sources``."""
+    parts = []
+    if "self" in ctx.sail.pair_sources:
+        parts.append(ranked_pairs(ctx, ranker, stage, r, prompts, policy, reference))
+    if "real" in ctx.sail.pair_sources:
+        parts.append(real_pairs(ctx, real_set, stage, r, policy))
+    return parts[0] if len(parts) == 1 else LatentPairs.cat(parts)

@@ -1,0 +1,68 @@
+"""Where a SAIL run's prompts, human pairs, real images and judgments come from.
+
+The plain ``World`` reads what the config names: ``sail.prompts``, ``data.seed_pairs``,
+``sail.heldout_pairs`` and ``sail.real.data``; it has no judge of its own. A world with a hidden
+human (the toy world, ``sail_fast.toy.run``) labels its own pairs, writes its own real images and
+judges every stage's samples. Worlds are looked up by name in ``WORLDS`` and imported only when a
+run asks for one, so nothing here depends on them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..prompts import read_prompts
+
+WORLDS = {"toy": "sail_fast.toy.run:ToyWorld"}  # name -> "module:class"
+
+
+class World:
+    def __init__(self, config: RunConfig, out: Path, log=print) -> None:
+        self.config, self.out, self.log = config, Path(out), log
+
+    def round_pool(self) -> list[str]:
+        """Prompts the rounds draw from, in order (disjoint slices per round)."""
+        if self.config.sail.prompts is None:
+            raise ValueError("sail.prompts is not set: point it at a prompt file (.txt, .tsv, .json or .parquet)")
+        return list(dict.fromkeys(read_prompts(self.config.sail.prompts)))  # unique, file order
+
+    def eval_prompts(self) -> list[str]:
+        """Each stage's evaluation prompts: the first of the pool that no round uses."""
+        sail = self.config.sail
+        pool = self.round_pool()
+        return (pool[sail.prompts_per_round * sail.rounds :] or pool)[: sail.eval_prompts]
+
+    def human_pairs(self, ctx) -> tuple[list[str], list[str]]:
+        """(seed pair sources, held-out pair sources)."""
+        return list(self.config.data.seed_pairs), list(self.config.sail.heldout_pairs)
+
+    def real_images(self, ctx, need: int) -> Path:
+        """A folder or parquet of real images with captions, for RealAlign's pairs."""
+        return Path(self.config.sail.real.data)
+
+    def metric_options(self, name: str) -> dict:
+        """Extra keyword arguments for loading ranker metric ``name``."""
+        return {}
+
+    def judge(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """Per-sample scores {term: [P, n]} of evaluation latents [P, n, ...]; None: no judge."""
+        return None
+
+    def summary(self, samples: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+        """A stage's metrics from its judged samples."""
+        return {}
+
+    def report(self, ctx, rows: list[dict], last: str) -> None:
+        """Anything to show at the end of a run (a table, a comparison picture)."""
+
+
+def world_for(config: RunConfig, out: Path, log=print) -> World:
+    """The world ``config`` runs in: the toy world for ``model.toy``, else the plain one."""
+    if not config.model.toy:
+        return World(config, out, log)
+    module, _, name = WORLDS["toy"].partition(":")
+    return getattr(importlib.import_module(module), name)(config, out, log)

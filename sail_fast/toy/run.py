@@ -1,0 +1,99 @@
+"""The toy world as a SAIL run sees it (``sail_fast.sail.world``): its own prompts, a hidden human who
+labels the seed pairs and judges every stage's samples, real MNIST digits for RealAlign, and the
+table and comparison picture printed at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..rundir import claim_folder, read_json, release_folder, write_json
+from ..sail.world import World
+from ..seeding import derive_seed
+from .human import TEMPERATURE, ToyOracle
+from .labels import make_human_pairs, oracle_samples, oracle_summary
+from .report import report
+from .world import split_prompts, write_real_digits
+
+DONE = "done.json"
+REAL_DIGITS = 2000  # real digits written for RealAlign runs (enough for 20 rounds of 96)
+
+
+class ToyWorld(World):
+    def __init__(self, config, out, log=print) -> None:
+        super().__init__(config, out, log)
+        toy = config.toy
+        self.oracle = ToyOracle.load(temperature=(toy and toy.temperature) or TEMPERATURE,
+                                     preference=toy and toy.preference)
+
+    def round_pool(self) -> list[str]:
+        _, pool = split_prompts(self.config.seed)
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 8001)))
+        return [pool[i] for i in order.tolist()]
+
+    def eval_prompts(self) -> list[str]:
+        return split_prompts(self.config.seed, num_eval=100)[0][: self.config.sail.eval_prompts]
+
+    def _human_dir(self) -> Path:
+        toy = self.config.toy
+        return Path(toy.data_dir) if toy and toy.data_dir else self.out / "human"
+
+    def human_pairs(self, ctx) -> tuple[list[str], list[str]]:
+        """Label pairs of base samples with the hidden human (once; runs that share ``toy.data_dir`` share them)."""
+        seed_sources, heldout_sources = super().human_pairs(ctx)
+        toy = self.config.toy
+        if toy is None:
+            return seed_sources, heldout_sources
+        human = self._human_dir()
+        # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
+        settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
+                    "heldout_pairs": toy.heldout_pairs, "seed": self.config.seed, "temperature": self.oracle.temperature,
+                    "preference": toy.preference, "sampling": ctx.sampling}
+        if (human / DONE).exists():
+            labelled_with = read_json(human / DONE).get("settings", {})
+            changed = {k: (labelled_with[k], v) for k, v in settings.items() if k in labelled_with and labelled_with[k] != v}
+            if changed:
+                raise ValueError(
+                    f"toy.data_dir {human} was labelled with other settings: "
+                    + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
+                    + ". Point toy.data_dir at a new folder (or unset it) to label with these settings"
+                )
+        elif ctx.dist.is_main:
+            self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human}")
+            claim_folder(human, "toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
+            summary = make_human_pairs(
+                ctx.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
+                heldout=toy.heldout_pairs, seed=self.config.seed, sampling=ctx.sampling, progress=ctx.progress,
+            )
+            release_folder(human)
+            write_json(human / DONE, summary | {"settings": settings})
+        ctx.dist.barrier()
+        seed = human / ("all.jsonl" if toy.train_on == "all" else "seed.jsonl")
+        return seed_sources or [str(seed)], heldout_sources or [str(human / "heldout.jsonl")]
+
+    def real_images(self, ctx, need: int) -> Path:
+        if self.config.sail.real.data is not None:
+            return super().real_images(ctx, need)
+        source = self._human_dir().parent / "real-digits"
+        if ctx.dist.is_main:
+            write_real_digits(source, max(need, REAL_DIGITS), seed=self.config.seed)
+        ctx.dist.barrier()
+        return source
+
+    def metric_options(self, name: str) -> dict:
+        # The toy metrics judge by the run's human, whichever preference it was given.
+        return {"preference": self.oracle.preference} if name.startswith("toy_") else {}
+
+    def judge(self, latents, prompts):
+        return oracle_samples(self.oracle, latents, prompts)
+
+    def summary(self, samples, prompts) -> dict:
+        return oracle_summary(samples, prompts)
+
+    def report(self, ctx, rows: list[dict], last: str) -> None:
+        if not ctx.dist.is_main:
+            return
+        self.log("\n" + report(self.out, rows, last, self.eval_prompts()))
+        if (self.out / "compare.png").exists():
+            self.log(f"base and final model, same prompts and seeds: {self.out / 'compare.png'}")
