@@ -219,8 +219,8 @@ class DPOTrainer:
                 self.optimizer.step()
                 self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
-        elif self.engine.get_global_grad_norm() is not None:
-            sums["grad_norm"] = float(self.engine.get_global_grad_norm())
+        elif (norm := self.engine.get_global_grad_norm()) is not None:
+            sums["grad_norm"] = float(norm)
         if self.ema is not None:
             self.ema.step(self.policy.parameters())
         self.step += 1

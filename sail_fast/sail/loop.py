@@ -80,13 +80,13 @@ class SailLoop:
             raise FileExistsError(
                 f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
             )
-        self._round_prompts()  # enough prompts for every round? Found out now, not after iter0 has trained.
+        rounds = self._round_prompts()  # enough prompts for every round? Found out now, not after iter0 has trained.
         with RunLock(self.out, log=self.log) if self.dist.is_main else contextlib.nullcontext():
             record_config(self.out, self.config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
                           log=self.log, write=self.dist.is_main)
-            return self._run_stages()
+            return self._run_stages(rounds)
 
-    def _run_stages(self) -> Path:
+    def _run_stages(self, rounds: list[list[str]]) -> Path:
         seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
         pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.out / "cache",
                      "seed": self.config.seed, "dist": self.dist, "log": self.log}
@@ -99,7 +99,7 @@ class SailLoop:
         evaluate_stage(self.ctx, "base", self.base, heldout)
         policy = self.iter0_stage(seed_pairs, heldout)
         previous = self.base
-        for r, prompts in enumerate(self._round_prompts(), start=1):
+        for r, prompts in enumerate(rounds, start=1):
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
             # Round r trains its input policy in place, so the next round's reference (sail.reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.

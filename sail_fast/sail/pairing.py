@@ -18,7 +18,7 @@ from ..sampling import generate_candidates
 from ..seeding import derive_seed
 from .context import RunContext
 from .evaluation import sample_diversity
-from .ranking import Ranker, drop_non_finite, soft_labels
+from .ranking import Ranker, drop_non_finite, finite_mean_std, soft_labels
 from .real_pairs import real_pairs
 
 
@@ -81,8 +81,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
         "rewards": [[v if math.isfinite(v) else None for v in row] for row in all_rewards.tolist()],
         "dropped_candidates": dropped, "prompts_without_pair": int((~all_keep).sum()),
         "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
-        "reward_std_within_prompt": float(torch.stack([row[torch.isfinite(row)].std() for row in finite]).mean())
-        if len(finite) else float("nan"),
+        "reward_std_within_prompt": float(finite_mean_std(finite.double())[1].mean()) if len(finite) else float("nan"),
         "diversity": sample_diversity(latents), "reference": sail.reference, "pairing": sail.pairing,
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
         "labels": pairs.label.tolist(),

@@ -35,6 +35,15 @@ def external_scores(metric: Metric, stack: DiffusionStack, prompts: list[str], l
     return torch.cat(scores).view(num_prompts, n)
 
 
+def finite_mean_std(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and (unbiased) std of scores [P, N] over the finite entries only: [P, 1] each."""
+    finite = torch.isfinite(scores)
+    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = scores.where(finite, 0.0).sum(dim=1, keepdim=True) / count
+    var = (scores - mean).where(finite, 0.0).pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    return mean, var.sqrt()
+
+
 def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """P(win preferred) per prompt: a two-way softmax over the pair's normalised scores.
 
@@ -44,11 +53,7 @@ def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, tem
     (dropped candidates, ``drop_non_finite``) are left out of the mean and std.
     """
     scores = scores.double()
-    finite = torch.isfinite(scores)
-    count = finite.sum(dim=1, keepdim=True).clamp(min=1)
-    mean = scores.nan_to_num(0.0).sum(dim=1, keepdim=True) / count
-    var = ((scores - mean).nan_to_num(0.0) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
-    std = var.sqrt()
+    mean, std = finite_mean_std(scores)
     z = (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
     rows = torch.arange(len(scores))
     return torch.sigmoid((z[rows, win] - z[rows, lose]) / temperature).float()
