@@ -26,6 +26,10 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
 - ``realalign``: RealAlign alone: real MNIST digits (captioned with training-pool prompts) beat the
   policy's own sample for the caption, mixed with the human seed like SAIL's pairs.
 - ``sail-realalign``: SAIL's ranked pairs and RealAlign's pairs together in each round.
+- ``mixup-0.1``, ``candidates-16``, ``draws-12``: the paper's other levers, one at a time, for all
+  rounds from the same iter0: a tenth of each batch from the round's pairs (0.25 by default), 16
+  candidates per prompt (8), 12 noise draws per reward (6). A documented ablation, run after SAIL's
+  rows were seen, never a retune of the default.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ from ..sail.loop import SailLoop
 
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
+# The paper's levers, each run for every round from the same iter0 (condition -> its override).
+LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
+          "draws-12": ["sail.num_draws=12"]}
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
-              "online-dpo", "smpo", "realalign", "sail-realalign")
+              "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS)
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
 
@@ -61,6 +68,8 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         return common + ["toy.train_on=all", f"data.max_seed_pairs={pairs}", "sail.rounds=0", f"sail.iter0_steps={steps}"]
     if name == "ref-previous":  # the paper's reference lever: every round, each evaluated, from the same iter0
         return common + [iter0, "sail.reference=previous"]
+    if name in LEVERS:  # as ref-previous: every round, each evaluated, from the same iter0
+        return common + [iter0] + LEVERS[name]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
     extra = {
@@ -130,6 +139,9 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
               (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, "realalign", last),
               (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last)]
+    lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws"}
+    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}")
+              for name in LEVERS for r in sorted({ablation_rounds, rounds})]
     return lines
 
 
