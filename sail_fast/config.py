@@ -54,6 +54,16 @@ class DataConfig(Section):
     encode_batch_size: int = 16
 
 
+class LoraSettings(Section):
+    """Train a LoRA adapter (peft) instead of every UNet weight; the reference is the same UNet with
+    other adapter states, so no second UNet exists (``sail_fast.lora``)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0)  # default: the rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections
+
+
 class TrainConfig(Section):
     loss: Literal["sigmoid", "smpo", "hinge", "ipo", "sft", "mapo"] = "sigmoid"
     beta: float = Field(5000.0, gt=0)
@@ -80,6 +90,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)  # the newest N are kept
     log_every: int = Field(1, ge=1)
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); batch sizes are filled in
+    lora: LoraSettings | None = None  # absent: full fine-tuning
     progress: bool = True
 
     @field_validator("mixed_precision", mode="before")
@@ -96,6 +107,9 @@ class TrainConfig(Section):
             raise ValueError("train.inversion_steps must be >= 1")
         if not 0.0 <= self.mixup_alpha <= 1.0:
             raise ValueError(f"train.mixup_alpha must be in [0, 1], got {self.mixup_alpha}")
+        if self.lora is not None and self.ema_decay is not None:
+            raise ValueError("train.ema_decay is not supported with train.lora (the EMA would cover the frozen base "
+                             "weights too); unset one of them")
         return self
 
 

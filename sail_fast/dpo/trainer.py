@@ -9,6 +9,11 @@ EMA and sampler position, so a resumed run continues exactly where it stopped.
 
 Runs plainly in one process, or under DeepSpeed (ZeRO stage 2 or 3) when the config
 names a DeepSpeed JSON or several ranks were launched.
+
+With ``train.lora`` only a peft LoRA adapter trains, and the reference is the same UNet in another
+adapter state (``sail_fast.lora``): every adapter off when the policy starts as the base, else a
+frozen copy of the adapter as the stage started. Checkpoints and ``final/lora`` hold the adapter in
+the diffusers LoRA format.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
 from ..distributed import DistInfo
+from ..lora import POLICY, REFERENCE, activate, adapter_parameters, adapter_state, add_policy_adapter, copy_adapter, has_adapter
+from ..lora import is_identity, load_adapter, save_adapter, unwrap
 from ..rundir import atomic_write_text, verify_manifest, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
@@ -103,12 +110,24 @@ class DPOTrainer:
 
         # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
         # broadcast views each parameter as bytes, which needs a unit last stride.
-        self.policy = policy.to(self.device, memory_format=torch.contiguous_format).train()
+        self.lora = train.lora is not None
+        self.policy = unwrap(policy).to(self.device, memory_format=torch.contiguous_format).train()
         if train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
-        # The reference is the policy as it starts, frozen, in the compute dtype.
-        self.reference = None
-        if train.loss not in REFERENCE_FREE:
+        # The reference is the policy as it starts, frozen, in the compute dtype: with LoRA, the same
+        # UNet with its adapters off (a fresh adapter) or with a frozen copy of the adapter.
+        self.reference, self.reference_adapter = None, None
+        if self.lora:
+            if not has_adapter(self.policy):
+                add_policy_adapter(self.policy, train.lora, seed=config.seed)
+            self.policy.requires_grad_(False)  # only the policy adapter trains
+            for param in adapter_parameters(self.policy, POLICY):
+                param.requires_grad_(True)
+            if not is_identity(self.policy):
+                copy_adapter(self.policy, POLICY, REFERENCE)
+                self.reference_adapter = REFERENCE
+            activate(self.policy, POLICY)
+        elif train.loss not in REFERENCE_FREE:
             self.reference = copy.deepcopy(policy).to(self.device)
             if self.reference.dtype != self.compute_dtype:  # diffusers warns on any .to(dtype), even a no-op
                 self.reference.to(dtype=self.compute_dtype)
@@ -184,13 +203,19 @@ class DPOTrainer:
         with autocast:
             pred = self.model(x_t.to(input_dtype), t, encoder_hidden_states=embeds_in, added_cond_kwargs=added_in).sample
             pred_ref = None
-            if self.reference is not None:
+            reference = self.reference
+            if self.lora and self.train_cfg.loss not in REFERENCE_FREE:
+                reference = self.policy  # the policy's graph is built: switching adapters now cannot change it
+                activate(self.policy, self.reference_adapter)
+            if reference is not None:
                 with torch.no_grad():
                     ref_in = {k: v.to(self.compute_dtype) for k, v in added.items()} if added else None
-                    pred_ref = self.reference(
+                    pred_ref = reference(
                         x_t.to(self.compute_dtype), t, encoder_hidden_states=embeds.to(self.compute_dtype),
                         added_cond_kwargs=ref_in,
                     ).sample
+            if self.lora:
+                activate(self.policy, POLICY)
         return preference_loss(
             self.train_cfg.loss, target, pred, pred_ref, beta=self.train_cfg.beta, labels=batch.label,
             gamma=self.train_cfg.mapo_gamma,
@@ -293,14 +318,25 @@ class DPOTrainer:
 
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
+            if self.dist.is_main and self.lora:
+                return adapter_state(self.policy, POLICY)
             if self.dist.is_main:
                 return {k: v.detach().float().cpu().clone() for k, v in self.policy.state_dict().items()}
         return None
+
+    @property
+    def weights_name(self) -> str:
+        """The folder a checkpoint or ``final/`` keeps the trained weights in."""
+        return "lora" if self.lora else "unet"
 
     def _save_unet(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:  # never write NaN weights where the next stage would load them
             raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+        if self.lora:
+            kind = "sdxl" if self.policy.config.addition_embed_type == "text_time" else "sd15"
+            save_adapter(path, state, self.policy, kind)
+            return
         unet = UNet2DConditionModel.from_config(self.policy.config)
         unet.load_state_dict(state)
         unet.save_pretrained(path)
@@ -317,12 +353,13 @@ class DPOTrainer:
         if self.ema is not None:
             trainer_state["ema"] = self.ema.state_dict()
         if self.engine is not None:
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+            # A LoRA run's frozen base is the pretrained model: not copied into every checkpoint.
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=self.lora)
         else:
             trainer_state |= {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
         self.dist.barrier()  # every rank's DeepSpeed shard is on disk
         if self.dist.is_main:
-            self._save_unet(tmp / "unet", state)
+            self._save_unet(tmp / self.weights_name, state)
             torch.save(trainer_state, tmp / "trainer_state.pt")
             write_manifest(tmp)  # last: resume checks the files against it
             if final.exists():  # a damaged checkpoint of this step, skipped on resume: replaced
@@ -336,10 +373,12 @@ class DPOTrainer:
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         if self.engine is not None:
-            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=not self.lora)
         else:
-            saved = UNet2DConditionModel.from_pretrained(path / "unet")
-            self.policy.load_state_dict(saved.state_dict())
+            if self.lora:
+                load_adapter(self.policy, path / "lora", POLICY)
+            else:
+                self.policy.load_state_dict(UNet2DConditionModel.from_pretrained(path / "unet").state_dict())
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.ema is not None:
@@ -362,7 +401,7 @@ class DPOTrainer:
         final = self.output_dir / "final"
         state = self._full_state_dict()
         if self.dist.is_main:
-            self._save_unet(final / "unet", state)
+            self._save_unet(final / self.weights_name, state)
             if self.ema is not None:
                 ema_unet = UNet2DConditionModel.from_config(self.policy.config)
                 self.ema.copy_to(ema_unet.parameters())

@@ -20,7 +20,6 @@ the pairs are gathered on every rank before the data-parallel DPO stage.
 from __future__ import annotations
 
 import contextlib
-import copy
 import shutil
 import time
 from pathlib import Path
@@ -36,12 +35,13 @@ from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
 from ..distributed import DistInfo
 from ..dpo.trainer import DPOTrainer
-from ..models import load_unet
+from ..lora import PREVIOUS
 from ..rundir import RunLock, atomic_write_text, read_json, record_config, write_json
 from ..seeding import derive_seed
 from .context import RunContext
 from .evaluation import EVAL_SAMPLES, evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
+from .policies import Policies
 from .ranking import make_ranker
 from .real_pairs import encoded_real_images
 from .world import world_for
@@ -59,7 +59,8 @@ class SailLoop:
         self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
         self.out = Path(config.output_dir)
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
-        self.ctx = RunContext(config, stack, stack.unet.eval().requires_grad_(False), dist, torch.device(device), self.out,
+        self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
+        self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out,
                               world_for(config, self.out, self.log), self.log, config.train.progress and dist.is_main)
         self.base = self.ctx.base
         self.ranker = make_ranker(self.ctx) if "self" in self.sail.pair_sources else None
@@ -103,7 +104,7 @@ class SailLoop:
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
             # Round r trains its input policy in place, so the next round's reference (sail.reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.
-            previous = load_unet(self._policy_dir(r - 1), self.base) if self.sail.reference == "previous" else self.base
+            previous = self.policies.load(self._policy_dir(r - 1), PREVIOUS) if self.sail.reference == "previous" else self.base
         self._write_metrics()
         last = f"round-{self.sail.rounds:02d}" if self.sail.rounds else "iter0"
         self.ctx.world.report(self.ctx, metric_rows(self.out, self.sail.rounds), last)
@@ -114,10 +115,10 @@ class SailLoop:
         return self._policy_dir(self.sail.rounds)
 
     def _policy_dir(self, r: int) -> Path:
-        """The UNet directory of the policy after round r (0: iter0, wherever it was trained)."""
+        """The UNet (or LoRA) directory of the policy after round r (0: iter0, wherever it was trained)."""
         if r == 0:
-            return Path(self.sail.iter0_from or self.out / "iter0") / "final" / "unet"
-        return self.out / f"round-{r:02d}/train/final/unet"
+            return Path(self.sail.iter0_from or self.out / "iter0") / "final" / self.policies.folder
+        return self.out / f"round-{r:02d}/train/final/{self.policies.folder}"
 
     def _round_prompts(self) -> list[list[str]]:
         """Disjoint prompt sets, one per round."""
@@ -154,26 +155,26 @@ class SailLoop:
                         shutil.copy(source / name, stage / name)
                 write_json(stage / DONE, read_json(source / DONE) | {"from": str(source.resolve())})
             self.dist.barrier()
-            return load_unet(source / "final" / "unet", self.base)
+            return self.policies.load(self._policy_dir(0))
         if not (stage / DONE).exists():
             self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
             started = time.perf_counter()
-            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage), copy.deepcopy(self.base).requires_grad_(True),
+            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage), self.policies.fresh(),
                                  self.ctx.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.ctx.device)
             trainer.train(resume=True)
             del trainer
-            policy = load_unet(stage / "final" / "unet", self.base)
+            policy = self.policies.load(self._policy_dir(0))
             evaluate_stage(self.ctx, "iter0", policy, heldout)
             if self.dist.is_main:
                 write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
             self.dist.barrier()
         self._write_metrics()
-        return load_unet(stage / "final" / "unet", self.base)
+        return self.policies.load(self._policy_dir(0))
 
     def round_stage(self, r: int, prompts: list[str], policy, previous, seed_pairs: LatentPairs, heldout, real_set):
         stage = self.out / f"round-{r:02d}"
         if (stage / DONE).exists():
-            return load_unet(stage / "train" / "final" / "unet", self.base)
+            return self.policies.load(self._policy_dir(r))
         started = time.perf_counter()
         stage.mkdir(parents=True, exist_ok=True)
         reference = self.base if self.sail.reference == "base" else previous
@@ -183,11 +184,11 @@ class SailLoop:
             pairs.save(stage / "pairs.safetensors")
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs)} seed pairs")
 
-        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps, stage), policy.requires_grad_(True), self.ctx.stack.scheduler,
+        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps, stage), self.policies.trainable(policy), self.ctx.stack.scheduler,
                              seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.ctx.device)
         trainer.train(resume=True)
         del trainer
-        policy = load_unet(stage / "train" / "final" / "unet", self.base)
+        policy = self.policies.load(self._policy_dir(r))
         if self.sail.eval_each_round or r == self.sail.rounds:
             evaluate_stage(self.ctx, f"round-{r:02d}", policy, heldout)
         if self.dist.is_main:

@@ -1,0 +1,45 @@
+"""Where a SAIL run keeps its policies: whole UNets (each stage trains a copy and saves it), or LoRA
+adapters on the one base UNet (``train.lora``; ``sail_fast.lora``), so the base, the policy and any
+earlier policy are adapter states of a single UNet instead of UNets of their own."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from ..lora import POLICY, AdapterView, add_policy_adapter, load_adapter
+from ..models import load_unet
+
+
+class Policies:
+    def __init__(self, unet: nn.Module, lora=None, seed: int = 0) -> None:
+        """``unet``: the base model (frozen here); ``lora``: ``train.lora`` (None: full fine-tuning)."""
+        self.lora = lora is not None
+        self.unet = unet.eval().requires_grad_(False)
+        if self.lora:
+            add_policy_adapter(self.unet, lora, seed=seed)
+        self.base = AdapterView(self.unet, None) if self.lora else self.unet
+
+    @property
+    def folder(self) -> str:
+        """The folder of a stage's ``final/`` that holds its policy."""
+        return "lora" if self.lora else "unet"
+
+    def fresh(self) -> nn.Module:
+        """The policy iter0 starts from: the base (a copy of it; with LoRA, the adapter as peft made it)."""
+        return AdapterView(self.unet, POLICY) if self.lora else copy.deepcopy(self.base).requires_grad_(True)
+
+    def trainable(self, policy: nn.Module) -> nn.Module:
+        """``policy`` ready to hand to the trainer (which picks the adapter's weights itself under LoRA)."""
+        return policy if self.lora else policy.requires_grad_(True)
+
+    def load(self, folder: str | Path, role: str = POLICY) -> nn.Module:
+        """The policy saved in ``folder`` (a stage's ``final/unet`` or ``final/lora``), as adapter ``role``
+        of the shared UNet under LoRA (``policy``, or ``previous`` for a frozen earlier one)."""
+        if not self.lora:
+            return load_unet(folder, self.base)
+        load_adapter(self.unet, folder, role)
+        self.unet.eval()
+        return AdapterView(self.unet, role)
