@@ -71,6 +71,13 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {written} images to {args.out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .generate import export_unet
+
+    out = export_unet(args.checkpoint, args.out, merge=args.merge)
+    print(f"wrote {out}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, load_metrics
     from .prompts import read_prompt_set
@@ -150,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="sample PNGs from a checkpoint")
     gen.add_argument("--checkpoint", required=True,
-                     help="a diffusers pipeline directory, a trained unet/ directory inside a run, or a run directory")
+                     help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory")
     gen.add_argument("--prompts", required=True, help="prompt file: .txt, .tsv, .json or .parquet")
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--out", required=True, help="directory for the PNGs (and prompts.json)")
@@ -161,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="sample with a torch.compile'd UNet (pays off for many images at SD sizes)")
     gen.set_defaults(func=_generate)
+
+    export = sub.add_parser("export", help="a run's policy for plain diffusers: the LoRA folder, or a merged UNet")
+    export.add_argument("checkpoint", help="a trained unet/ or lora/ directory inside a run, or a run directory")
+    export.add_argument("out", help="a new folder")
+    export.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base UNet's weights")
+    export.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", help="sample checkpoints on a prompt set and score them with local-weights metrics")
     ev.add_argument("--checkpoint", action="append", required=True,

@@ -1,4 +1,5 @@
-"""``sail-fast generate``: PNGs from a pipeline directory, a trained UNet, or a finished run."""
+"""``sail-fast generate``: PNGs from a pipeline directory, a trained UNet or LoRA, or a finished run;
+and ``sail-fast export``: a run's policy as a plain diffusers UNet or LoRA folder."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image
 from .build import build_stack
 from .config import load_config
 from .images import decode_latents, enlarge, image_grid, is_finite
+from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
 from .prompts import read_prompts
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
@@ -27,19 +29,24 @@ def _run_root(path: Path) -> Path | None:
 
 
 def _final_unet(run: Path) -> Path:
-    rounds = sorted(run.glob("round-[0-9]*/train/final/unet"))
-    for candidate in (*reversed(rounds), run / "iter0/final/unet", run / "final/unet"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"{run} holds no trained UNet yet (looked for round-*/train/final/unet, iter0/final/unet, final/unet)")
+    """The newest trained policy of a run: a UNet directory, or a LoRA folder for a ``train.lora`` run."""
+    finals = [run / "iter0/final", run / "final"]
+    finals[:0] = reversed(sorted(run.glob("round-[0-9]*/train/final")))
+    for final in finals:
+        if (final / "unet" / "config.json").is_file():
+            return final / "unet"
+        if (final / "lora" / LORA_WEIGHTS).is_file():
+            return final / "lora"
+    raise FileNotFoundError(f"{run} holds no trained UNet or LoRA yet (looked for round-*/train/final/{{unet,lora}}, "
+                            "iter0/final/{unet,lora}, final/{unet,lora})")
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     """The stack to sample from, and the sampling settings its run used (empty when unknown).
 
-    ``checkpoint`` is a diffusers pipeline directory (model_index.json), a UNet directory
-    written by a run (its run's config.yaml supplies the rest of the stack), or a run directory
-    (its latest trained UNet).
+    ``checkpoint`` is a diffusers pipeline directory (model_index.json), a UNet directory or a LoRA
+    folder (``pytorch_lora_weights.safetensors``) written by a run (its run's config.yaml supplies the
+    rest of the stack), or a run directory (its latest trained UNet or LoRA).
     """
     path = Path(checkpoint)
     if not path.is_dir():
@@ -52,12 +59,39 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
             f"{path} is neither a diffusers pipeline directory (model_index.json) nor inside a sail-fast run "
             "(no config.yaml here or above)"
         )
-    unet_dir = path if (path / "config.json").is_file() else _final_unet(path)
+    weights = path if (path / "config.json").is_file() or (path / LORA_WEIGHTS).is_file() else _final_unet(path)
     config = load_config(run / "config.yaml")
     stack = build_stack(config.model, seed=config.seed)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=stack.dtype).to(stack.device).eval()
+    if (weights / LORA_WEIGHTS).is_file():
+        # The base UNet with the adapter loaded by diffusers itself, as a user's pipeline would.
+        unet = stack.unet
+        unet.load_lora_adapter(weights, prefix="unet", adapter_name=POLICY, weight_name=LORA_WEIGHTS)
+        unet.eval()
+    else:
+        unet = UNet2DConditionModel.from_pretrained(weights, torch_dtype=stack.dtype).to(stack.device).eval()
     sampling = config.sail.sampling() if config.sail is not None else {}
     return dataclasses.replace(stack, unet=unet), sampling
+
+
+def export_unet(checkpoint: str | Path, out: str | Path, *, merge: bool = False) -> Path:
+    """Write a checkpoint's policy where a plain diffusers user can load it: a LoRA folder as it is, or with
+    ``merge`` (and for full fine-tuning) a whole UNet directory with the adapter merged into its weights."""
+    import shutil
+
+    stack, _ = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder for the export")
+    lora = has_adapter(stack.unet)
+    if lora and not merge:
+        source = Path(checkpoint)
+        source = source if (source / LORA_WEIGHTS).is_file() else _final_unet(source)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / LORA_WEIGHTS, out / LORA_WEIGHTS)
+        return out
+    unet = merged_unet(stack.unet) if lora else stack.unet
+    unet.save_pretrained(out)
+    return out
 
 
 def sampling_settings(stack: DiffusionStack, run_sampling: dict, sampler=None, steps=None, guidance_scale=None) -> dict:

@@ -1,6 +1,7 @@
 """LoRA (peft) training and SAIL: one UNet, references as adapter states, diffusers-loadable outputs."""
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -263,3 +264,57 @@ def test_lora_under_deepspeed_zero2_two_ranks_agrees_across_ranks_and_saves_the_
     load_adapter(unet, out / "final/lora")
     again = load_file(save_adapter(tmp_path / "again", adapter_state(unet), unet, "sd15"))
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_lora_sail_on_the_toy_world_then_generate_and_export_for_plain_diffusers(tmp_path):
+    """A user's path: `sail-fast run` with train.lora, `generate` from the run, `export` the adapter and a merged UNet."""
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    from test_toy_run import REPO, sail_fast
+
+    run = tmp_path / "run"
+    sail_fast("run", "--config", str(REPO / "configs/toy-quick.yaml"), "--set", f"output_dir={run}",
+              "--set", "train.lora.rank=8", "--set", "train.learning_rate=1e-3", cwd=tmp_path)
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["stage"] for r in rows] == ["base", "iter0", "round-01", "round-02"]
+    assert (run / "round-02/train/final/lora" / LORA_WEIGHTS).is_file()
+    assert not list(run.rglob("diffusion_pytorch_model.safetensors"))  # one UNet, never copied or saved
+
+    (tmp_path / "prompts.txt").write_text("a handwritten 3\n")
+    sail_fast("generate", "--checkpoint", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "2",
+              "--out", str(tmp_path / "pictures"), cwd=tmp_path)
+    assert Image.open(tmp_path / "pictures/0000-00.png").size == (16, 16)
+
+    sail_fast("export", str(run), str(tmp_path / "adapter"), cwd=tmp_path)
+    sail_fast("export", str(run), str(tmp_path / "merged"), "--merge", cwd=tmp_path)
+    exported = load_file(tmp_path / "adapter" / LORA_WEIGHTS)
+    saved = load_file(run / "round-02/train/final/lora" / LORA_WEIGHTS)
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    # The merged UNet alone gives what the base with the adapter gives, and differs from the base.
+    stack = build_stack(load_config(run / "config.yaml").model)
+    inputs = _inputs(stack, batch=2)
+    merged = _call(UNet2DConditionModel.from_pretrained(tmp_path / "merged"), inputs)
+    base = _call(stack.unet, inputs)
+    add_policy_adapter(stack.unet, LoraSettings(rank=8))
+    load_adapter(stack.unet, run / "round-02/train/final/lora")
+    with_adapter = _call(AdapterView(stack.unet, POLICY), inputs)
+    torch.testing.assert_close(merged, with_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_adapter, base, atol=1e-4)
+
+
+def test_lora_sail_on_a_tiny_sdxl_stack_runs_end_to_end(tmp_path):
+    sdxl = ["model.tiny=sdxl", "model.tiny_in_channels=4"]
+    stack = build_stack(load_config(TINY, sdxl).model, seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    _sdxl_planted_pairs(stack, 32, 0).save(data / "seed.safetensors")
+    _sdxl_planted_pairs(stack, 16, 1).save(data / "heldout.safetensors")
+    (data / "prompts.txt").write_text("".join(f"prompt number {i}\n" for i in range(8)))
+    overrides = make_overrides(tmp_path, *LORA, *sdxl, "train.learning_rate=1e-3", "sail.rounds=1")
+    overrides = [o for o in overrides if not o.startswith(("data.seed_pairs", "sail.heldout_pairs"))]
+    overrides += [f"data.seed_pairs=[{data / 'seed.safetensors'}]", f"sail.heldout_pairs=[{data / 'heldout.safetensors'}]"]
+    final = SailLoop(load_config(TINY, overrides)).run()
+    assert final == tmp_path / "run/round-01/train/final/lora" and (final / LORA_WEIGHTS).is_file()
+    rows = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert [r["stage"] for r in rows] == ["base", "iter0", "round-01"]
+    assert rows[-1]["self_label_agreement"] > 0.5  # the planted preference, learnt by the adapter alone
