@@ -9,6 +9,9 @@ Counted per rank, in bytes, for P trainable UNet parameters on G ranks:
   (AdamW 8 bytes/param; bitsandbytes 8-bit AdamW 2 bytes/param for tensors of 4096+ elements,
   8 below; Adafactor factored row and column second moments); ZeRO-1/2/3 partition them.
 - reference: the frozen copy in the compute dtype, whole on every rank.
+- LoRA (``train.lora``): the base UNet is stored once and frozen; gradients and optimizer states
+  cover only the adapter (rank r x (in + out) per targeted projection), and the reference is the
+  same UNet with its adapters off, plus (in SAIL rounds) one frozen fp32 copy of the adapter.
 - activations: the tensors autograd saves for backward, counted by running the UNet forward
   on the meta device (no memory, no weights) at the micro batch (2 x micro_batch_pairs) and
   latent size, with attention as a fused kernel saves it (q, k, v, output, log-sum-exp). With
@@ -67,14 +70,34 @@ def unet_config_for(model) -> dict:
 
 
 def meta_unet(config: dict, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    from diffusers.utils import logging
+
     keys = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(keys).to(dtype)
+        unet = UNet2DConditionModel.from_config(keys)
+    if dtype != unet.dtype:  # diffusers warns on every cast of a model it did not load; nothing is lost here
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            unet.to(dtype)
+        finally:
+            logging.set_verbosity(level)
+    return unet
 
 
-def optimizer_state_bytes(unet: torch.nn.Module, optimizer: str) -> int:
+def lora_shapes(unet: torch.nn.Module, lora) -> list[tuple[int, int]]:
+    """The adapter's weight shapes (A and B of every targeted linear layer) that peft would add."""
+    shapes = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in lora.target_modules):
+            shapes += [(lora.rank, module.in_features), (module.out_features, lora.rank)]
+    return shapes
+
+
+def optimizer_state_bytes(params, optimizer: str) -> int:
+    """Optimizer state bytes for ``params`` (a module's parameters, or any tensors of their shapes)."""
     total = 0
-    for p in unet.parameters():
+    for p in params.parameters() if isinstance(params, torch.nn.Module) else params:
         n = p.numel()
         if optimizer == "adamw":
             total += 8 * n
@@ -165,8 +188,9 @@ def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, 
 
 def plan_memory(config, gpus: int, *, zero_stage: int, optimizer: str, mixed_precision: str, checkpointing: bool,
                 micro_batch_pairs: int, latent: int, deepspeed: bool | None = None,
-                activations: int | None = None) -> MemoryPlan:
-    """The per-rank memory plan (bytes) of one training configuration (``activations``: reuse a count)."""
+                activations: int | None = None, lora=None) -> MemoryPlan:
+    """The per-rank memory plan (bytes) of one training configuration (``activations``: reuse a count;
+    ``lora``: a LoraSettings, to train an adapter instead of the UNet)."""
     unet_config = unet_config_for(config.model)
     compute = DTYPES[mixed_precision]
     deepspeed = zero_stage > 0 if deepspeed is None else deepspeed
@@ -177,13 +201,25 @@ def plan_memory(config, gpus: int, *, zero_stage: int, optimizer: str, mixed_pre
     weight_bytes = _BYTES[mixed_precision] if deepspeed else 4
     master = 4 * params if deepspeed and mixed_precision != "fp32" else 0
     share = lambda stage: 1 / gpus if zero_stage >= stage else 1.0  # noqa: E731
+    if activations is None:
+        activations = activation_bytes(unet_config, 2 * micro_batch_pairs, latent, compute, checkpointing)
+    if lora is not None:
+        adapter = [torch.empty(shape, device="meta") for shape in lora_shapes(unet, lora)]
+        trainable = sum(a.numel() for a in adapter)
+        master = 4 * trainable if deepspeed and mixed_precision != "fp32" else 0
+        return MemoryPlan(
+            weights=weight_bytes * (params + trainable) * share(3),
+            gradients=weight_bytes * trainable * share(2),
+            optimizer=(master + optimizer_state_bytes(adapter, optimizer)) * share(1),
+            reference=weight_bytes * trainable,  # a frozen copy of the adapter; the base is the same UNet
+            activations=activations,
+        )
     return MemoryPlan(
         weights=weight_bytes * params * share(3),
         gradients=weight_bytes * params * share(2),
         optimizer=(master + optimizer_state_bytes(unet, optimizer)) * share(1),
         reference=_BYTES[mixed_precision] * params,
-        activations=activations if activations is not None
-        else activation_bytes(unet_config, 2 * micro_batch_pairs, latent, compute, checkpointing),
+        activations=activations,
     )
 
 
@@ -209,23 +245,30 @@ def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: flo
         f"per-GPU training memory, {gpus} GPUs, micro batch {train.micro_batch_pairs} pairs "
         f"({2 * train.micro_batch_pairs} images) at {latent}x{latent} latents, {train.mixed_precision}; "
         f"fits = total + {overhead_gb:g} GB (CUDA context, allocator slack) <= {gpu_memory_gb:g} GB",
-        "| optimizer | ZeRO | checkpointing | weights | grads | optimizer | reference | activations | total GB | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trains | optimizer | ZeRO | checkpointing | weights | grads | optimizer | reference | activations | total GB | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     compute = DTYPES[train.mixed_precision]
     unet_config = unet_config_for(config.model)
     activations = {ckpt: activation_bytes(unet_config, 2 * train.micro_batch_pairs, latent, compute, ckpt)
                    for ckpt in (False, True)}
-    for optimizer in ("adamw", "adamw8bit", "adafactor"):
-        for stage in (0, 2, 3):
-            for ckpt in (False, True):
-                plan = plan_memory(config, gpus, zero_stage=stage, optimizer=optimizer,
-                                   mixed_precision=train.mixed_precision, checkpointing=ckpt,
-                                   micro_batch_pairs=train.micro_batch_pairs, latent=latent, activations=activations[ckpt])
-                own = optimizer == train.optimizer and stage == own_stage and ckpt == train.gradient_checkpointing
-                fits = plan.total / GIB + overhead_gb <= gpu_memory_gb
-                cells = [plan.weights, plan.gradients, plan.optimizer, plan.reference, plan.activations, plan.total]
-                name = f"**{optimizer}** (config)" if own else optimizer
-                lines.append(f"| {name} | {stage or '-'} | {'on' if ckpt else 'off'} | "
-                             + " | ".join(f"{c / GIB:.1f}" for c in cells) + f" | {'yes' if fits else 'no'} |")
+    from .config import LoraSettings
+
+    lora = train.lora or LoraSettings()  # the config's adapter, else the default one
+    settings = [(None, ("adamw", "adamw8bit", "adafactor"), (0, 2, 3)), (lora, ("adamw", "adamw8bit"), (0, 2))]
+    for adapter, optimizers, stages in settings:
+        for optimizer in optimizers:
+            for stage in stages:
+                for ckpt in (False, True):
+                    plan = plan_memory(config, gpus, zero_stage=stage, optimizer=optimizer,
+                                       mixed_precision=train.mixed_precision, checkpointing=ckpt, lora=adapter,
+                                       micro_batch_pairs=train.micro_batch_pairs, latent=latent, activations=activations[ckpt])
+                    own = (optimizer == train.optimizer and stage == own_stage and ckpt == train.gradient_checkpointing
+                           and (adapter is None) == (train.lora is None))
+                    fits = plan.total / GIB + overhead_gb <= gpu_memory_gb
+                    cells = [plan.weights, plan.gradients, plan.optimizer, plan.reference, plan.activations, plan.total]
+                    name = f"**{optimizer}** (config)" if own else optimizer
+                    trains = "UNet" if adapter is None else f"LoRA r{adapter.rank}"
+                    lines.append(f"| {trains} | {name} | {stage or '-'} | {'on' if ckpt else 'off'} | "
+                                 + " | ".join(f"{c / GIB:.2f}" for c in cells) + f" | {'yes' if fits else 'no'} |")
     return "\n".join(lines)

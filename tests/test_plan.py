@@ -55,6 +55,30 @@ def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, chec
     assert plan.total == pytest.approx(measured, rel=0.2)
 
 
+def test_plan_predicts_measured_lora_training_memory_within_20_percent(tmp_path):
+    from sail_fast.config import LoraSettings
+
+    config = load_config(REPO / "configs/toy.yaml", [
+        "train.micro_batch_pairs=32", "train.pairs_per_step=32", "train.progress=false", "train.lora.rank=8",
+        f"output_dir={tmp_path}"])
+    stack = build_stack(config.model)
+    gen = torch.Generator().manual_seed(0)
+    embeds = stack.encode_prompts(["a handwritten 3", ""]).prompt_embeds
+    pairs = LatentPairs(torch.randn(64, 1, 16, 16, generator=gen), torch.randn(64, 1, 16, 16, generator=gen),
+                        torch.zeros(64, dtype=torch.int64), ["a handwritten 3", ""], embeds, None, None, None,
+                        torch.ones(64), ["human"] * 64)
+    trainer = DPOTrainer(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
+    assert trainer.reference is None  # no reference UNet
+    measured = measured_peak_bytes(trainer, tmp_path)
+    plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
+                       micro_batch_pairs=32, latent=16, lora=LoraSettings(rank=8))
+    full = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
+                       micro_batch_pairs=32, latent=16)
+    assert plan.total == pytest.approx(measured, rel=0.2)
+    trainable = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+    assert plan.gradients == 4 * trainable and full.total - plan.total > 0.8 * (full.weights + full.optimizer)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
 def test_optimizer_state_count_matches_the_real_optimizer(name):
     config = load_config(REPO / "configs/toy.yaml")
@@ -73,8 +97,12 @@ def test_plan_command_prints_the_configs_row(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 18  # header + 3 optimizers x 3 ZeRO settings x checkpointing off/on
+    # header + UNet: 3 optimizers x 3 ZeRO settings x checkpointing off/on + LoRA: 2 optimizers x 2 x 2
+    assert len(rows) == 1 + 18 + 8
     own = [r for r in rows if "(config)" in r]
-    assert len(own) == 1 and own[0].startswith("| **adafactor** (config) | 2 | on |")
+    assert len(own) == 1 and own[0].startswith("| UNet | **adafactor** (config) | 2 | on |")
     # SDXL's 2.57B parameters: fp32 weights without ZeRO are 4 bytes each, 9.6 GiB.
-    assert rows[1].split("|")[4].strip() == "9.6"
+    assert rows[1].split("|")[5].strip() == "9.56"
+    # LoRA: the same frozen UNet plus the adapter, but no reference UNet and next to no gradients or optimizer.
+    lora = next(r for r in rows if r.startswith("| LoRA r8 | adamw | - | on |")).split("|")
+    assert float(lora[5]) >= 9.56 and float(lora[6]) < 0.1 and float(lora[7]) < 0.2 and float(lora[8]) < 0.1
