@@ -97,3 +97,35 @@ def test_adaptive_race_forwards_and_agreement(benchmark, models, device):
     benchmark.extra_info.update(unet_forwards=race.unet_forwards, unet_forwards_full=full.unet_forwards_full,
                                 forwards_saved=1 - race.unet_forwards / full.unet_forwards_full,
                                 agreement_with_full=float(agree))
+
+
+@pytest.mark.parametrize("layout", ["lora-one-unet", "lora-two-unets"])
+def test_reward_scoring_lora_policy(benchmark, models, device, layout):
+    """A LoRA policy against the base: one UNet switching its adapter on and off (what a LoRA run does),
+    against the adapter merged into a second UNet. extra_info: candidates_per_s and the UNet weight bytes held."""
+    from sail_fast.config import LoraSettings
+    from sail_fast.lora import POLICY, AdapterView, adapter_parameters, add_policy_adapter, merged_unet
+
+    _, reference, scheduler, latents, timesteps, noise, embeds, added = models
+    benchmark.group = "reward scoring N=8 x K=10, LoRA policy"
+    unet = add_policy_adapter(copy.deepcopy(reference), LoraSettings(rank=8))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter_parameters(unet, POLICY):
+            p.add_(0.01 * torch.randn(p.shape, generator=gen).to(device))
+    if layout == "lora-one-unet":
+        policy, base = AdapterView(unet, POLICY), AdapterView(unet, None)
+        held = sum(p.numel() * p.element_size() for p in unet.parameters())
+    else:
+        policy, base = merged_unet(unet).to(device), copy.deepcopy(reference)
+        held = 2 * sum(p.numel() * p.element_size() for p in reference.parameters())
+    scorer = ImplicitRewardScorer(policy, base, scheduler, beta=BETA, num_draws=K, micro_batch=N * K)
+
+    def timed():
+        out = scorer.score(latents, embeds, added_cond_kwargs=added, timesteps=timesteps, noise=noise)
+        sync(device)
+        return out
+
+    rewards = benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
+    assert torch.isfinite(rewards).all() and rewards.abs().max() > 0
+    benchmark.extra_info.update(candidates_per_s=N / benchmark.stats.stats.median, unet_weight_bytes=held)

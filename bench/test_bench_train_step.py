@@ -31,7 +31,7 @@ def test_train_step_throughput(benchmark, arch, device, variant, tmp_path):
 
 
 # bf16 is emulated on CPUs without AMX/avx512_bf16 (minutes per probe): GPU only.
-MEMORY_VARIANTS = VARIANTS if torch.cuda.is_available() else ("naive", "fast-fp32")
+MEMORY_VARIANTS = VARIANTS if torch.cuda.is_available() else ("naive", "fast-fp32", "lora-fp32")
 
 
 @pytest.mark.parametrize("variant", MEMORY_VARIANTS)

@@ -5,6 +5,8 @@ naive: fp32 policy and reference, elementwise MSE and loss written out, fp32 Ada
 fast:  DPOTrainer: fused paired_mse, reference without autograd in the compute dtype,
        bitsandbytes 8-bit AdamW, torch.compile (unfused on CPU, see trainer.CPU_COMPILE_OPTIONS);
        in fp32 or with bf16 autocast.
+lora:  fast-fp32 training a rank-8 LoRA adapter (peft) on the attention projections; the reference
+       is the same UNet with its adapter off, so there is no second UNet.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.trainer import DPOTrainer
 
 PAIRS, BETA = 4, 5000.0
-VARIANTS = ("naive", "fast-fp32", "fast-bf16")
+VARIANTS = ("naive", "fast-fp32", "fast-bf16", "lora-fp32")
 
 
 def _scheduler():
@@ -82,7 +84,8 @@ def make_step(variant: str, arch: str, device: torch.device, output_dir: str):
     if variant == "naive":
         return NaiveStep(arch, device)
     precision = "bf16" if variant == "fast-bf16" else "fp32"
-    config = load_config(overrides=[
+    lora = ["train.lora.rank=8"] if variant.startswith("lora") else []
+    config = load_config(overrides=[*lora,
         "model.tiny=sd15", f"output_dir={output_dir}", "train.optimizer=adamw8bit", "train.compile=true",
         f"train.mixed_precision={precision}", f"train.pairs_per_step={PAIRS}", f"train.micro_batch_pairs={PAIRS}",
         "train.learning_rate=1e-5", "train.progress=false",

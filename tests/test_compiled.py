@@ -21,17 +21,19 @@ from sail_fast.tiny import tiny_stack
 def test_compiled_training_step_gives_eager_gradients(tmp_path):
     # Gradients, not losses after several steps: at beta 5000 a 1e-7 change in the weights
     # moves the third step's loss by 1%, so later losses cannot tell a bug from rounding.
+    # On a GPU (bench/gpu_check.sh) this asks whether CUDA's inductor has the CPU backward bug.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grads, first_loss = {}, {}
     for compiled in (False, True):
         config = load_config(TINY, [f"output_dir={tmp_path / str(compiled)}", f"train.compile={compiled}",
                                     "train.pairs_per_step=4", "train.micro_batch_pairs=4"])
         stack = build_stack(config.model, seed=config.seed)
-        trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 16, 0))
+        trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 16, 0), device=device)
         assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule) == compiled
         with torch.no_grad():  # move the policy off the reference, so the loss has a real gradient
             for p in trainer.policy.parameters():
-                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        batch = trainer.pairs.batch(torch.arange(4))
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(device))
+        batch = trainer.pairs.batch(torch.arange(4)).to(device)
         out = trainer._micro_step_loss(batch, torch.Generator().manual_seed(0))
         out.loss.backward()
         grads[compiled] = {n: p.grad.clone() for n, p in trainer.policy.named_parameters()}
