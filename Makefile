@@ -2,7 +2,7 @@
 # on a fresh machine; pip skips what is already installed.
 PYTHON ?= python
 
-.PHONY: install run test bench
+.PHONY: install run test bench gpu-check
 
 install:
 	# torch first: 2.13.0 is the local CPU wheel on the development machines, and
@@ -24,3 +24,7 @@ test: install
 bench: install
 	mkdir -p bench/results
 	HF_HUB_OFFLINE=1 pytest bench/ --benchmark-only --benchmark-json=bench/results/latest.json
+
+# Everything that needs a GPU, in one run with one summary (DRY_RUN=1: the CPU rehearsal CI runs).
+gpu-check: install
+	bash bench/gpu_check.sh --out runs/gpu-check $(if $(DRY_RUN),--dry-run,)
