@@ -19,7 +19,7 @@ run: install
 # `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path,
 # where kernels/ would shadow the Hugging Face `kernels` package.
 test: install
-	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider
+	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider --durations=15
 
 bench: install
 	mkdir -p bench/results

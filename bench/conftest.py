@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def pytest_addoption(parser):
-    parser.addoption("--arch", default="sd15-small", choices=["sd15-small", "sd15", "sdxl"],
+    parser.addoption("--arch", default="sd15-small", choices=["sd15-small", "sd15-medium", "sd15", "sdxl"],
                      help="UNet architecture for the model benchmarks (random weights, no download)")
 
 

@@ -50,9 +50,12 @@ def record(benchmark, flops, device, dtype):
                                 mfu=achieved / peak)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["naive-fp32", "fp32", "bf16"])
 def test_mfu_reward_scorer(benchmark, arch, device, precision):
-    dtype = DTYPES[precision]
+    """naive-fp32: the literal loop (per candidate, per draw, batch 1, eager) on the same models and draws."""
+    from test_bench_reward import naive_score
+
+    dtype = DTYPES[precision.removeprefix("naive-")]
     benchmark.group = "MFU: reward scorer N=8 x K=10"
     reference = build_unet(arch, device=device, dtype=dtype).eval()
     policy = copy.deepcopy(reference)
@@ -66,7 +69,10 @@ def test_mfu_reward_scorer(benchmark, arch, device, precision):
     scorer = ImplicitRewardScorer(policy, reference, scheduler, beta=BETA, num_draws=K, micro_batch=N * K)
 
     def run():
-        out = scorer.score(latents, embeds, added_cond_kwargs=added, timesteps=timesteps, noise=noise)
+        if precision.startswith("naive"):
+            out = naive_score(policy, reference, scheduler, latents, timesteps, noise, embeds, added)
+        else:
+            out = scorer.score(latents, embeds, added_cond_kwargs=added, timesteps=timesteps, noise=noise)
         sync(device)
         return out
 

@@ -284,6 +284,11 @@ def test_lora_sail_on_the_toy_world_then_generate_and_export_for_plain_diffusers
     sail_fast("generate", "--checkpoint", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "2",
               "--out", str(tmp_path / "pictures"), cwd=tmp_path)
     assert Image.open(tmp_path / "pictures/0000-00.png").size == (16, 16)
+    sail_fast("eval", "--checkpoint", str(run / "iter0/final/lora"), "--checkpoint", str(run), "--prompts",
+              str(tmp_path / "prompts.txt"), "--metrics", "toy_oracle", "--out", str(tmp_path / "eval"),
+              "--images-per-prompt", "2", cwd=tmp_path)
+    checkpoints = json.loads((tmp_path / "eval/eval.json").read_text())["checkpoints"]
+    assert len(checkpoints) == 2 and all("toy_oracle" in c["scores"] for c in checkpoints)
 
     sail_fast("export", str(run), str(tmp_path / "adapter"), cwd=tmp_path)
     sail_fast("export", str(run), str(tmp_path / "merged"), "--merge", cwd=tmp_path)

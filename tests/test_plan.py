@@ -36,19 +36,23 @@ def measured_peak_bytes(trainer, tmp_path) -> float:
     return float(np.array(sizes).sum(1).max())
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, checkpointing):
+def toy_trainer(tmp_path, *overrides):
+    """A DPO trainer on the toy UNet, 32 pairs per step, on random pairs."""
     config = load_config(REPO / "configs/toy.yaml", [
-        "train.micro_batch_pairs=32", "train.pairs_per_step=32", "train.progress=false",
-        f"train.gradient_checkpointing={checkpointing}", f"output_dir={tmp_path}"])
+        "train.micro_batch_pairs=32", "train.pairs_per_step=32", "train.progress=false", f"output_dir={tmp_path}",
+        *overrides])
     stack = build_stack(config.model)
     gen = torch.Generator().manual_seed(0)
     embeds = stack.encode_prompts(["a handwritten 3", ""]).prompt_embeds
     pairs = LatentPairs(torch.randn(64, 1, 16, 16, generator=gen), torch.randn(64, 1, 16, 16, generator=gen),
                         torch.zeros(64, dtype=torch.int64), ["a handwritten 3", ""], embeds, None, None, None,
                         torch.ones(64), ["human"] * 64)
-    policy = UNet2DConditionModel.from_config(stack.unet.config)
-    trainer = DPOTrainer(config, policy, stack.scheduler, pairs, output_dir=tmp_path)
+    return config, DPOTrainer(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, checkpointing):
+    config, trainer = toy_trainer(tmp_path, f"train.gradient_checkpointing={checkpointing}")
     measured = measured_peak_bytes(trainer, tmp_path)
     plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32",
                        checkpointing=checkpointing, micro_batch_pairs=32, latent=16)
@@ -58,16 +62,7 @@ def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, chec
 def test_plan_predicts_measured_lora_training_memory_within_20_percent(tmp_path):
     from sail_fast.config import LoraSettings
 
-    config = load_config(REPO / "configs/toy.yaml", [
-        "train.micro_batch_pairs=32", "train.pairs_per_step=32", "train.progress=false", "train.lora.rank=8",
-        f"output_dir={tmp_path}"])
-    stack = build_stack(config.model)
-    gen = torch.Generator().manual_seed(0)
-    embeds = stack.encode_prompts(["a handwritten 3", ""]).prompt_embeds
-    pairs = LatentPairs(torch.randn(64, 1, 16, 16, generator=gen), torch.randn(64, 1, 16, 16, generator=gen),
-                        torch.zeros(64, dtype=torch.int64), ["a handwritten 3", ""], embeds, None, None, None,
-                        torch.ones(64), ["human"] * 64)
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
+    config, trainer = toy_trainer(tmp_path, "train.lora.rank=8")
     assert trainer.reference is None  # no reference UNet
     measured = measured_peak_bytes(trainer, tmp_path)
     plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
