@@ -167,7 +167,10 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
                     "self_label_agreement"):
             values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        for other, (o_condition, o_stage) in {"base": ("sail", "base"), "dpo_full": ("dpo-full", "iter0")}.items():
+        against = {"base": ("sail", "base"), "dpo_full": ("dpo-full", "iter0")}
+        if condition != "sail" and stage.startswith("round-"):  # an ablation against SAIL's same round, same seeds
+            against["sail"] = ("sail", stage)
+        for other, (o_condition, o_stage) in against.items():
             pairs = {}
             for s, (_, samples) in found.items():
                 theirs = _stage(out / f"seed-{s}" / o_condition, o_stage)
@@ -187,13 +190,13 @@ def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int |
     """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it)."""
     _stage.cache_clear()  # runs may have finished stages since the last table
     lines = collect(out, seeds, rounds, ablation_rounds or rounds)
-    md = ["| model | human labels | score | score - base | score - DPO 100% | accuracy | accuracy - base | haze - base "
-          "| width term | self-label agreement | diversity | seeds |", "|---" * 12 + "|"]
+    md = ["| model | human labels | score | score - base | score - DPO 100% | score - SAIL same round | accuracy "
+          "| accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |", "|---" * 13 + "|"]
     for r in lines:
-        base, full = r.get("vs_base", {}), r.get("vs_dpo_full", {})
+        base, full, sail = r.get("vs_base", {}), r.get("vs_dpo_full", {}), r.get("vs_sail", {})
         agree = "-" if r["self_label_agreement"] is None else f"{r['self_label_agreement']:.3f}"
         md.append(f"| {r['model']} | {r['human_labels']} | {r['oracle_score']:.3f} | {_pm(base.get('score'))} "
-                  f"| {_pm(full.get('score'))} | {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
+                  f"| {_pm(full.get('score'))} | {_pm(sail.get('score'))} | {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
                   f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
                   f"| {len(r['seeds'])} |")
     (out / "results.md").write_text("\n".join(md) + "\n")
