@@ -18,6 +18,7 @@ into a plain diffusers pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def copy_adapter(unet: nn.Module, source: str, target: str) -> None:
         trainable = [p for p in unet.parameters() if p.requires_grad]
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            unet.add_adapter(unet.peft_config[source], adapter_name=target)
+            # A frozen copy never drops out: in a training step it is the reference, which must be deterministic.
+            unet.add_adapter(dataclasses.replace(unet.peft_config[source], lora_dropout=0.0), adapter_name=target)
         for param in adapter_parameters(unet, target):
             param.requires_grad_(False)
         for param in trainable:  # diffusers' add_adapter makes the new adapter the active, trainable one

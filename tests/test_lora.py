@@ -323,3 +323,20 @@ def test_lora_sail_on_a_tiny_sdxl_stack_runs_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "run/metrics.json").read_text())
     assert [r["stage"] for r in rows] == ["base", "iter0", "round-01"]
     assert rows[-1]["self_label_agreement"] > 0.5  # the planted preference, learnt by the adapter alone
+
+
+def test_the_frozen_reference_adapter_never_drops_out_while_the_policy_trains():
+    from sail_fast.lora import REFERENCE, copy_adapter
+
+    stack = tiny_stack("sd15", seed=0)
+    add_policy_adapter(stack.unet, LoraSettings(rank=4, dropout=0.5))
+    _perturb(stack.unet, scale=0.1)
+    copy_adapter(stack.unet, POLICY, REFERENCE)
+    stack.unet.train()  # as in a training step, where the reference is computed
+    inputs = _inputs(stack)
+    reference = AdapterView(stack.unet, REFERENCE)
+    assert torch.equal(_call(reference, inputs), _call(reference, inputs))
+    policy = AdapterView(stack.unet, POLICY)
+    assert not torch.equal(_call(policy, inputs), _call(policy, inputs))  # the policy's dropout is on
+    stack.unet.eval()
+    assert torch.equal(_call(reference, inputs), _call(policy, inputs))  # the same weights, a frozen copy

@@ -35,8 +35,20 @@ from tqdm.auto import tqdm
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
 from ..distributed import DistInfo
-from ..lora import POLICY, REFERENCE, activate, adapter_parameters, adapter_state, add_policy_adapter, copy_adapter, has_adapter
-from ..lora import is_identity, load_adapter, save_adapter, unwrap
+from ..lora import (
+    POLICY,
+    REFERENCE,
+    activate,
+    adapter_parameters,
+    adapter_state,
+    add_policy_adapter,
+    copy_adapter,
+    has_adapter,
+    is_identity,
+    load_adapter,
+    save_adapter,
+    unwrap,
+)
 from ..rundir import atomic_write_text, verify_manifest, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
