@@ -76,7 +76,7 @@ def run_step(step: dict, out: Path, has_cuda: bool) -> dict:
         sys.path.insert(0, str(REPO / "bench"))
         from report import rows
 
-        record["benchmarks"] = [r for r in rows(json.loads(Path(step["bench_json"]).read_text()))]
+        record["benchmarks"] = rows(json.loads(Path(step["bench_json"]).read_text()))
     if step.get("result_json") and Path(step["result_json"]).is_file():
         record["result"] = json.loads(Path(step["result_json"]).read_text())
     return record

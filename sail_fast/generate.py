@@ -41,6 +41,11 @@ def _final_unet(run: Path) -> Path:
                             "iter0/final/{unet,lora}, final/{unet,lora})")
 
 
+def _weights_dir(path: Path) -> Path:
+    """The UNet directory or LoRA folder ``path`` names: itself, or a run's newest trained policy."""
+    return path if (path / "config.json").is_file() or (path / LORA_WEIGHTS).is_file() else _final_unet(path)
+
+
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     """The stack to sample from, and the sampling settings its run used (empty when unknown).
 
@@ -59,7 +64,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
             f"{path} is neither a diffusers pipeline directory (model_index.json) nor inside a sail-fast run "
             "(no config.yaml here or above)"
         )
-    weights = path if (path / "config.json").is_file() or (path / LORA_WEIGHTS).is_file() else _final_unet(path)
+    weights = _weights_dir(path)
     config = load_config(run / "config.yaml")
     stack = build_stack(config.model, seed=config.seed)
     if (weights / LORA_WEIGHTS).is_file():
@@ -84,10 +89,8 @@ def export_unet(checkpoint: str | Path, out: str | Path, *, merge: bool = False)
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder for the export")
     lora = has_adapter(stack.unet)
     if lora and not merge:
-        source = Path(checkpoint)
-        source = source if (source / LORA_WEIGHTS).is_file() else _final_unet(source)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source / LORA_WEIGHTS, out / LORA_WEIGHTS)
+        shutil.copy(_weights_dir(Path(checkpoint)) / LORA_WEIGHTS, out / LORA_WEIGHTS)
         return out
     unet = merged_unet(stack.unet) if lora else stack.unet
     unet.save_pretrained(out)

@@ -46,14 +46,19 @@ def add_policy_adapter(unet: nn.Module, settings, seed: int = 0) -> nn.Module:
     peft draws A from the global RNG; ``seed`` fixes it, so a resumed process rebuilds the same run."""
     if has_adapter(unet):
         raise ValueError("this UNet already has a policy adapter")
-    unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(peft_config(settings), adapter_name=POLICY)
     activate(unet, POLICY)
+    train_only_policy(unet)
+    return unet
+
+
+def train_only_policy(unet: nn.Module) -> None:
+    """Freeze every weight of ``unet`` but the policy adapter's."""
+    unet.requires_grad_(False)
     for param in adapter_parameters(unet, POLICY):
         param.requires_grad_(True)
-    return unet
 
 
 def _tuner_layers(unet: nn.Module) -> list:

@@ -39,7 +39,6 @@ from ..lora import (
     POLICY,
     REFERENCE,
     activate,
-    adapter_parameters,
     adapter_state,
     add_policy_adapter,
     copy_adapter,
@@ -47,6 +46,7 @@ from ..lora import (
     is_identity,
     load_adapter,
     save_adapter,
+    train_only_policy,
     unwrap,
 )
 from ..rundir import atomic_write_text, verify_manifest, write_manifest
@@ -132,9 +132,7 @@ class DPOTrainer:
         if self.lora:
             if not has_adapter(self.policy):
                 add_policy_adapter(self.policy, train.lora, seed=config.seed)
-            self.policy.requires_grad_(False)  # only the policy adapter trains
-            for param in adapter_parameters(self.policy, POLICY):
-                param.requires_grad_(True)
+            train_only_policy(self.policy)  # whatever the caller left trainable
             if not is_identity(self.policy):
                 copy_adapter(self.policy, POLICY, REFERENCE)
                 self.reference_adapter = REFERENCE
