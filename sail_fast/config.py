@@ -65,9 +65,14 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
-    loss: Literal["sigmoid", "smpo", "hinge", "ipo", "sft", "mapo"] = "sigmoid"
+    loss: Literal["sigmoid", "smpo", "hinge", "ipo", "dmpo", "dspo", "dro", "sft", "mapo"] = "sigmoid"  # dpo/losses.py
     beta: float = Field(5000.0, gt=0)
     mapo_gamma: float = 0.1
+    smpo_scale: float = Field(10.0, gt=0)  # SmPO-Diffusion's factor beside beta: -logsigmoid(scale (2p - 1) u)
+    dmpo_alpha: float = Field(0.01, ge=0, lt=1)  # DMPO's target Bernoulli is 1 - alpha (Diffusion-SDPO's scripts: 0.01)
+    dro_margin: float = Field(0.001, ge=0)  # Diffusion-DRO's hinge margin (RealAlign stage 1)
+    # SDPO: scale the loser's gradient so no step raises the winner's loss; mu in [0, 1] (None: off).
+    winner_preserving_mu: float | None = Field(None, ge=0, le=1)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = 1e-2
@@ -81,7 +86,7 @@ class TrainConfig(Section):
     # forward: x_t from random noise (Diffusion-DPO). ddim_inversion: x_t from a few-step ReNoise
     # DDIM inversion of x_0 with the policy, eps recovered from x_t and x_0 (SmPO-Diffusion).
     noising: Literal["forward", "ddim_inversion"] = "forward"
-    inversion_steps: int = 4
+    inversion_steps: int | None = None  # default: SmPO-Diffusion's 5 for SD1.5, 10 for SDXL
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -103,8 +108,11 @@ class TrainConfig(Section):
     def _batch_sizes(self):
         if self.pairs_per_step < 1 or self.micro_batch_pairs < 1:
             raise ValueError("train.pairs_per_step and train.micro_batch_pairs must be >= 1")
-        if self.inversion_steps < 1:
+        if self.inversion_steps is not None and self.inversion_steps < 1:
             raise ValueError("train.inversion_steps must be >= 1")
+        if self.winner_preserving_mu is not None and self.loss in ("sft", "mapo"):
+            raise ValueError(f"train.winner_preserving_mu scales the loser's gradient in the DPO logit; train.loss="
+                             f"{self.loss!r} has no reference and no logit. Unset one of them")
         if not 0.0 <= self.mixup_alpha <= 1.0:
             raise ValueError(f"train.mixup_alpha must be in [0, 1], got {self.mixup_alpha}")
         if self.lora is not None and self.ema_decay is not None:
@@ -172,10 +180,14 @@ class SailConfig(Section):
     ranker_metric: str | None = None  # a sail_fast.metrics name: toy_oracle, aesthetic, pickscore, hpsv2, ...
     ranker_weights: str | None = None  # its local weights (the toy metrics default to the shipped model)
     # SmPO-style smoothing: each pair's label p comes from the ranking scores (implicit rewards give
-    # smoothed self-labels); needs train.loss: smpo. p = sigmoid((z_win - z_lose) / temperature), z
-    # the scores normalised over the prompt's candidates (a two-way softmax over normalised scores).
+    # smoothed self-labels); needs train.loss: smpo. p = sigmoid((n_win - n_lose) / temperature), a
+    # two-way softmax over normalised scores n: "zscore" over the prompt's candidates, or "minmax",
+    # SmPO-Diffusion's fixed (s - lo) / (hi - lo) with soft_label_range = [lo, hi] in the ranker's
+    # units. Default: minmax with the authors' range when PickScore ranks, zscore otherwise.
     soft_labels: bool = False
     soft_label_temperature: float = 1.0
+    soft_label_norm: Literal["zscore", "minmax"] | None = None
+    soft_label_range: tuple[float, float] | None = None  # default for minmax: the ranker metric's published range
     # Where each round's pairs come from: "self" (the ranked candidates: SAIL, or OnlineDPO with an
     # external ranker) and/or "real" (RealAlign: real images beat losers made for their captions).
     pair_sources: list[Literal["self", "real"]] = ["self"]
@@ -198,9 +210,21 @@ class SailConfig(Section):
                 raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
         if self.soft_label_temperature <= 0:
             raise ValueError("sail.soft_label_temperature must be > 0")
+        if self.soft_label_range is not None and not self.soft_label_range[0] < self.soft_label_range[1]:
+            raise ValueError(f"sail.soft_label_range must be [lo, hi] with lo < hi, got {list(self.soft_label_range)}")
+        if self.label_norm() == "minmax" and self.soft_label_range is None and not self._ranked_by_pickscore():
+            raise ValueError("sail.soft_label_norm: minmax needs sail.soft_label_range: [lo, hi] in the ranker's score "
+                             "units (only PickScore ships a published range)")
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self
+
+    def _ranked_by_pickscore(self) -> bool:
+        return self.ranker == "external" and self.ranker_metric == "pickscore"
+
+    def label_norm(self) -> str:
+        """How soft labels normalise scores: as set, else SmPO's published minmax for PickScore, else zscore."""
+        return self.soft_label_norm or ("minmax" if self._ranked_by_pickscore() else "zscore")
 
     def real_per_round(self) -> int:
         return self.real.per_round or self.prompts_per_round

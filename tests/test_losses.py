@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sail_fast.dpo.losses import LOSSES, loss_from_mse, preference_loss
+from sail_fast.dpo.losses import LOSSES, NEEDS_PREDICTIONS, loss_from_mse, preference_loss
 
 BETA = 50.0
 
@@ -23,8 +23,13 @@ def _literal(kind, pw, pl, rw, rl, labels, gamma):
         u = -BETA / 2 * ((pw[i] - pl[i]) - (rw[i] - rl[i]))
         if kind == "sigmoid":
             v = math.log1p(math.exp(-u))
-        elif kind == "smpo":
-            v = math.log1p(math.exp(-(2 * labels[i] - 1) * u))
+        elif kind == "smpo":  # SmPO-Diffusion's train.py: -logsigmoid(-0.5 beta (2p - 1) 10 (delta_policy - delta_ref))
+            v = math.log1p(math.exp(-(-0.5 * BETA * (2 * labels[i] - 1) * 10 * ((pw[i] - pl[i]) - (rw[i] - rl[i])))))
+        elif kind == "dmpo":  # KL(Bern(p) || Bern(q)), p = sigmoid(u), q = 1 - alpha
+            p, q = 1 / (1 + math.exp(-u)), 1 - 0.01
+            v = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+        elif kind == "dro":  # RealAlign's Diffusion-DRO hinge, margin 0.001
+            v = max(0.0, (pw[i] - rw[i]) - (pl[i] - rl[i]) + 0.001)
         elif kind == "hinge":
             v = max(0.0, 1 - u)
         elif kind == "ipo":
@@ -39,7 +44,7 @@ def _literal(kind, pw, pl, rw, rl, labels, gamma):
     return sum(out) / len(out)
 
 
-@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("kind", [k for k in LOSSES if k not in NEEDS_PREDICTIONS])
 def test_matches_literal_formula(kind):
     pw, pl, rw, rl = _mse()
     labels = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.7, 1.0], dtype=torch.float64)
@@ -101,3 +106,60 @@ def test_bad_calls():
     # Reference-free losses run without a reference prediction.
     out = preference_loss("sft", torch.zeros(4, 2), torch.ones(4, 2), None, beta=BETA)
     assert out.loss.item() == pytest.approx(1.0)
+
+
+def _predictions(seed=3, b=3, shape=(4, 5, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(2 * b, *shape, generator=gen, dtype=torch.float64)
+    target[b:] = target[:b]
+    pred = target + 0.5 * torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    ref = target + 0.5 * torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    return target, pred, ref
+
+
+def test_dspo_matches_its_literal_formula():
+    """DSPO as Diffusion-SDPO's train.py runs it for SD1.5: the winner's prediction regressed onto its
+    noise shifted by beta (1 - sigmoid(u)) times the policy-reference gap, u the Diffusion-DPO logit."""
+    target, pred, ref = _predictions()
+    beta, b = 3.0, 3
+    got = preference_loss("dspo", target, pred, ref, beta=beta, fused=False).loss
+    per = []
+    for i in range(b):
+        mse = [float(((x[j] - target[j]) ** 2).mean()) for x in (pred, ref) for j in (i, i + b)]
+        u = -0.5 * beta * ((mse[0] - mse[1]) - (mse[2] - mse[3]))
+        w = 1 - 1 / (1 + math.exp(-u))
+        per.append(float((((pred[i] - target[i]) - beta * w * (pred[i] - ref[i])) ** 2).mean()))
+    assert got.item() == pytest.approx(sum(per) / b, rel=1e-6)  # the loss computes in float32
+    # the fused path agrees
+    assert preference_loss("dspo", target.float(), pred.float(), ref.float(), beta=beta).loss.item() == pytest.approx(got.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="preference_loss"):
+        loss_from_mse("dspo", *_mse(), beta=BETA)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.9])
+def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
+    """lambda = clamp((1 - mu) |g_w|^2 / (<g_l, g_w> + 1e-9), 0, 1), g the gradients of the half-batch
+    mean MSEs with respect to the predictions; the loss value is unchanged and only the loser's
+    gradient is multiplied by lambda."""
+    target, pred, ref = _predictions(seed=5)
+    b = 3
+    # make the loser's residual point along the winner's, so <g_l, g_w> > 0 and lambda is not clipped to 1
+    pred[b:] = target[b:] + 1.5 * (pred[:b] - target[:b]) + 0.1 * (pred[b:] - target[b:])
+    n = pred[:b].numel()
+    g_w, g_l = 2 * (pred[:b] - target[:b]) / n, 2 * (pred[b:] - target[b:]) / n
+    lam = min(1.0, max(0.0, (1 - mu) * float((g_w * g_w).sum()) / (float((g_l * g_w).sum()) + 1e-9)))
+    assert 0 < lam < 1
+    plain_pred, scaled_pred = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    plain = preference_loss("sigmoid", target, plain_pred, ref, beta=20.0, fused=False)
+    scaled = preference_loss("sigmoid", target, scaled_pred, ref, beta=20.0, fused=False, winner_preserving_mu=mu)
+    assert scaled.loss.item() == pytest.approx(plain.loss.item(), rel=1e-7)
+    assert scaled.metrics["loser_grad_scale"].item() == pytest.approx(lam, rel=1e-5)
+    plain.loss.backward()
+    scaled.loss.backward()
+    torch.testing.assert_close(scaled_pred.grad[:b], plain_pred.grad[:b])
+    torch.testing.assert_close(scaled_pred.grad[b:], lam * plain_pred.grad[b:])
+    # losers pulling away from the winners (<g_l, g_w> <= 0) keep their whole gradient
+    away = pred.clone()
+    away[b:] = target[b:] - (pred[:b] - target[:b])
+    out = preference_loss("sigmoid", target, away, ref, beta=20.0, fused=False, winner_preserving_mu=mu)
+    assert out.metrics["loser_grad_scale"].item() == 1.0

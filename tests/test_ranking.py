@@ -34,6 +34,24 @@ def test_soft_labels_are_a_softmax_over_normalised_scores():
     assert (soft_labels(scores, lose, win, 0.5) + got - 1).abs().max() < 1e-6  # swapping the pair flips p
 
 
+def test_minmax_soft_labels_are_smpo_diffusions_published_formula():
+    """SmPO-Diffusion (JaydenLyh/SmPO train.py): n = (s - 0.11543526500463486) / (0.28201571106910706 -
+    0.11543526500463486) on PickScore's raw cosine, p = exp(n_w) / (exp(n_w) + exp(n_l))."""
+    from sail_fast.metrics.clip_metrics import PICKSCORE_COSINE_RANGE
+
+    cos = torch.tensor([[0.21, 0.25, 0.18], [0.20, 0.20, 0.20], [0.30, 0.10, 0.22]])
+    win, lose = torch.tensor([1, 0, 0]), torch.tensor([2, 1, 1])
+    got = soft_labels(cos, win, lose, norm="minmax", score_range=PICKSCORE_COSINE_RANGE)
+    for p in range(3):
+        nw, nl = ((cos[p, i].item() - 0.11543526500463486) / (0.28201571106910706 - 0.11543526500463486) for i in (win[p], lose[p]))
+        assert got[p].item() == pytest.approx(math.exp(nw) / (math.exp(nw) + math.exp(nl)), rel=1e-6)
+    assert got[1].item() == 0.5
+    # unlike zscore, the label depends on the scores' absolute gap, not their spread within the prompt
+    assert soft_labels(cos * 2, win, lose, norm="minmax", score_range=PICKSCORE_COSINE_RANGE)[0] > got[0]
+    with pytest.raises(ValueError, match="soft_label_range"):
+        soft_labels(cos, win, lose, norm="minmax")
+
+
 def test_external_scores_keep_prompt_and_candidate_order():
     from sail_fast.toy.world import load_toy_stack, prompt_pool
 
@@ -55,6 +73,14 @@ def test_config_rules():
         load_config(REPO / "configs/toy-quick.yaml", ["sail.ranker=external", "sail.ranker_metric=fid"])
     with pytest.raises(ValueError, match="train.loss: smpo"):
         load_config(REPO / "configs/toy-quick.yaml", ["sail.soft_labels=true"])
+    smpo = ["sail.soft_labels=true", "train.loss=smpo", "sail.ranker=external"]
+    with pytest.raises(ValueError, match="soft_label_range"):  # no published range for the toy oracle
+        load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=toy_oracle", "sail.soft_label_norm=minmax"])
+    with pytest.raises(ValueError, match="lo < hi"):
+        load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=toy_oracle", "sail.soft_label_range=[1, 0]"])
+    # the published normalisation is the default when PickScore ranks, z-scores otherwise
+    assert load_config(REPO / "configs/tiny.yaml", smpo + ["sail.ranker_metric=pickscore"]).sail.label_norm() == "minmax"
+    assert load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=toy_oracle"]).sail.label_norm() == "zscore"
 
 
 @pytest.mark.slow
@@ -114,6 +140,11 @@ def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
     rows, best, worst = torch.arange(len(scores)), scores.argmax(1), scores.argmin(1)
     torch.testing.assert_close(pairs.win, latents[rows, best])
     torch.testing.assert_close(pairs.lose, latents[rows, worst])
-    torch.testing.assert_close(pairs.label, soft_labels(scores, best, worst))
+    # PickScore ranks, so the labels are SmPO's published min-max map of the raw cosine
+    assert ranking["label_norm"] == "minmax"
+    cosine = scores / metric.clip.model.logit_scale.exp()
+    n = (cosine - 0.11543526500463486) / (0.28201571106910706 - 0.11543526500463486)
+    want = n[rows, best].exp() / (n[rows, best].exp() + n[rows, worst].exp())
+    torch.testing.assert_close(pairs.label, want, rtol=1e-5, atol=1e-6)
     assert set(pairs.source) == {"online_dpo"}
     assert (stage / "train/final/unet").is_dir()

@@ -2,21 +2,31 @@
 
 Rows come as one batch of 2B: the B winners first, then the B losers, each loser sharing
 its winner's timestep and noise. ``paired_mse`` reads target, policy and reference
-predictions in one pass; every loss below is then a small function of four [B] vectors.
+predictions in one pass; every loss below is then a small function of four [B] vectors
+(DSPO also reads the winner's predictions).
 
-| kind    | loss per pair                                                   | needs ref |
-|---------|-----------------------------------------------------------------|-----------|
-| sigmoid | -logsigmoid(u)                          (Diffusion-DPO)         | yes       |
-| smpo    | -logsigmoid((2p - 1) * u), p = label     (smoothed soft labels) | yes       |
-| hinge   | relu(1 - u)                                                     | yes       |
-| ipo     | (u / beta - 1 / (2 beta))^2              (IPO on the same gap)  | yes       |
-| sft     | mse_policy_win                           (supervised on winners)| no        |
-| mapo    | mse_w - gamma * logsigmoid(log_odds)     (MaPO, margin-aware)   | no        |
+| kind    | loss per pair                                                     | source                         |
+|---------|-------------------------------------------------------------------|--------------------------------|
+| sigmoid | -logsigmoid(u)                                                    | Diffusion-DPO                  |
+| smpo    | -logsigmoid(smpo_scale * (2p - 1) * u), p = label                 | SmPO-Diffusion (scale 10)      |
+| hinge   | relu(1 - u)                                                       | SLiC-style hinge               |
+| ipo     | (u / beta - 1 / (2 beta))^2                                       | IPO on the same gap            |
+| dmpo    | KL(Bern(sigmoid(u)) || Bern(1 - dmpo_alpha))                      | DMPO, as Diffusion-SDPO runs it |
+| dspo    | mean_dims[(eps_pol_w - eps_w) - beta (1 - sigmoid(u)) (eps_pol_w - eps_ref_w)]^2 | DSPO (SD1.5 form) |
+| dro     | relu((mse_pol_w - mse_ref_w) - (mse_pol_l - mse_ref_l) + margin)  | Diffusion-DRO (RealAlign stage 1) |
+| sft     | mse_policy_win                                                    | supervised on winners          |
+| mapo    | mse_w - gamma * logsigmoid(log_odds)                              | MaPO, margin-aware (ref-free)  |
 
 with ``u = dpo_logit(...) = -beta/2 * ((mse_pol_w - mse_pol_l) - (mse_ref_w - mse_ref_l))``.
 MaPO scores an image by ``s = -beta_mapo * mse`` read as a log-likelihood, so that
 ``log_odds = (s_w - s_l) - (log(1 - e^s_w) - log(1 - e^s_l))``; here ``beta_mapo`` is
 ``beta`` and ``gamma`` weighs the margin term against the winner's denoising loss.
+
+SDPO's winner-preserving option (``winner_preserving_mu``, any loss with a reference) scales the
+gradient that reaches the loser's MSE by lambda = clamp((1 - mu) <g_w, g_w> / <g_l, g_w>, 0, 1)
+(1 when <g_l, g_w> <= 0), g the gradients of the winners' and losers' batch-mean MSE with respect to
+the predictions: one lambda per micro-batch, which leaves every value unchanged and keeps a step from
+raising the winner's loss (Diffusion-SDPO, AIDC-AI/Diffusion-SDPO ``train.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import torch.nn.functional as F
 
 from ..kernels import dpo_logit, paired_mse
 
-LOSSES = ("sigmoid", "smpo", "hinge", "ipo", "sft", "mapo")
+LOSSES = ("sigmoid", "smpo", "hinge", "ipo", "dmpo", "dspo", "dro", "sft", "mapo")
 REFERENCE_FREE = ("sft", "mapo")
+NEEDS_PREDICTIONS = ("dspo",)  # not a function of the four MSE vectors alone
 
 
 @dataclass
@@ -48,10 +59,15 @@ def loss_from_mse(
     beta: float,
     labels: torch.Tensor | None = None,
     gamma: float = 0.1,
+    smpo_scale: float = 10.0,
+    dmpo_alpha: float = 0.01,
+    dro_margin: float = 0.001,
 ) -> LossOutput:
     """The loss of ``kind`` from per-pair MSEs ([B] each); see the module table."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    if kind in NEEDS_PREDICTIONS:
+        raise ValueError(f"loss {kind!r} reads the predictions, not only their MSEs; call preference_loss")
     if kind not in REFERENCE_FREE and (mse_ref_win is None or mse_ref_lose is None):
         raise ValueError(f"loss {kind!r} compares against a reference model; pass the reference MSEs")
     metrics = {"mse_policy_win": mse_policy_win.mean(), "mse_policy_lose": mse_policy_lose.mean()}
@@ -66,7 +82,14 @@ def loss_from_mse(
         per_pair = -F.logsigmoid(u)
     elif kind == "smpo":
         p = torch.ones_like(u) if labels is None else labels.to(u)
-        per_pair = -F.logsigmoid((2 * p - 1) * u)
+        per_pair = -F.logsigmoid(smpo_scale * (2 * p - 1) * u)
+    elif kind == "dmpo":
+        # KL(Bern(p) || Bern(q)) with p = sigmoid(u), written with softplus for stable logs
+        q = torch.tensor(1.0 - dmpo_alpha, dtype=u.dtype).clamp(1e-6, 1 - 1e-6)
+        p, log_p, log_not_p = torch.sigmoid(u), -F.softplus(-u), -F.softplus(u)
+        per_pair = p * (log_p - q.log()) + (1 - p) * (log_not_p - torch.log1p(-q))
+    elif kind == "dro":
+        per_pair = F.relu((mse_policy_win - mse_ref_win) - (mse_policy_lose - mse_ref_lose) + dro_margin)
     elif kind == "hinge":
         per_pair = F.relu(1 - u)
     elif kind == "ipo":
@@ -83,6 +106,17 @@ def loss_from_mse(
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
 
 
+def loser_gradient_scale(target: torch.Tensor, pred_policy: torch.Tensor, mu: float) -> torch.Tensor:
+    """SDPO's lambda for 2B rows (winners then losers): see the module docstring. A detached scalar."""
+    residual = (pred_policy.detach().float() - target.float()).chunk(2)
+    n = residual[0].numel()
+    grad_win, grad_lose = 2 * residual[0] / n, 2 * residual[1] / n  # d mean(r^2) / d pred
+    num, den = (grad_win * grad_win).sum(), (grad_lose * grad_win).sum()
+    if den <= 0:
+        return torch.ones((), device=target.device)
+    return ((1 - mu) * num / (den + 1e-9)).clamp(0.0, 1.0)
+
+
 def preference_loss(
     kind: str,
     target: torch.Tensor,
@@ -92,6 +126,10 @@ def preference_loss(
     beta: float,
     labels: torch.Tensor | None = None,
     gamma: float = 0.1,
+    smpo_scale: float = 10.0,
+    dmpo_alpha: float = 0.01,
+    dro_margin: float = 0.001,
+    winner_preserving_mu: float | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """Loss for 2B rows (winners then losers) of target and predictions.
@@ -104,6 +142,8 @@ def preference_loss(
     if pred_ref is None:
         if kind not in REFERENCE_FREE:
             raise ValueError(f"loss {kind!r} compares against a reference model; pass pred_ref")
+        if winner_preserving_mu is not None:
+            raise ValueError(f"winner-preserving scaling acts on the DPO logit; loss {kind!r} has none")
         pred_ref = pred_policy.detach()  # read but unused: reference-free losses ignore it
     if fused:
         mse_policy, mse_ref = paired_mse(target, pred_policy, pred_ref.detach())
@@ -113,4 +153,23 @@ def preference_loss(
         mse_ref = F.mse_loss(pred_ref.detach().float(), target32, reduction="none").flatten(1).mean(1)
     policy_win, policy_lose = mse_policy.chunk(2)
     ref_win, ref_lose = mse_ref.chunk(2)
-    return loss_from_mse(kind, policy_win, policy_lose, ref_win, ref_lose, beta=beta, labels=labels, gamma=gamma)
+    scale = None
+    if winner_preserving_mu is not None:
+        scale = loser_gradient_scale(target, pred_policy, winner_preserving_mu)
+        policy_lose = policy_lose.detach() + scale * (policy_lose - policy_lose.detach())  # same value, scaled gradient
+    options = {"beta": beta, "labels": labels, "gamma": gamma, "smpo_scale": smpo_scale, "dmpo_alpha": dmpo_alpha,
+               "dro_margin": dro_margin}
+    if kind == "dspo":
+        out = loss_from_mse("sigmoid", policy_win, policy_lose, ref_win, ref_lose, **options)
+        u = dpo_logit(policy_win, policy_lose, ref_win, ref_lose, beta)
+        b = target.shape[0] // 2
+        weight = (1 - torch.sigmoid(u)).view(-1, *[1] * (target.dim() - 1))
+        pred_win = pred_policy[:b].float()
+        residual = (pred_win - target[:b].float()) - beta * weight * (pred_win - pred_ref[:b].detach().float())
+        loss = residual.pow(2).flatten(1).mean(1).mean()
+        out = LossOutput(loss, out.metrics | {"loss": loss.detach()})
+    else:
+        out = loss_from_mse(kind, policy_win, policy_lose, ref_win, ref_lose, **options)
+    if scale is not None:
+        out.metrics["loser_grad_scale"] = scale.detach()
+    return out

@@ -105,6 +105,8 @@ class DPOTrainer:
         if train.noising == "ddim_inversion" and scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"train.noising: ddim_inversion needs an epsilon-prediction model; this scheduler predicts "
                              f"{scheduler.config.prediction_type!r} (use train.noising: forward)")
+        # SmPO-Diffusion's inversion steps unless set: 10 for SDXL (its pairs carry pooled embeddings), 5 for SD1.5.
+        self.inversion_steps = train.inversion_steps or (10 if seed_pairs.pooled_prompt_embeds is not None else 5)
         per_step = train.micro_batch_pairs * dist.world_size
         if train.pairs_per_step % per_step:
             raise ValueError(
@@ -200,7 +202,7 @@ class DPOTrainer:
         added_in = None if added is None else {k: v.to(input_dtype) for k, v in added.items()}
         if self.train_cfg.noising == "ddim_inversion":
             # SmPO: winner and loser share t; each is inverted along the policy's own trajectory.
-            x_t, noise = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.train_cfg.inversion_steps,
+            x_t, noise = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.inversion_steps,
                                      encoder_hidden_states=embeds_in, added_cond_kwargs=added_in)
         else:
             x_t = self.scheduler.add_noise(x0, noise, t)
@@ -226,9 +228,11 @@ class DPOTrainer:
                     ).sample
             if self.lora:
                 activate(self.policy, POLICY)
+        cfg = self.train_cfg
         return preference_loss(
-            self.train_cfg.loss, target, pred, pred_ref, beta=self.train_cfg.beta, labels=batch.label,
-            gamma=self.train_cfg.mapo_gamma,
+            cfg.loss, target, pred, pred_ref, beta=cfg.beta, labels=batch.label, gamma=cfg.mapo_gamma,
+            smpo_scale=cfg.smpo_scale, dmpo_alpha=cfg.dmpo_alpha, dro_margin=cfg.dro_margin,
+            winner_preserving_mu=cfg.winner_preserving_mu,
         )
 
     def train_step(self) -> dict[str, float]:

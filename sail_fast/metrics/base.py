@@ -51,6 +51,8 @@ class Metric:
     version: str = ""
     weights: str = ""
     batch_size: int = 16
+    # (lo, hi) of the score in its own units for SmPO's min-max soft labels, where a published one exists.
+    soft_label_range: tuple[float, float] | None = None
 
     def _score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -83,8 +83,18 @@ class _ImageTextCosine(Metric):
         return (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
 
 
+# SmPO-Diffusion's fixed min-max range of PickScore's raw image-text cosine (JaydenLyh/SmPO, train.py).
+PICKSCORE_COSINE_RANGE = (0.11543526500463486, 0.28201571106910706)
+
+
 class PickScore(_ImageTextCosine):
     name, version = "pickscore", "PickScore_v1"
+
+    @property
+    def soft_label_range(self) -> tuple[float, float]:
+        # Our score is logit_scale * cosine; the published range is on the cosine.
+        scale = float(self.clip.model.logit_scale.exp())
+        return PICKSCORE_COSINE_RANGE[0] * scale, PICKSCORE_COSINE_RANGE[1] * scale
 
     def _score_batch(self, images, prompts):
         return self.clip.model.logit_scale.exp().float() * self.cosine(images, prompts)

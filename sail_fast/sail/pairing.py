@@ -63,7 +63,10 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
     latents = candidates(ctx, stage, r, mine, policy)
     rewards, win, lose = ranker.rank(r, mine, latents, policy, reference)
     rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=sail.pairing == "best_worst")
-    labels = soft_labels(rewards, win, lose, sail.soft_label_temperature) if sail.soft_labels else None
+    labels = None
+    if sail.soft_labels:
+        labels = soft_labels(rewards, win, lose, sail.soft_label_temperature, sail.label_norm(),
+                             sail.soft_label_range or ranker.score_range)
     gathered, order = ctx.gather_in_order(chosen_pairs(ctx, mine, latents, win, lose, labels), mine, rewards, keep)
     all_rewards = torch.cat([g[2] for g in gathered])[order]
     all_keep = torch.cat([g[3] for g in gathered])[order]
@@ -84,7 +87,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
         "reward_std_within_prompt": float(finite_mean_std(finite.double())[1].mean()) if len(finite) else float("nan"),
         "diversity": sample_diversity(latents), "reference": sail.reference, "pairing": sail.pairing,
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
-        "labels": pairs.label.tolist(),
+        "labels": pairs.label.tolist(), "label_norm": sail.label_norm() if sail.soft_labels else None,
     }
     if dist.is_main:
         write_json(stage / "ranking.json", ranking)

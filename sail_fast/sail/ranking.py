@@ -44,19 +44,31 @@ def finite_mean_std(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
-def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """P(win preferred) per prompt: a two-way softmax over the pair's normalised scores.
+def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, temperature: float = 1.0,
+                norm: str = "zscore", score_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """P(win preferred) per prompt: a two-way softmax over the pair's normalised scores,
+    p = exp(n_w / T) / (exp(n_w / T) + exp(n_l / T)) = sigmoid((n_w - n_l) / T).
 
-    Scores [P, N] are normalised within each prompt, z = (s - mean) / std over its N candidates, so
-    the label does not depend on the scorer's scale; then p = exp(z_w / T) / (exp(z_w / T) + exp(z_l / T))
-    = sigmoid((z_w - z_l) / T). A prompt whose candidates all score the same gets p = 0.5. NaN scores
-    (dropped candidates, ``drop_non_finite``) are left out of the mean and std.
+    ``norm="zscore"``: n = (s - mean) / std over the prompt's N candidates (scores [P, N]), so the label
+    does not depend on the scorer's scale; a prompt whose candidates all score the same gets p = 0.5,
+    and NaN scores (dropped candidates, ``drop_non_finite``) are left out of the mean and std.
+    ``norm="minmax"``: SmPO-Diffusion's fixed map n = (s - lo) / (hi - lo), ``score_range = (lo, hi)``
+    in the scorer's units, the same for every prompt (the authors' PickScore range:
+    ``metrics.clip_metrics.PICKSCORE_COSINE_RANGE``).
     """
     scores = scores.double()
-    mean, std = finite_mean_std(scores)
-    z = (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    if norm == "minmax":
+        if score_range is None:
+            raise ValueError("minmax soft labels need the score range (lo, hi); set sail.soft_label_range")
+        lo, hi = score_range
+        n = (scores - lo) / (hi - lo)
+    elif norm == "zscore":
+        mean, std = finite_mean_std(scores)
+        n = (scores - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    else:
+        raise ValueError(f"unknown soft label normalisation {norm!r}; choose zscore or minmax")
     rows = torch.arange(len(scores))
-    return torch.sigmoid((z[rows, win] - z[rows, lose]) / temperature).float()
+    return torch.sigmoid((n[rows, win] - n[rows, lose]) / temperature).float()
 
 
 def drop_non_finite(scores: torch.Tensor, latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
@@ -84,12 +96,16 @@ def drop_non_finite(scores: torch.Tensor, latents: torch.Tensor, win: torch.Tens
 
 
 class Ranker(Protocol):
+    score_range: tuple[float, float] | None  # the scores' published (lo, hi), for minmax soft labels
+
     def rank(self, r: int, prompts: list[str], latents: torch.Tensor, policy, reference):
         """Scores [P, N] of every candidate of latents [P, N, ...] and the (winner, loser) index per prompt."""
 
 
 class _Pairing:
     """Best against worst, or the ablation: two random candidates per prompt, ordered by their score."""
+
+    score_range = None
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -117,6 +133,7 @@ class ExternalRanker(_Pairing):
         super().__init__(ctx)
         name = ctx.sail.ranker_metric
         self.metric = load_metric(name, ctx.sail.ranker_weights, device=ctx.device, **ctx.world.metric_options(name))
+        self.score_range = self.metric.soft_label_range
 
     def rank(self, r, prompts, latents, policy, reference):
         scores = external_scores(self.metric, self.ctx.stack, prompts, latents, batch_size=self.ctx.sail.generation_batch)

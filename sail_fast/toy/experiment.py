@@ -50,7 +50,9 @@ LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candid
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
               "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS)
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
-SOFT = ["sail.soft_labels=true", "train.loss=smpo"]
+# The recorded table ran the smpo loss without SmPO-Diffusion's factor 10 beside beta (the toy's beta is
+# calibrated on the plain DPO logit) and with 4 inversion steps; pinned so the table reproduces.
+SOFT = ["sail.soft_labels=true", "train.loss=smpo", "train.smpo_scale=1"]
 
 
 def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_rounds: int | None = None) -> list[str]:
@@ -78,7 +80,7 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         "smoothed-self": SOFT,
         "online-dpo-proxy": ["sail.ranker=external", "sail.ranker_metric=toy_width"],
         "online-dpo": ORACLE_RANKER,
-        "smpo": ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion"],
+        "smpo": ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion", "train.inversion_steps=4"],
         "realalign": ["sail.pair_sources=[real]"],
         "sail-realalign": ["sail.pair_sources=[self, real]"],
     }
