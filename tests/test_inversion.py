@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMInverseScheduler, DDPMScheduler
 from torch import nn
 
 from sail_fast.build import build_stack
@@ -95,6 +95,39 @@ def test_batched_inversion_equals_the_literal_loop(steps):
         ddim_invert(model, x0, t, ALPHAS, steps=0)
 
 
+def diffusers_inversion(model, x0, t, steps):
+    """The same inversion as a loop over diffusers' DDIMInverseScheduler: its trailing grid on the schedule
+    cut at t ends exactly at t, each step(e, tau, x) hops from tau - (t + 1) // steps (alpha 1 below 0) to
+    tau, and ReNoise averages the prediction at the start with one at the first guess of the end."""
+    betas = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).betas
+    inverse = DDIMInverseScheduler(num_train_timesteps=t + 1, trained_betas=betas[: t + 1].numpy(),
+                                   timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    inverse.set_timesteps(steps)
+    hop = (t + 1) // steps
+    x = x0[None].double()
+    for tau in inverse.timesteps.tolist():
+        def eps(z, level):
+            return model(z.float(), torch.tensor([level])).sample.double()
+
+        e = eps(x, max(tau - hop, 0))
+        guess = inverse.step(e, tau, x).prev_sample
+        x = inverse.step((e + eps(guess, tau)) / 2, tau, x).prev_sample
+    a = float(ALPHAS[t])
+    return x[0].float(), ((x[0] - math.sqrt(a) * x0.double()) / math.sqrt(1 - a)).float()
+
+
+@pytest.mark.parametrize("steps", [5, 10])  # SmPO-Diffusion's SD1.5 and SDXL settings
+def test_inversion_matches_a_diffusers_ddim_inverse_scheduler_loop(steps):
+    model = LinearNoise(12, seed=2)
+    x0 = torch.randn(3, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([999, 599, 199])  # (t + 1) divisible by the steps: the scheduler's grid is our hops
+    x_t, eps = ddim_invert(model, x0, t, ALPHAS, steps=steps)
+    for i in range(3):
+        want_x, want_eps = diffusers_inversion(model, x0[i], int(t[i]), steps)
+        torch.testing.assert_close(x_t[i], want_x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eps[i], want_eps, atol=1e-5, rtol=1e-5)
+
+
 def test_trainer_trains_with_inverted_noise_and_soft_labels(tmp_path):
     config = load_config(REPO / "configs/tiny.yaml", [
         f"output_dir={tmp_path}", "train.noising=ddim_inversion", "train.inversion_steps=2", "train.loss=smpo",
@@ -108,6 +141,8 @@ def test_trainer_trains_with_inverted_noise_and_soft_labels(tmp_path):
                         torch.randint(0, 2, (m,), generator=gen), prompts, stack.encode_prompts(prompts).prompt_embeds,
                         None, None, None, torch.full((m,), 0.8), ["human"] * m)
     trainer = DPOTrainer(config, stack.unet, stack.scheduler, pairs)
+    unset = config.model_copy(update={"train": config.train.model_copy(update={"inversion_steps": None})})
+    assert DPOTrainer(unset, stack.unet, stack.scheduler, pairs).inversion_steps == 5  # SmPO-Diffusion's SD1.5 setting
     calls = []
     original = trainer.model.forward
 

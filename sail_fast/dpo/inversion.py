@@ -12,6 +12,12 @@ equal hops tau_1 < ... < tau_S = t, each hop
 
 with x0_hat(e) = (x - sqrt(1 - a) e) / sqrt(a). The training target is the noise that x_t holds
 relative to x_0: eps = (x_t - sqrt(a_t) x_0) / sqrt(1 - a_t).
+
+Each hop is diffusers' ``DDIMInverseScheduler.step``; the test suite runs that scheduler (trailing grid on
+the schedule cut at t) and matches it to 1e-5. The hops are written out here because the scheduler takes
+one timestep per call and every pair of a batch draws its own t. Against the authors' code (JaydenLyh/SmPO
+``train.py``, diffusers 0.20) this lands exactly on t, where theirs stops on the grid point above t but takes
+eps at t, and the refinement asks the model at the hop's end level, where theirs repeats the start level.
 """
 
 from __future__ import annotations
