@@ -121,7 +121,8 @@ class TrainConfig(Section):
         return self
 
 
-RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise"]  # see sail_fast.sail.realalign
+RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise", "inpaint"]  # see sail_fast.sail.realalign
+Sampler = Literal["ddpm", "ddim", "dpmsolver"]  # dpmsolver: DPM-Solver++ multistep (sail_fast.sampling)
 
 
 class RealAlignConfig(Section):
@@ -136,9 +137,43 @@ class RealAlignConfig(Section):
     noise_std: float = 0.2  # pixels in [-1, 1]
     mask_fraction: float = 0.25  # area of the redrawn rectangle (masked_renoise)
     renoise_strength: float = 0.6  # how far towards noise the rectangle is taken before it is redrawn
+    # inpaint (RealAlign's loser): the salient subject redrawn. The soft mask [0, 1] (1 = redraw) comes from
+    # a folder of masks named as the images, or 'path/to/file.py:function' (pixels [B, C, H, W] in [-1, 1]
+    # -> masks [B, 1, H, W]); unset: the world's own (the toy world: the stroke dilated by one pixel).
+    mask: str | None = None
+    # Who redraws the masked subject: unset, the round's policy (SDEdit inside the mask from inpaint_strength);
+    # or a local diffusers inpainting pipeline directory, once, when the real images are encoded.
+    inpaint_pipeline: str | None = None
+    inpaint_steps: int = Field(50, ge=1)  # the pipeline's steps (RealAlign: 50)
+    inpaint_strength: float = Field(1.0, gt=0, le=1)  # 1: the subject is redrawn from pure noise
+    # The policy's own samples (own_sample, inpaint by the policy) use these sampler settings when set, else
+    # sail.sampler/...; RealAlign's replay buffer samples with DPM-Solver++ 20 steps, CFG 1.
+    sampler: Sampler | None = None
+    sampling_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = None
+    # Filters (RealAlign's data curation): a metric scores real images and losers (sail_fast.metrics name).
+    filter_metric: str | None = None
+    filter_weights: str | None = None  # the metric's local weights (the toy metrics default to the shipped model)
+    top_k: int | None = Field(None, ge=1)  # keep the k real images the metric scores highest (RealAlign: 512)
+    min_margin: float | None = None  # keep pairs with score(real) - score(loser) > this (RealAlign, PickScore: 0.02)
+    disjoint: bool = True  # each round its own real images; false: every round the same per_round images (RealAlign)
+
+    def sampling(self, fallback: dict) -> dict:
+        """The sampler settings of the policy's losers: these, else the run's."""
+        mine = {"sampler": self.sampler, "num_inference_steps": self.sampling_steps, "guidance_scale": self.guidance_scale}
+        return {k: fallback[k] if v is None else v for k, v in mine.items()}
 
     @model_validator(mode="after")
     def _ranges(self):
+        if (self.top_k is not None or self.min_margin is not None) and self.filter_metric is None:
+            raise ValueError("sail.real.top_k and sail.real.min_margin score images with sail.real.filter_metric "
+                             "(e.g. pickscore, or toy_oracle in the toy world); set it")
+        if self.filter_metric is not None:
+            from .metrics import METRICS
+
+            if self.filter_metric not in METRICS:
+                raise ValueError(f"sail.real.filter_metric {self.filter_metric!r} is not a metric; choose from "
+                                 f"{', '.join(METRICS)}")
         if self.per_round is not None and self.per_round < 1:
             raise ValueError("sail.real.per_round must be >= 1")
         if self.blur_sigma <= 0 or self.noise_std <= 0:
@@ -159,7 +194,7 @@ class SailConfig(Section):
     reference: Literal["base", "previous"] = "base"  # the reward's reference model
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
-    sampler: Literal["ddpm", "ddim"] | None = None  # default: the paper's for the model kind
+    sampler: Sampler | None = None  # default: the paper's for the model kind
     sampling_steps: int | None = None
     guidance_scale: float | None = None
     generation_batch: int = 64  # candidates per UNet call
@@ -167,7 +202,9 @@ class SailConfig(Section):
     # torch.compile the UNets that generate and score (worth it at SD sizes; compiling costs
     # about a minute per graph on a CPU, paid again for each new batch shape).
     compile: bool = False
-    iter0_steps: int | None = Field(None, ge=1)  # DPO steps of iter0 (default train.steps)
+    # DPO steps of iter0 (default train.steps); 0: no iter0, the rounds start from the base model and
+    # data.seed_pairs may be empty (RealAlign trains on real images alone).
+    iter0_steps: int | None = Field(None, ge=0)
     round_steps: int | None = Field(None, ge=1)  # DPO steps of each round (default train.steps)
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
     heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
@@ -192,6 +229,12 @@ class SailConfig(Section):
     # external ranker) and/or "real" (RealAlign: real images beat losers made for their captions).
     pair_sources: list[Literal["self", "real"]] = ["self"]
     real: RealAlignConfig = RealAlignConfig()
+    # What each round's training is held to: the policy as the round starts (SAIL), or the base model
+    # (RealAlign's Diffusion-DRO stage, whose replay buffer of the policy's own samples each round refreshes).
+    round_reference: Literal["round_start", "base"] = "round_start"
+    # Rounds that differ, as --set overrides of train.* and sail.* keys: {round: ["train.loss=sigmoid", ...]}
+    # (RealAlign's stage 2 is a last round of Diffusion-DPO on inpainted losers; configs/realalign-sd15.yaml).
+    round_overrides: dict[int, list[str]] = {}
 
     def sampling(self) -> dict:
         """The sampler settings as generate_candidates takes them (None: the paper's default)."""
@@ -215,6 +258,8 @@ class SailConfig(Section):
         if self.label_norm() == "minmax" and self.soft_label_range is None and not self._ranked_by_pickscore():
             raise ValueError("sail.soft_label_norm: minmax needs sail.soft_label_range: [lo, hi] in the ranker's score "
                              "units (only PickScore ships a published range)")
+        if any(not 1 <= r <= self.rounds for r in self.round_overrides):
+            raise ValueError(f"sail.round_overrides names rounds {sorted(self.round_overrides)}; rounds run 1..{self.rounds}")
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self
@@ -228,6 +273,9 @@ class SailConfig(Section):
 
     def real_per_round(self) -> int:
         return self.real.per_round or self.prompts_per_round
+
+    def real_images_needed(self) -> int:
+        return self.real_per_round() * (self.rounds if self.real.disjoint else 1)
 
 
 class ToyConfig(Section):
@@ -275,6 +323,16 @@ class RunConfig(Section):
         if self.sail is not None and "real" in self.sail.pair_sources and self.sail.real.data is None and not self.model.toy:
             raise ValueError("sail.pair_sources includes real, so set sail.real.data to a folder or parquet of real images "
                              "with captions")
+        if self.sail is not None and self.sail.iter0_steps != 0 and not self.data.seed_pairs and not self.model.toy:
+            raise ValueError("data.seed_pairs is empty; list the human pairs iter0 trains on, or set sail.iter0_steps: 0 "
+                             "to start the rounds from the base model")
+        if self.sail is not None and not self.data.seed_pairs and not self.model.toy and self.train.mixup_alpha != 1:
+            raise ValueError(f"without data.seed_pairs every batch comes from the rounds' pairs; set train.mixup_alpha: 1 "
+                             f"(now {self.train.mixup_alpha})")
+        rounds = [round_config(self, r) for r in range(1, self.sail.rounds + 1)] if self.sail is not None else []
+        if self.sail is not None and self.sail.real.inpaint_pipeline and "real" in self.sail.pair_sources and not any(
+                c.sail.real.loser == "inpaint" for c in rounds):
+            raise ValueError("sail.real.inpaint_pipeline is set, but no round uses sail.real.loser: inpaint")
         return self
 
 
@@ -348,6 +406,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_explain(err, str(path) if path else "overrides")) from None
+
+
+ROUND_KEYS_FIXED = ("sail.rounds", "sail.prompts", "sail.prompts_per_round", "sail.pair_sources", "sail.iter0",
+                    "sail.round_overrides", "sail.real.data", "sail.real.per_round", "sail.real.top_k",
+                    "sail.real.disjoint", "sail.real.mask", "sail.real.inpaint_pipeline", "sail.real.inpaint_steps",
+                    "sail.heldout_pairs", "sail.eval", "sail.ranker")  # read once, before the rounds
+
+
+def round_config(config: RunConfig, r: int) -> RunConfig:
+    """The settings round ``r`` runs with: ``config`` with ``sail.round_overrides[r]`` applied."""
+    overrides = config.sail.round_overrides.get(r, []) if config.sail is not None else []
+    if not overrides:
+        return config
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if not key.startswith(("train.", "sail.")) or key.startswith(ROUND_KEYS_FIXED):
+            raise ConfigError(f"sail.round_overrides[{r}]: {key!r} cannot change between rounds; a round may change "
+                              f"train.* and sail.* keys other than {', '.join(ROUND_KEYS_FIXED)}")
+    data = config.model_dump(mode="json")
+    data["sail"]["round_overrides"] = {}
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, f"sail.round_overrides[{r}]")) from None
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:

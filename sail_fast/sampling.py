@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .models import DiffusionStack, PromptEmbeds
 from .seeding import derive_seed
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# dpmsolver: DPM-Solver++ (2nd order, multistep), the sampler of RealAlign's replay buffer.
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 # Paper settings: DDPM 50 steps with CFG 7.5 for SD1.5, DDIM 20 steps with CFG 5 for SDXL.
 DEFAULTS = {"sd15": ("ddpm", 50, 7.5), "sdxl": ("ddim", 20, 5.0)}
 
@@ -121,7 +122,7 @@ def generate_candidates(
     if n_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"n_per_prompt and batch_size must be >= 1, got {n_per_prompt} and {batch_size}")
     prompts = list(prompts)
-    scheduler, _, guidance = _sampler(stack, sampler, num_inference_steps, guidance_scale)
+    scheduler, steps, guidance = _sampler(stack, sampler, num_inference_steps, guidance_scale)
     height = height or stack.sample_size
     width = width or stack.sample_size
     unet, device, dtype = stack.unet, stack.device, stack.dtype
@@ -148,6 +149,7 @@ def generate_candidates(
         added = stack.added_cond_kwargs(both, height, width)  # latent size; pixels inside
         shape = (len(rows), unet.config.in_channels, height, width)
         x = randn_tensor(shape, generator=gens, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps, device=device)  # a multistep solver keeps state along one trajectory
         for t in scheduler.timesteps:
             x = _guided_step(stack, scheduler, x, t, both, added, guidance, gens)
         out[rows] = x.float().cpu()
@@ -207,6 +209,7 @@ def regenerate_region(
         added = stack.added_cond_kwargs(both, height, width)
         noise = randn_tensor(clean.shape, generator=gens, device=device, dtype=dtype)
         x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(rows)))
+        scheduler.set_timesteps(steps, device=device)  # a multistep solver keeps state along one trajectory
         for i, t in enumerate(timesteps):
             x = _guided_step(stack, scheduler, x, t, both, added, guidance, gens)
             known = clean if i + 1 == len(timesteps) else scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2].repeat(len(rows)))

@@ -30,6 +30,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
@@ -38,6 +39,7 @@ from ..distributed import DistInfo
 from ..lora import (
     POLICY,
     REFERENCE,
+    AdapterView,
     activate,
     adapter_state,
     add_policy_adapter,
@@ -86,13 +88,16 @@ class DPOTrainer:
         config: RunConfig,
         policy: UNet2DConditionModel,
         scheduler,
-        seed_pairs: LatentPairs,
+        seed_pairs: LatentPairs | None,
         *,
         generated_pairs: LatentPairs | None = None,
         output_dir: str | Path | None = None,
         dist: DistInfo = DistInfo(),
         device: torch.device | str = "cpu",
+        reference: nn.Module | None = None,
     ) -> None:
+        """``reference``: the frozen model to train against (default: the policy as it starts); under LoRA an
+        ``AdapterView`` of the same UNet (adapter None: the base)."""
         train = config.train
         self.config, self.train_cfg, self.dist = config, train, dist
         self.device = torch.device(device)
@@ -105,8 +110,6 @@ class DPOTrainer:
         if train.noising == "ddim_inversion" and scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"train.noising: ddim_inversion needs an epsilon-prediction model; this scheduler predicts "
                              f"{scheduler.config.prediction_type!r} (use train.noising: forward)")
-        # SmPO-Diffusion's inversion steps unless set: 10 for SDXL (its pairs carry pooled embeddings), 5 for SD1.5.
-        self.inversion_steps = train.inversion_steps or (10 if seed_pairs.pooled_prompt_embeds is not None else 5)
         per_step = train.micro_batch_pairs * dist.world_size
         if train.pairs_per_step % per_step:
             raise ValueError(
@@ -118,9 +121,14 @@ class DPOTrainer:
 
         # The data: generated pairs first, then the seed pairs (the sampler's index space).
         num_generated = 0 if generated_pairs is None else len(generated_pairs)
-        self.pairs = seed_pairs if not num_generated else LatentPairs.cat([generated_pairs, seed_pairs])
+        if seed_pairs is None and not num_generated:
+            raise ValueError("no pairs to train on: give seed pairs, generated pairs or both")
+        parts = [p for p in (generated_pairs if num_generated else None, seed_pairs) if p is not None]
+        self.pairs = parts[0] if len(parts) == 1 else LatentPairs.cat(parts)
         alpha = train.mixup_alpha if num_generated else 0.0
-        self.sampler = MixupSampler(num_generated, len(seed_pairs), per_step, alpha=alpha, seed=config.seed)
+        self.sampler = MixupSampler(num_generated, len(seed_pairs or []), per_step, alpha=alpha, seed=config.seed)
+        # SmPO-Diffusion's inversion steps unless set: 10 for SDXL (its pairs carry pooled embeddings), 5 for SD1.5.
+        self.inversion_steps = train.inversion_steps or (10 if self.pairs.pooled_prompt_embeds is not None else 5)
 
         # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
         # broadcast views each parameter as bytes, which needs a unit last stride.
@@ -135,12 +143,16 @@ class DPOTrainer:
             if not has_adapter(self.policy):
                 add_policy_adapter(self.policy, train.lora, seed=config.seed)
             train_only_policy(self.policy)  # whatever the caller left trainable
-            if not is_identity(self.policy):
+            if reference is not None:
+                if not isinstance(reference, AdapterView) or unwrap(reference) is not self.policy:
+                    raise ValueError("under train.lora the reference must be an AdapterView of the policy's own UNet")
+                self.reference_adapter = reference.adapter
+            elif not is_identity(self.policy):
                 copy_adapter(self.policy, POLICY, REFERENCE)
                 self.reference_adapter = REFERENCE
             activate(self.policy, POLICY)
         elif train.loss not in REFERENCE_FREE:
-            self.reference = copy.deepcopy(policy).to(self.device)
+            self.reference = copy.deepcopy(reference if reference is not None else policy).to(self.device)
             if self.reference.dtype != self.compute_dtype:  # diffusers warns on any .to(dtype), even a no-op
                 self.reference.to(dtype=self.compute_dtype)
             self.reference.eval().requires_grad_(False)

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..config import RunConfig, SailConfig
+from ..config import RunConfig, SailConfig, round_config
 from ..distributed import DistInfo
 from ..images import decode_latents, enlarge
 from ..models import DiffusionStack
@@ -41,6 +41,10 @@ class RunContext:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    def for_round(self, r: int) -> "RunContext":
+        """This context with round r's settings (``sail.round_overrides``)."""
+        return dataclasses.replace(self, config=round_config(self.config, r))
 
     def stack_with(self, unet) -> DiffusionStack:
         """The stack sampling with ``unet`` (compiled when ``sail.compile``)."""

@@ -20,7 +20,6 @@ the pairs are gathered on every rank before the data-parallel DPO stage.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 
@@ -36,17 +35,15 @@ from ..data.sources import load_pairs
 from ..distributed import DistInfo
 from ..dpo.trainer import DPOTrainer
 from ..lora import PREVIOUS
-from ..rundir import RunLock, atomic_write_text, read_json, record_config, write_json
+from ..rundir import RunLock, atomic_write_text, record_config, write_json
 from ..seeding import derive_seed
 from .context import RunContext
-from .evaluation import EVAL_SAMPLES, evaluate_stage, metric_rows, write_metrics
+from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
 from .policies import Policies
-from .ranking import make_ranker
 from .real_pairs import encoded_real_images
+from .reuse import DONE, reuse_iter0
 from .world import world_for
-
-DONE = "done.json"
 
 
 class SailLoop:
@@ -63,7 +60,6 @@ class SailLoop:
         self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out,
                               world_for(config, self.out, self.log), self.log, config.train.progress and dist.is_main)
         self.base = self.ctx.base
-        self.ranker = make_ranker(self.ctx) if "self" in self.sail.pair_sources else None
 
     def log(self, text: str) -> None:
         if not self.dist.is_main:
@@ -91,10 +87,10 @@ class SailLoop:
         seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
         pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.out / "cache",
                      "seed": self.config.seed, "dist": self.dist, "log": self.log}
-        seed_pairs = load_pairs(seed_sources, self.ctx.stack, **pair_args)
+        seed_pairs = load_pairs(seed_sources, self.ctx.stack, **pair_args) if seed_sources else None  # None: rounds alone
         heldout = load_pairs(heldout_sources, self.ctx.stack, **pair_args) if heldout_sources else None
         # The seed file is the human budget: a cap meant for real data must not cut it silently.
-        self.log(f"seed: {len(seed_pairs)} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
+        self.log(f"seed: {len(seed_pairs or [])} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
         real_set = encoded_real_images(self.ctx) if "real" in self.sail.pair_sources else None
 
         evaluate_stage(self.ctx, "base", self.base, heldout)
@@ -130,10 +126,10 @@ class SailLoop:
             )
         return [pool[r * per : (r + 1) * per] for r in range(rounds)]
 
-    def _stage_config(self, stage: int, steps: int | None, stage_dir: Path) -> RunConfig:
+    def _stage_config(self, stage: int, steps: int | None, stage_dir: Path, config: RunConfig) -> RunConfig:
         """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
-        train = self.config.train.model_copy(update={"steps": steps or self.config.train.steps})
-        config = self.config.model_copy(update={"seed": derive_seed(self.config.seed, 100 + stage) % 2**31, "train": train})
+        train = config.train.model_copy(update={"steps": steps or config.train.steps})
+        config = config.model_copy(update={"seed": derive_seed(config.seed, 100 + stage) % 2**31, "train": train})
         if self.dist.is_main and not (stage_dir / "config.yaml").exists():
             atomic_write_text(stage_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return config
@@ -145,28 +141,25 @@ class SailLoop:
     def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
         stage = self.out / "iter0"
         if self.sail.iter0_from:
-            source = Path(self.sail.iter0_from)
-            if not (source / DONE).exists():
-                raise FileNotFoundError(f"sail.iter0_from={source} is not a finished iter0 stage (no {DONE})")
-            if self.dist.is_main and not (stage / DONE).exists():
-                stage.mkdir(parents=True, exist_ok=True)
-                for name in ("eval.json", EVAL_SAMPLES):
-                    if (source / name).exists():
-                        shutil.copy(source / name, stage / name)
-                write_json(stage / DONE, read_json(source / DONE) | {"from": str(source.resolve())})
-            self.dist.barrier()
+            reuse_iter0(Path(self.sail.iter0_from), stage, self.dist)
             return self.policies.load(self._policy_dir(0))
         if not (stage / DONE).exists():
-            self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
             started = time.perf_counter()
-            trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage), self.policies.fresh(),
-                                 self.ctx.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.ctx.device)
-            trainer.train(resume=True)
-            del trainer
+            if self.sail.iter0_steps == 0:  # the rounds start from the base model
+                self.log("iter0: none (sail.iter0_steps: 0); the rounds start from the base model")
+                if self.dist.is_main:
+                    self.policies.save_fresh(stage / "final")
+            else:
+                self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
+                trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage, self.config), self.policies.fresh(),
+                                     self.ctx.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.ctx.device)
+                trainer.train(resume=True)
+                del trainer
+            self.dist.barrier()
             policy = self.policies.load(self._policy_dir(0))
             evaluate_stage(self.ctx, "iter0", policy, heldout)
             if self.dist.is_main:
-                write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs)})
+                write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])})
             self.dist.barrier()
         self._write_metrics()
         return self.policies.load(self._policy_dir(0))
@@ -175,17 +168,16 @@ class SailLoop:
         stage = self.out / f"round-{r:02d}"
         if (stage / DONE).exists():
             return self.policies.load(self._policy_dir(r))
-        started = time.perf_counter()
+        started, ctx = time.perf_counter(), self.ctx.for_round(r)  # with sail.round_overrides[r]
         stage.mkdir(parents=True, exist_ok=True)
-        reference = self.base if self.sail.reference == "base" else previous
-        pairs = round_pairs(self.ctx, self.ranker, real_set, stage, r, prompts, policy, reference)
+        pairs = round_pairs(ctx, real_set, stage, r, prompts, policy, self.base if ctx.sail.reference == "base" else previous)
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
             pairs.save(stage / "pairs.safetensors")
-        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs)} seed pairs")
-
-        trainer = DPOTrainer(self._stage_config(r, self.sail.round_steps, stage), self.policies.trainable(policy), self.ctx.stack.scheduler,
-                             seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist, device=self.ctx.device)
+        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs or [])} seed pairs")
+        trainer = DPOTrainer(self._stage_config(r, ctx.sail.round_steps, stage, ctx.config), self.policies.trainable(policy),
+                             self.ctx.stack.scheduler, seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist,
+                             device=self.ctx.device, reference=self.base if ctx.sail.round_reference == "base" else None)
         trainer.train(resume=True)
         del trainer
         policy = self.policies.load(self._policy_dir(r))
@@ -193,7 +185,8 @@ class SailLoop:
             evaluate_stage(self.ctx, f"round-{r:02d}", policy, heldout)
         if self.dist.is_main:
             write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
-                                       "pairs_by_source": by_source, "human_pairs": len(seed_pairs)})
+                                       "pairs_by_source": by_source, "human_pairs": len(seed_pairs or [])})
         self.dist.barrier()
         self._write_metrics()
         return policy
+

@@ -18,7 +18,7 @@ from ..sampling import generate_candidates
 from ..seeding import derive_seed
 from .context import RunContext
 from .evaluation import sample_diversity
-from .ranking import Ranker, drop_non_finite, finite_mean_std, soft_labels
+from .ranking import Ranker, drop_non_finite, finite_mean_std, make_ranker, soft_labels
 from .real_pairs import real_pairs
 
 
@@ -113,12 +113,11 @@ def candidate_grid(ctx: RunContext, path: Path, prompts, latents, rewards, win, 
     image_grid(images, columns=latents.shape[1], captions=captions).save(path)
 
 
-def round_pairs(ctx: RunContext, ranker: Ranker | None, real_set: LatentPairs | None, stage: Path, r: int,
-                prompts: list[str], policy, reference) -> LatentPairs:
+def round_pairs(ctx: RunContext, real_set, stage: Path, r: int, prompts: list[str], policy, reference) -> LatentPairs:
     """Every pair round r trains on (besides the seed), from each of ``sail.pair_sources``."""
     parts = []
     if "self" in ctx.sail.pair_sources:
-        parts.append(ranked_pairs(ctx, ranker, stage, r, prompts, policy, reference))
+        parts.append(ranked_pairs(ctx, make_ranker(ctx), stage, r, prompts, policy, reference))
     if "real" in ctx.sail.pair_sources:
         parts.append(real_pairs(ctx, real_set, stage, r, policy))
     return parts[0] if len(parts) == 1 else LatentPairs.cat(parts)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..lora import POLICY, AdapterView, add_policy_adapter, load_adapter
+from ..lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
 from ..models import load_unet
 
 
@@ -43,3 +43,12 @@ class Policies:
         load_adapter(self.unet, folder, role)
         self.unet.eval()
         return AdapterView(self.unet, role)
+
+    def save_fresh(self, final: Path) -> None:
+        """Write the policy iter0 would start from as ``final``'s policy (``sail.iter0_steps: 0``)."""
+        folder = Path(final) / self.folder
+        if not self.lora:
+            self.base.save_pretrained(folder)
+            return
+        kind = "sdxl" if self.unet.config.addition_embed_type == "text_time" else "sd15"
+        save_adapter(folder, adapter_state(self.unet, POLICY), self.unet, kind)

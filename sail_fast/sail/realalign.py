@@ -6,7 +6,9 @@ Each real image wins against a loser made for its caption, one of
 - ``blur``: the real image under a Gaussian blur (``blur_sigma`` pixels at the training resolution);
 - ``noise``: the real image plus Gaussian pixel noise (``noise_std``, pixels in [-1, 1]);
 - ``masked_renoise``: the real latent with a random rectangle (``mask_fraction`` of the area)
-  re-noised to ``renoise_strength`` and redrawn by the current policy, the rest kept (each round).
+  re-noised to ``renoise_strength`` and redrawn by the current policy, the rest kept (each round);
+- ``inpaint``: RealAlign's own loser: the salient subject under a soft mask redrawn for the caption, by
+  the current policy (each round) or a diffusers inpainting pipeline (once) (``inpaint``).
 
 Real images come from a folder (``metadata.jsonl`` with ``file_name`` and ``text``/``caption``/``prompt``,
 or a ``.txt`` caption beside each image) or from parquet (an image column and a caption column).
@@ -40,7 +42,7 @@ from ..data.records import ImageSource, open_image
 from ..models import DiffusionStack
 
 REAL_LOSERS = get_args(RealLoser)
-PER_ROUND_LOSERS = ("own_sample", "masked_renoise")  # drawn by the policy of the round
+PER_ROUND_LOSERS = ("own_sample", "masked_renoise", "inpaint")  # drawn by the round's policy (inpaint: unless a pipeline)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "jpg", "png", "img")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -192,11 +194,18 @@ def region_masks(height: int, width: int, fraction: float, seeds: Sequence[int])
 # ----------------------------------------------------------------------------- encoding
 
 
+def real_pixels(items: Sequence[RealImage], resolution: int, mode: str) -> tuple[torch.Tensor, list]:
+    """Real images as pixels [B, C, H, W] in [-1, 1] (resized, centre-cropped) and their SDXL time ids."""
+    prepared = [prepare_image(open_image(it.image, it.origin, "real"), resolution, mode, False) for it in items]
+    return torch.from_numpy(np.stack([arr for arr, _ in prepared])), [ids for _, ids in prepared]
+
+
 def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution: int, loser: str,
                 blur_sigma: float = 2.0, noise_std: float = 0.2, seed: int = 0, batch_size: int = 16,
-                progress: bool = True) -> LatentPairs:
+                redraw=None, progress: bool = True) -> LatentPairs:
     """Real images as LatentPairs winners; losers are the perturbed copies for ``blur`` and ``noise``,
-    and a copy of the winner, to be replaced each round, for ``own_sample`` and ``masked_renoise``.
+    else ``redraw``'s (a callable (pixels, items, seeds) -> pixels: an inpainting pipeline) when given,
+    else a copy of the winner, replaced each round by the policy's loser.
 
     Both sides of a pair share the winner's SDXL time ids, so only the pixels tell them apart."""
     if loser not in REAL_LOSERS:
@@ -210,9 +219,8 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
     bar = tqdm(total=len(items), desc="encode real images", unit="image", disable=not progress)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        prepared = [prepare_image(open_image(it.image, it.origin, "real"), resolution, mode, False) for it in chunk]
-        pixels = torch.from_numpy(np.stack([arr for arr, _ in prepared]))
-        time_ids += [ids for _, ids in prepared]
+        pixels, chunk_ids = real_pixels(chunk, resolution, mode)
+        time_ids += chunk_ids
         chunk_seeds = seeds[start : start + len(chunk)]
         origins = [it.origin for it in chunk]
         win.append(encode_pixels(pixels, stack, chunk_seeds[:, 0], origins))
@@ -220,6 +228,8 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
             lose.append(encode_pixels(gaussian_blur(pixels, blur_sigma), stack, chunk_seeds[:, 1], origins))
         elif loser == "noise":
             lose.append(encode_pixels(pixel_noise(pixels, noise_std, chunk_seeds[:, 2]), stack, chunk_seeds[:, 1], origins))
+        elif redraw is not None:
+            lose.append(encode_pixels(redraw(pixels, chunk, chunk_seeds[:, 2]), stack, chunk_seeds[:, 1], origins))
         else:
             lose.append(win[-1].clone())
         bar.update(len(chunk))

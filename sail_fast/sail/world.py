@@ -44,6 +44,10 @@ class World:
         """A folder or parquet of real images with captions, for RealAlign's pairs."""
         return Path(self.config.sail.real.data)
 
+    # The world's own subject masks for RealAlign's inpaint loser (pixels [B, C, H, W] in [-1, 1] ->
+    # [B, 1, H, W] in [0, 1]); None: the config must name them (sail.real.mask).
+    subject_masks = None
+
     def metric_options(self, name: str) -> dict:
         """Extra keyword arguments for loading ranker metric ``name``."""
         return {}

@@ -30,7 +30,6 @@ evaluation, the ``toy_oracle`` ranker): a callable ``(images [B, H, W] in [0, 1]
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Callable
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..callables import load_callable
 from ..models import TOY_MODEL_DIR
 
 ORACLE_FILE = "oracle/classifier.safetensors"
@@ -125,19 +125,7 @@ def real_digit_constants() -> dict:
 
 def load_preference(spec: str) -> Preference:
     """``path/to/file.py:function`` -> that function, checked to be callable."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        raise ValueError(f"toy.preference must be 'path/to/file.py:function', got {spec!r}")
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"toy.preference: {file} does not exist (expected 'path/to/file.py:function')")
-    module_spec = importlib.util.spec_from_file_location(f"_toy_preference_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"toy.preference: {file} has no function {name!r}")
-    return fn
+    return load_callable(spec, "toy.preference")
 
 
 class ToyOracle:
