@@ -99,6 +99,16 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'eval.json'} ({len(result['checkpoints'])} checkpoints)")
 
 
+def _label(args: argparse.Namespace) -> None:
+    from .relabel import label_pairs
+    from .metrics import load_metric
+
+    metric = load_metric(args.metric, args.weights, **({"device": torch.device(args.device)} if args.device else {}))
+    out = label_pairs(args.pairs, metric, args.out, score_range=tuple(args.range) if args.range else None,
+                      temperature=args.temperature, batch_size=args.batch_size)
+    print(f"wrote {out}")
+
+
 def _toy_pretrain(args: argparse.Namespace) -> None:
     from .models import TOY_MODEL_DIR
     from .toy.pretrain import pretrain
@@ -162,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--out", required=True, help="directory for the PNGs (and prompts.json)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--compile", action="store_true",
@@ -190,13 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--images-per-prompt", type=int, default=1)
     ev.add_argument("--limit", type=int, default=None, help="first N prompts (of each group, for grouped sets)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the run's, else the paper's")
+    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None, help="default: the run's, else the paper's")
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--guidance-scale", type=float, default=None)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts sampled and scored at a time")
     ev.add_argument("--device", default=None, help="device for the metric models (default: cuda when present)")
     ev.add_argument("--save-images", action="store_true", help="also write every picture as PNG")
     ev.set_defaults(func=_eval)
+
+    label = sub.add_parser("label", help="SmPO's offline soft labels: order each pair by a metric (PickScore) and "
+                                         "label it p = softmax of min-max normalised scores -> pairs.jsonl")
+    label.add_argument("pairs", nargs="+", help="pairs.jsonl files or Pick-a-Pic parquet (files or folders)")
+    label.add_argument("--metric", default="pickscore", help="a sail_fast.metrics name (default: pickscore)")
+    label.add_argument("--weights", default=None, help="the metric's local weights")
+    label.add_argument("--range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                       help="min-max range of the metric's score (default: its published one; PickScore's ships)")
+    label.add_argument("--temperature", type=float, default=1.0)
+    label.add_argument("--batch-size", type=int, default=16)
+    label.add_argument("--device", default=None)
+    label.add_argument("--out", required=True, help="the pairs.jsonl to write (images beside it in images/)")
+    label.set_defaults(func=_label)
 
     plan = sub.add_parser("plan", help="per-GPU training memory by optimizer, ZeRO stage and checkpointing")
     add_config_arguments(plan)

@@ -159,3 +159,13 @@ def test_trainer_trains_with_inverted_noise_and_soft_labels(tmp_path):
     v_pred = DDPMScheduler.from_config({**stack.scheduler.config, "prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="epsilon-prediction"):
         DPOTrainer(config, stack.unet, v_pred, pairs)
+
+
+@pytest.mark.parametrize("kind,beta,steps,optimizer", [("sd15", 2000, 5, "adamw"), ("sdxl", 5000, 10, "adafactor")])
+def test_shipped_smpo_configs_reproduce_the_published_hyperparameters(kind, beta, steps, optimizer):
+    """JaydenLyh/SmPO examples/sd15.sh and sdxl.sh: beta, the factor 10, inversion steps, lr 1e-8 x 1024, 200 steps."""
+    train = load_config(REPO / f"configs/smpo-{kind}.yaml").train
+    assert (train.loss, train.beta, train.smpo_scale, train.noising, train.inversion_steps) == (
+        "smpo", beta, 10, "ddim_inversion", steps)
+    assert (train.optimizer, train.learning_rate, train.steps, train.warmup_steps, train.pairs_per_step) == (
+        optimizer, 1.024e-5, 200, 100, 1024)

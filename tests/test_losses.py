@@ -163,3 +163,16 @@ def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
     away[b:] = target[b:] - (pred[:b] - target[:b])
     out = preference_loss("sigmoid", target, away, ref, beta=20.0, fused=False, winner_preserving_mu=mu)
     assert out.metrics["loser_grad_scale"].item() == 1.0
+
+
+@pytest.mark.parametrize("kind,beta,mu", [("dmpo", 2000, 0.9), ("dspo", 0.001, 0.2)])
+def test_shipped_sdpo_configs_reproduce_the_published_hyperparameters(kind, beta, mu):
+    """AIDC-AI/Diffusion-SDPO scripts/train/sd15_{dmpo,dspo}.sh: beta, mu, DMPO's alpha, lr 1e-8 x 2048."""
+    from pathlib import Path
+
+    from sail_fast.config import load_config
+
+    train = load_config(Path(__file__).resolve().parents[1] / f"configs/{kind}-sd15.yaml").train
+    assert (train.loss, train.beta, train.winner_preserving_mu, train.dmpo_alpha) == (kind, beta, mu, 0.01)
+    assert (train.learning_rate, train.steps, train.warmup_steps, train.pairs_per_step, train.micro_batch_pairs) == (
+        2.048e-5, 2000, 500, 2048, 8)

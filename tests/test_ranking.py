@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from sail_fast.config import load_config
@@ -148,3 +149,32 @@ def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
     torch.testing.assert_close(pairs.label, want, rtol=1e-5, atol=1e-6)
     assert set(pairs.source) == {"online_dpo"}
     assert (stage / "train/final/unet").is_dir()
+
+
+def test_sail_fast_label_writes_smpo_offline_soft_labels(tmp_path):
+    """`sail-fast label` orders each pair by PickScore and labels it with SmPO's published formula; the
+    pairs.jsonl it writes is what data.seed_pairs reads for train.loss: smpo."""
+    from tiny_weights import random_images, tiny_clip_dir
+
+    from sail_fast.cli import main
+    from sail_fast.data.records import PairRecord, read_pairs_jsonl, write_pairs_jsonl
+
+    tiny_clip_dir(tmp_path / "pickscore")
+    images = random_images(6, size=32)
+    records = [PairRecord(f"a photo of thing {i}", images[2 * i], images[2 * i + 1]) for i in range(3)]
+    write_pairs_jsonl(tmp_path / "human/pairs.jsonl", records)
+    main(["label", str(tmp_path / "human/pairs.jsonl"), "--weights", str(tmp_path / "pickscore"),
+          "--out", str(tmp_path / "smpo/pairs.jsonl"), "--device", "cpu"])
+    got, stats = read_pairs_jsonl(tmp_path / "smpo/pairs.jsonl")
+    assert stats.kept == 3
+    metric = load_metric("pickscore", tmp_path / "pickscore", device="cpu")
+    scale = float(metric.clip.model.logit_scale.detach().exp())
+    cos = [metric.score([r.win], [r.prompt]).item() / scale for r in records]
+    cos_l = [metric.score([r.lose], [r.prompt]).item() / scale for r in records]
+    for i, rec in enumerate(got):
+        hi, lo = max(cos[i], cos_l[i]), min(cos[i], cos_l[i])
+        n_w, n_l = ((c - 0.11543526500463486) / (0.28201571106910706 - 0.11543526500463486) for c in (hi, lo))
+        assert rec.label == pytest.approx(math.exp(n_w) / (math.exp(n_w) + math.exp(n_l)), rel=1e-5)
+        assert rec.label >= 0.5 and rec.source == "pickscore"
+        # the winner is the image PickScore prefers, whichever the human picked
+        assert metric.score([Image.open(rec.win)], [rec.prompt]) >= metric.score([Image.open(rec.lose)], [rec.prompt])

@@ -93,7 +93,7 @@ class PickScore(_ImageTextCosine):
     @property
     def soft_label_range(self) -> tuple[float, float]:
         # Our score is logit_scale * cosine; the published range is on the cosine.
-        scale = float(self.clip.model.logit_scale.exp())
+        scale = float(self.clip.model.logit_scale.detach().exp())
         return PICKSCORE_COSINE_RANGE[0] * scale, PICKSCORE_COSINE_RANGE[1] * scale
 
     def _score_batch(self, images, prompts):

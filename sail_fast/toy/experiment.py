@@ -26,6 +26,10 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
 - ``realalign``: RealAlign alone: real MNIST digits (captioned with training-pool prompts) beat the
   policy's own sample for the caption, mixed with the human seed like SAIL's pairs.
 - ``sail-realalign``: SAIL's ranked pairs and RealAlign's pairs together in each round.
+- ``smpo-published``: ``smpo`` with the authors' settings: the factor 10 beside beta, 5 inversion steps.
+- ``realalign-recipe``: RealAlign's two stages with no human labels and no iter0: Diffusion-DRO rounds
+  held to the base (real digit vs own DPM-Solver++ sample), then a Diffusion-DPO round on digits with
+  their stroke redrawn, past the oracle's margin, on the oracle's top real digits every round.
 - ``mixup-0.1``, ``candidates-16``, ``draws-12``: the paper's other levers, one at a time, for all
   rounds from the same iter0: a tenth of each batch from the round's pairs (0.25 by default), 16
   candidates per prompt (8), 12 noise draws per reward (6). A documented ablation, run after SAIL's
@@ -48,7 +52,7 @@ DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo
 LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
           "draws-12": ["sail.num_draws=12"]}
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
-              "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS)
+              "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS, "smpo-published", "realalign-recipe")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 # The recorded table ran the smpo loss without SmPO-Diffusion's factor 10 beside beta (the toy's beta is
 # calibrated on the plain DPO logit) and with 4 inversion steps; pinned so the table reproduces.
@@ -72,6 +76,15 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         return common + [iter0, "sail.reference=previous"]
     if name in LEVERS:  # as ref-previous: every round, each evaluated, from the same iter0
         return common + [iter0] + LEVERS[name]
+    if name == "realalign-recipe":  # no iter0 and no human pairs: its own base-model start
+        last = ablation_rounds or sail.rounds
+        return common + [
+            "sail.iter0_steps=0", f"sail.rounds={last}", "sail.eval_each_round=false", "sail.pair_sources=[real]",
+            "train.mixup_alpha=1.0", "train.loss=dro", "sail.round_reference=base", "sail.real.disjoint=false",
+            "sail.real.filter_metric=toy_oracle", f"sail.real.top_k={sail.prompts_per_round}",
+            "sail.real.sampler=dpmsolver", "sail.real.sampling_steps=20", "sail.real.guidance_scale=1.0",
+            f"sail.round_overrides={{{last}: [train.loss=sigmoid, sail.round_reference=round_start, "
+            "sail.real.loser=inpaint, sail.real.min_margin=0.0]}"]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
     extra = {
@@ -81,6 +94,7 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         "online-dpo-proxy": ["sail.ranker=external", "sail.ranker_metric=toy_width"],
         "online-dpo": ORACLE_RANKER,
         "smpo": ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion", "train.inversion_steps=4"],
+        "smpo-published": ORACLE_RANKER + ["sail.soft_labels=true", "train.loss=smpo", "train.noising=ddim_inversion"],
         "realalign": ["sail.pair_sources=[real]"],
         "sail-realalign": ["sail.pair_sources=[self, real]"],
     }
@@ -140,7 +154,9 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"OnlineDPO round {ablation_rounds}, noiseless human ranks", seed_share, "online-dpo", last),
               (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
               (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, "realalign", last),
-              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last)]
+              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last),
+              (f"SmPO round {ablation_rounds}, published settings (x10, 5 inversion steps)", seed_share, "smpo-published", last),
+              (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last)]
     lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws"}
     lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}")
               for name in LEVERS for r in sorted({ablation_rounds, rounds})]

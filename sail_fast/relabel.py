@@ -1,0 +1,57 @@
+"""SmPO-Diffusion's offline labels: every pair re-ordered and soft-labelled by a scoring model.
+
+As the authors do with PickScore on Pick-a-Pic (JaydenLyh/SmPO ``preprocessing.py`` and ``train.py``): the
+image the metric scores higher becomes the winner, and its label is
+p = exp(n_w / T) / (exp(n_w / T) + exp(n_l / T)), n = (s - lo) / (hi - lo) with the metric's published range
+(PickScore's raw-cosine range, ``metrics.clip_metrics.PICKSCORE_COSINE_RANGE``) or one given. Pairs the
+human raters tied are dropped by the readers, as the authors drop them. ``sail-fast label`` writes the result
+as a pairs.jsonl that ``data.seed_pairs`` reads, so ``train.loss: smpo`` trains on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .sail.ranking import soft_labels
+from .data.records import PairRecord, open_image, read_pairs_jsonl, read_pickapic_parquet, write_pairs_jsonl
+
+
+def read_records(source: str | Path) -> list[PairRecord]:
+    """Pairs from a pairs.jsonl or Pick-a-Pic parquet (a file or a folder of them)."""
+    path = Path(source)
+    records, stats = read_pairs_jsonl(path) if path.suffix == ".jsonl" else read_pickapic_parquet(path)
+    print(f"{path}: {stats}")
+    return records
+
+
+def relabel(records: Sequence[PairRecord], metric, *, score_range: tuple[float, float] | None = None,
+            temperature: float = 1.0, batch_size: int = 16, progress: bool = True) -> list[PairRecord]:
+    """Each pair ordered by ``metric`` (a ``sail_fast.metrics`` Metric) with its min-max soft label."""
+    score_range = score_range or metric.soft_label_range
+    if score_range is None:
+        raise ValueError(f"{metric.name} has no published score range for min-max labels; pass --range LO HI")
+    out = []
+    for start in tqdm(range(0, len(records), batch_size), desc=f"label by {metric.name}", unit="batch", disable=not progress):
+        chunk = records[start : start + batch_size]
+        prompts = [r.prompt for r in chunk]
+        first = metric.score([open_image(r.win, r.origin, "win") for r in chunk], prompts)
+        second = metric.score([open_image(r.lose, r.origin, "lose") for r in chunk], prompts)
+        scores = torch.stack([first, second], dim=1)
+        win, lose = scores.argmax(1), 1 - scores.argmax(1)
+        labels = soft_labels(scores, win, lose, temperature, "minmax", score_range)
+        for rec, w, p in zip(chunk, win.tolist(), labels.tolist()):
+            pair = (rec.win, rec.lose) if w == 0 else (rec.lose, rec.win)
+            out.append(PairRecord(rec.prompt, *pair, label=p, source=metric.name, origin=rec.origin))
+    return out
+
+
+def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) -> Path:
+    """Read ``sources``, relabel them with ``metric`` and write ``out`` (a pairs.jsonl); returns it."""
+    records = [r for source in sources for r in read_records(source)]
+    if not records:
+        raise ValueError(f"{', '.join(map(str, sources))}: no pairs to label")
+    return write_pairs_jsonl(out, relabel(records, metric, **kw))
