@@ -80,7 +80,7 @@ def test_config_rules():
     with pytest.raises(ValueError, match="lo < hi"):
         load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=toy_oracle", "sail.soft_label_range=[1, 0]"])
     # the published normalisation is the default when PickScore ranks, z-scores otherwise
-    assert load_config(REPO / "configs/tiny.yaml", smpo + ["sail.ranker_metric=pickscore"]).sail.label_norm() == "minmax"
+    assert load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=pickscore"]).sail.label_norm() == "minmax"
     assert load_config(REPO / "configs/toy-quick.yaml", smpo + ["sail.ranker_metric=toy_oracle"]).sail.label_norm() == "zscore"
 
 

@@ -174,7 +174,8 @@ class SailLoop:
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
             pairs.save(stage / "pairs.safetensors")
-        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) mixed with {len(seed_pairs or [])} seed pairs")
+        mixed = f"mixed with {len(seed_pairs)} seed pairs" if seed_pairs and ctx.config.train.mixup_alpha < 1 else "alone"
+        self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) {mixed}")
         trainer = DPOTrainer(self._stage_config(r, ctx.sail.round_steps, stage, ctx.config), self.policies.trainable(policy),
                              self.ctx.stack.scheduler, seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist,
                              device=self.ctx.device, reference=self.base if ctx.sail.round_reference == "base" else None)
