@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..config import round_config
 from ..data.encode import image_mode
 from ..data.latent_pairs import LatentPairs
 from ..data.records import open_image
-from ..config import round_config
 from ..data.sources import fingerprint
 from ..images import decode_latents, image_grid
 from ..rundir import atomic_save_tensors
@@ -67,10 +67,9 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
     loser_kinds = {round_config(config, r).sail.real.loser for r in range(1, sail.rounds + 1)}
     source = ctx.world.real_images(ctx, need)
     items = read_real_images(source)
-    if real.top_k is not None:
-        items = top_k_real_images(ctx, items)
-    if len(items) < need:
-        raise ValueError(f"{source} holds {len(items)} real images" + (f" (top_k {real.top_k})" if real.top_k else "")
+    available = min(len(items), real.top_k or len(items))
+    if available < need:
+        raise ValueError(f"{source} holds {len(items)} real images" + (f" (keeping top_k={real.top_k})" if real.top_k else "")
                          + f", but {sail.real_per_round()} real pairs per round"
                          + (f" x {sail.rounds} rounds" if real.disjoint else "") + f" need {need}; "
                          "add images or lower sail.real.per_round" + (" (or sail.rounds)" if real.disjoint else ""))
@@ -86,6 +85,8 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
     policy_inpaints = "inpaint" in loser_kinds and real.inpaint_pipeline is None
     mask_fn = mask_source(real.mask, ctx.world.subject_masks) if "inpaint" in loser_kinds else None
     if ctx.dist.is_main and not cache.exists():
+        if real.top_k is not None:
+            items = top_k_real_images(ctx, items)
         ctx.log(f"RealAlign: encoding {need} real images from {source} (loser: {real.loser})")
         redraw = None
         if real.inpaint_pipeline is not None:
