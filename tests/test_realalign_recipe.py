@@ -215,3 +215,39 @@ def test_realalign_two_stage_recipe_runs_in_the_toy_world(tmp_path):
     winners = _oracle_scores(oracle, first.win, captions(first))
     torch.testing.assert_close(winners, all_scores.sort(descending=True).values[:12], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(LatentPairs.load(out / "round-02/pairs.safetensors").win, first.win)
+
+
+def test_realalign_with_no_human_pairs_and_pipeline_inpainted_losers_on_an_sd_stack(tmp_path):
+    """No seed pairs and no iter0 (the rounds start from the base): one Diffusion-DRO round held to the base,
+    on losers a local inpainting pipeline drew once, at encoding, inside masks read from a folder."""
+    from test_loop import make_overrides
+    from test_train import TINY
+
+    from sail_fast.sail.loop import SailLoop
+
+    _inpainting_pipeline(tmp_path / "inpaint")
+    real, masks = tmp_path / "real", tmp_path / "masks"
+    real.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(real / f"{i}.png")
+        (real / f"{i}.txt").write_text(f"a real picture {i}")
+        Image.fromarray(np.full((20, 20), 255 * (i % 2), dtype=np.uint8)).save(masks / f"{i}.png")
+    overrides = make_overrides(tmp_path, "model.with_vae=true", "data.resolution=16", "data.seed_pairs=[]",
+                               "sail.iter0_steps=0", "train.mixup_alpha=1.0", "sail.rounds=1", "sail.pair_sources=[real]",
+                               f"sail.real.data={real}", "sail.real.per_round=4", "sail.real.loser=inpaint",
+                               f"sail.real.mask={masks}", f"sail.real.inpaint_pipeline={tmp_path / 'inpaint'}",
+                               "sail.real.inpaint_steps=2", "train.loss=dro", "sail.round_reference=base")
+    SailLoop(load_config(TINY, overrides)).run()
+    run = tmp_path / "run"
+    assert json.loads((run / "iter0/done.json").read_text())["human_pairs"] == 0
+    encoded = LatentPairs.load(next(p for p in (run / "cache").glob("real-*.safetensors") if "masks" not in p.name))
+    pairs = LatentPairs.load(run / "round-01/pairs.safetensors")
+    torch.testing.assert_close(pairs.win, encoded.win)
+    torch.testing.assert_close(pairs.lose, encoded.lose)  # drawn once by the pipeline, not by the round's policy
+    assert not (run / "round-01/real_losers.rank0.safetensors").exists()
+    assert (pairs.lose - pairs.win).abs().mean() > 0.01
+    steps = [json.loads(line) for line in (run / "round-01/train/metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["mse_policy_win"] == pytest.approx(steps[0]["mse_ref_win"], abs=1e-7)  # the base, both sides
+    assert (run / "round-01/train/final/unet").is_dir()
