@@ -71,6 +71,7 @@ class TrainConfig(Section):
     smpo_scale: float = Field(10.0, gt=0)  # SmPO-Diffusion's factor beside beta: -logsigmoid(scale (2p - 1) u)
     dmpo_alpha: float = Field(0.01, ge=0, lt=1)  # DMPO's target Bernoulli is 1 - alpha (Diffusion-SDPO's scripts: 0.01)
     dro_margin: float = Field(0.001, ge=0)  # Diffusion-DRO's hinge margin (RealAlign stage 1)
+    dspo_form: Literal["sd15", "sdxl"] | None = None  # Diffusion-SDPO's DSPO differs by model; None: the model's kind
     # SDPO: scale the loser's gradient so no step raises the winner's loss; mu in [0, 1] (None: off).
     winner_preserving_mu: float | None = Field(None, ge=0, le=1)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"

@@ -136,6 +136,25 @@ def test_dspo_matches_its_literal_formula():
         loss_from_mse("dspo", *_mse(), beta=BETA)
 
 
+@pytest.mark.parametrize("gap_scale", [1.0, 0.1])  # the batch's mean squared gap above and below 0.1
+def test_dspo_sdxl_form_matches_its_literal_formula(gap_scale):
+    """Diffusion-SDPO's train.py for SDXL: ((1 - sigmoid(u)) d)^2 while mean d^2 >= 0.1, else (1 - sigmoid(u))^2."""
+    target, pred, ref = _predictions(seed=7)
+    ref = pred + gap_scale * (ref - pred)
+    beta, b = 3.0, 3
+    got = preference_loss("dspo", target, pred, ref, beta=beta, fused=False, dspo_sdxl=True).loss
+    per, gaps = [], []
+    for i in range(b):
+        mse = [float(((x[j] - target[j]) ** 2).mean()) for x in (pred, ref) for j in (i, i + b)]
+        u = -0.5 * beta * ((mse[0] - mse[1]) - (mse[2] - mse[3]))
+        w = 1 - 1 / (1 + math.exp(-u))
+        per.append((float(((w * (pred[i] - ref[i])) ** 2).mean()), w**2))
+        gaps.append(float(((pred[i] - ref[i]) ** 2).mean()))
+    big = sum(gaps) / b >= 0.1
+    assert big == (gap_scale == 1.0)
+    assert got.item() == pytest.approx(sum(v[0] if big else v[1] for v in per) / b, rel=1e-6)
+
+
 @pytest.mark.parametrize("mu", [0.0, 0.9])
 def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
     """lambda = clamp((1 - mu) |g_w|^2 / (<g_l, g_w> + 1e-9), 0, 1), g the gradients of the half-batch

@@ -12,7 +12,7 @@ predictions in one pass; every loss below is then a small function of four [B] v
 | hinge   | relu(1 - u)                                                       | SLiC-style hinge               |
 | ipo     | (u / beta - 1 / (2 beta))^2                                       | IPO on the same gap            |
 | dmpo    | KL(Bern(sigmoid(u)) || Bern(1 - dmpo_alpha))                      | DMPO, as Diffusion-SDPO runs it |
-| dspo    | mean_dims[(eps_pol_w - eps_w) - beta (1 - sigmoid(u)) (eps_pol_w - eps_ref_w)]^2 | DSPO (SD1.5 form) |
+| dspo    | mean_dims[(eps_pol_w - eps_w) - beta (1 - sigmoid(u)) (eps_pol_w - eps_ref_w)]^2 | DSPO, SD1.5 form (SDXL: below) |
 | dro     | relu((mse_pol_w - mse_ref_w) - (mse_pol_l - mse_ref_l) + margin)  | Diffusion-DRO (RealAlign stage 1) |
 | sft     | mse_policy_win                                                    | supervised on winners          |
 | mapo    | mse_w - gamma * logsigmoid(log_odds)                              | MaPO, margin-aware (ref-free)  |
@@ -21,6 +21,9 @@ with ``u = dpo_logit(...) = -beta/2 * ((mse_pol_w - mse_pol_l) - (mse_ref_w - ms
 MaPO scores an image by ``s = -beta_mapo * mse`` read as a log-likelihood, so that
 ``log_odds = (s_w - s_l) - (log(1 - e^s_w) - log(1 - e^s_l))``; here ``beta_mapo`` is
 ``beta`` and ``gamma`` weighs the margin term against the winner's denoising loss.
+
+DSPO's SDXL form, as Diffusion-SDPO's ``train.py`` runs it for SDXL: with d = eps_pol_w - eps_ref_w,
+``mean[((1 - sigmoid(u)) d)^2]`` while the batch's mean d^2 is at least 0.1, else ``mean[(1 - sigmoid(u))^2]``.
 
 SDPO's winner-preserving option (``winner_preserving_mu``, any loss with a reference) scales the
 gradient that reaches the loser's MSE by lambda = clamp((1 - mu) <g_w, g_w> / <g_l, g_w>, 0, 1)
@@ -130,6 +133,7 @@ def preference_loss(
     dmpo_alpha: float = 0.01,
     dro_margin: float = 0.001,
     winner_preserving_mu: float | None = None,
+    dspo_sdxl: bool = False,
     fused: bool = True,
 ) -> LossOutput:
     """Loss for 2B rows (winners then losers) of target and predictions.
@@ -165,8 +169,13 @@ def preference_loss(
         b = target.shape[0] // 2
         weight = (1 - torch.sigmoid(u)).view(-1, *[1] * (target.dim() - 1))
         pred_win = pred_policy[:b].float()
-        residual = (pred_win - target[:b].float()) - beta * weight * (pred_win - pred_ref[:b].detach().float())
-        loss = residual.pow(2).flatten(1).mean(1).mean()
+        gap = pred_win - pred_ref[:b].detach().float()
+        if not dspo_sdxl:
+            loss = ((pred_win - target[:b].float()) - beta * weight * gap).pow(2).flatten(1).mean(1).mean()
+        elif gap.pow(2).flatten(1).mean(1).mean() >= 0.1:
+            loss = (weight * gap).pow(2).flatten(1).mean(1).mean()
+        else:
+            loss = (1 - torch.sigmoid(u)).pow(2).mean()
         out = LossOutput(loss, out.metrics | {"loss": loss.detach()})
     else:
         out = loss_from_mse(kind, policy_win, policy_lose, ref_win, ref_lose, **options)

@@ -127,8 +127,11 @@ class DPOTrainer:
         self.pairs = parts[0] if len(parts) == 1 else LatentPairs.cat(parts)
         alpha = train.mixup_alpha if num_generated else 0.0
         self.sampler = MixupSampler(num_generated, len(seed_pairs or []), per_step, alpha=alpha, seed=config.seed)
-        # SmPO-Diffusion's inversion steps unless set: 10 for SDXL (its pairs carry pooled embeddings), 5 for SD1.5.
-        self.inversion_steps = train.inversion_steps or (10 if self.pairs.pooled_prompt_embeds is not None else 5)
+        # The authors' per-model settings unless set (an SDXL stack's pairs carry pooled embeddings): SmPO's
+        # inversion steps, 10 for SDXL and 5 for SD1.5; Diffusion-SDPO's DSPO form.
+        sdxl = self.pairs.pooled_prompt_embeds is not None
+        self.inversion_steps = train.inversion_steps or (10 if sdxl else 5)
+        self.dspo_sdxl = train.dspo_form == "sdxl" if train.dspo_form else sdxl  # DSPO's form follows the model's kind
 
         # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
         # broadcast views each parameter as bytes, which needs a unit last stride.
@@ -244,7 +247,7 @@ class DPOTrainer:
         return preference_loss(
             cfg.loss, target, pred, pred_ref, beta=cfg.beta, labels=batch.label, gamma=cfg.mapo_gamma,
             smpo_scale=cfg.smpo_scale, dmpo_alpha=cfg.dmpo_alpha, dro_margin=cfg.dro_margin,
-            winner_preserving_mu=cfg.winner_preserving_mu,
+            winner_preserving_mu=cfg.winner_preserving_mu, dspo_sdxl=self.dspo_sdxl,
         )
 
     def train_step(self) -> dict[str, float]:
