@@ -34,6 +34,8 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   rounds from the same iter0: a tenth of each batch from the round's pairs (0.25 by default), 16
   candidates per prompt (8), 12 noise draws per reward (6). A documented ablation, run after SAIL's
   rows were seen, never a retune of the default.
+- ``winner-preserving``: Diffusion-SDPO's loser-gradient scale (mu 0.9) in every round, from the same
+  iter0: does a step that may not raise the winners' loss stop the rounds' drift?
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ from ..sail.loop import SailLoop
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
 # The paper's levers, each run for every round from the same iter0 (condition -> its override).
+# winner-preserving: Diffusion-SDPO's safeguard (no step may raise the winners' loss) on SAIL's rounds.
 LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
-          "draws-12": ["sail.num_draws=12"]}
+          "draws-12": ["sail.num_draws=12"], "winner-preserving": ["train.winner_preserving_mu=0.9"]}
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
               "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS, "smpo-published", "realalign-recipe")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
@@ -157,7 +160,8 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last),
               (f"SmPO round {ablation_rounds}, published settings (x10, 5 inversion steps)", seed_share, "smpo-published", last),
               (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last)]
-    lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws"}
+    lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws",
+                   "winner-preserving": "SDPO winner-preserving (mu 0.9)"}
     lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}")
               for name in LEVERS for r in sorted({ablation_rounds, rounds})]
     return lines
