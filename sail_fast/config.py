@@ -412,7 +412,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 ROUND_KEYS_FIXED = ("sail.rounds", "sail.prompts", "sail.prompts_per_round", "sail.pair_sources", "sail.iter0",
                     "sail.round_overrides", "sail.real.data", "sail.real.per_round", "sail.real.top_k",
                     "sail.real.disjoint", "sail.real.mask", "sail.real.inpaint_pipeline", "sail.real.inpaint_steps",
-                    "sail.heldout_pairs", "sail.eval", "sail.ranker")  # read once, before the rounds
+                    "sail.heldout_pairs", "sail.eval", "sail.ranker", "train.lora")  # read once, before the rounds
 
 
 def round_config(config: RunConfig, r: int) -> RunConfig:

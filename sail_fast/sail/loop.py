@@ -4,7 +4,8 @@ generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -
 ``sail.ranker: external`` ranks with a reward model instead (OnlineDPO), and
 ``sail.soft_labels`` gives each pair the SmPO soft label of its ranking scores.
 ``sail.pair_sources`` adds RealAlign's pairs (real images beating losers made for their
-captions, ``sail_fast.sail.real_pairs``) to the ranked ones, or uses them alone.
+captions, ``sail_fast.sail.real_pairs``) to the ranked ones, or uses them alone. ``sail.round_overrides``
+changes settings for single rounds (RealAlign's second stage), and ``sail.iter0_steps: 0`` skips iter0.
 
 The run folder's layout is in ``sail_fast.rundir``; each stage writes ``done.json`` last, and ``--resume``
 skips finished stages and continues a half-trained one from its latest intact checkpoint.
