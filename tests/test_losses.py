@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sail_fast.dpo.losses import LOSSES, NEEDS_PREDICTIONS, loss_from_mse, preference_loss
+from sail_fast.dpo.losses import LOSSES, NEEDS_PREDICTIONS, LossOptions, loss_from_mse, preference_loss
 
 BETA = 50.0
 
@@ -48,7 +48,7 @@ def _literal(kind, pw, pl, rw, rl, labels, gamma):
 def test_matches_literal_formula(kind):
     pw, pl, rw, rl = _mse()
     labels = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.7, 1.0], dtype=torch.float64)
-    got = loss_from_mse(kind, pw, pl, rw, rl, beta=BETA, labels=labels, gamma=0.3)
+    got = loss_from_mse(kind, pw, pl, rw, rl, beta=BETA, labels=labels, options=LossOptions(gamma=0.3))
     expect = _literal(kind, pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist(), labels.tolist(), 0.3)
     assert got.loss.item() == pytest.approx(expect, rel=1e-9, abs=1e-12)
 

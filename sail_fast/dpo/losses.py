@@ -46,6 +46,16 @@ REFERENCE_FREE = ("sft", "mapo")
 NEEDS_PREDICTIONS = ("dspo",)  # not a function of the four MSE vectors alone
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The constants some losses read (see the module table); the trainer fills them from ``train.*``."""
+
+    gamma: float = 0.1  # MaPO's margin weight
+    smpo_scale: float = 10.0  # SmPO-Diffusion's factor beside beta
+    dmpo_alpha: float = 0.01  # DMPO's target Bernoulli is 1 - alpha
+    dro_margin: float = 0.001  # Diffusion-DRO's hinge margin
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable
@@ -61,10 +71,7 @@ def loss_from_mse(
     *,
     beta: float,
     labels: torch.Tensor | None = None,
-    gamma: float = 0.1,
-    smpo_scale: float = 10.0,
-    dmpo_alpha: float = 0.01,
-    dro_margin: float = 0.001,
+    options: LossOptions = LossOptions(),
 ) -> LossOutput:
     """The loss of ``kind`` from per-pair MSEs ([B] each); see the module table."""
     if kind not in LOSSES:
@@ -85,14 +92,14 @@ def loss_from_mse(
         per_pair = -F.logsigmoid(u)
     elif kind == "smpo":
         p = torch.ones_like(u) if labels is None else labels.to(u)
-        per_pair = -F.logsigmoid(smpo_scale * (2 * p - 1) * u)
+        per_pair = -F.logsigmoid(options.smpo_scale * (2 * p - 1) * u)
     elif kind == "dmpo":
         # KL(Bern(p) || Bern(q)) with p = sigmoid(u), written with softplus for stable logs
-        q = torch.tensor(1.0 - dmpo_alpha, dtype=u.dtype).clamp(1e-6, 1 - 1e-6)
+        q = torch.tensor(1.0 - options.dmpo_alpha, dtype=u.dtype).clamp(1e-6, 1 - 1e-6)
         p, log_p, log_not_p = torch.sigmoid(u), -F.softplus(-u), -F.softplus(u)
         per_pair = p * (log_p - q.log()) + (1 - p) * (log_not_p - torch.log1p(-q))
     elif kind == "dro":
-        per_pair = F.relu((mse_policy_win - mse_ref_win) - (mse_policy_lose - mse_ref_lose) + dro_margin)
+        per_pair = F.relu((mse_policy_win - mse_ref_win) - (mse_policy_lose - mse_ref_lose) + options.dro_margin)
     elif kind == "hinge":
         per_pair = F.relu(1 - u)
     elif kind == "ipo":
@@ -102,7 +109,7 @@ def loss_from_mse(
     else:  # mapo
         s_w, s_l = -beta * mse_policy_win, -beta * mse_policy_lose
         log_odds = (s_w - s_l) - (torch.log1p(-torch.exp(s_w)) - torch.log1p(-torch.exp(s_l)))
-        per_pair = mse_policy_win - gamma * F.logsigmoid(log_odds)
+        per_pair = mse_policy_win - options.gamma * F.logsigmoid(log_odds)
     metrics["implicit_acc"] = implicit_acc
     loss = per_pair.mean()
     metrics["loss"] = loss
@@ -128,10 +135,7 @@ def preference_loss(
     *,
     beta: float,
     labels: torch.Tensor | None = None,
-    gamma: float = 0.1,
-    smpo_scale: float = 10.0,
-    dmpo_alpha: float = 0.01,
-    dro_margin: float = 0.001,
+    options: LossOptions = LossOptions(),
     winner_preserving_mu: float | None = None,
     dspo_sdxl: bool = False,
     fused: bool = True,
@@ -161,10 +165,9 @@ def preference_loss(
     if winner_preserving_mu is not None:
         scale = loser_gradient_scale(target, pred_policy, winner_preserving_mu)
         policy_lose = policy_lose.detach() + scale * (policy_lose - policy_lose.detach())  # same value, scaled gradient
-    options = {"beta": beta, "labels": labels, "gamma": gamma, "smpo_scale": smpo_scale, "dmpo_alpha": dmpo_alpha,
-               "dro_margin": dro_margin}
+    common = {"beta": beta, "labels": labels, "options": options}
     if kind == "dspo":
-        out = loss_from_mse("sigmoid", policy_win, policy_lose, ref_win, ref_lose, **options)
+        out = loss_from_mse("sigmoid", policy_win, policy_lose, ref_win, ref_lose, **common)
         u = dpo_logit(policy_win, policy_lose, ref_win, ref_lose, beta)
         b = target.shape[0] // 2
         weight = (1 - torch.sigmoid(u)).view(-1, *[1] * (target.dim() - 1))
@@ -178,7 +181,7 @@ def preference_loss(
             loss = (1 - torch.sigmoid(u)).pow(2).mean()
         out = LossOutput(loss, out.metrics | {"loss": loss.detach()})
     else:
-        out = loss_from_mse(kind, policy_win, policy_lose, ref_win, ref_lose, **options)
+        out = loss_from_mse(kind, policy_win, policy_lose, ref_win, ref_lose, **common)
     if scale is not None:
         out.metrics["loser_grad_scale"] = scale.detach()
     return out

@@ -54,7 +54,7 @@ from ..lora import (
 from ..rundir import atomic_write_text, verify_manifest, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
-from .losses import REFERENCE_FREE, preference_loss
+from .losses import REFERENCE_FREE, LossOptions, preference_loss
 from .mixup import MixupSampler
 from .optim import build_optimizer
 
@@ -132,6 +132,8 @@ class DPOTrainer:
         sdxl = self.pairs.pooled_prompt_embeds is not None
         self.inversion_steps = train.inversion_steps or (10 if sdxl else 5)
         self.dspo_sdxl = train.dspo_form == "sdxl" if train.dspo_form else sdxl  # DSPO's form follows the model's kind
+        self.loss_options = LossOptions(gamma=train.mapo_gamma, smpo_scale=train.smpo_scale, dmpo_alpha=train.dmpo_alpha,
+                                        dro_margin=train.dro_margin)
 
         # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
         # broadcast views each parameter as bytes, which needs a unit last stride.
@@ -245,8 +247,7 @@ class DPOTrainer:
                 activate(self.policy, POLICY)
         cfg = self.train_cfg
         return preference_loss(
-            cfg.loss, target, pred, pred_ref, beta=cfg.beta, labels=batch.label, gamma=cfg.mapo_gamma,
-            smpo_scale=cfg.smpo_scale, dmpo_alpha=cfg.dmpo_alpha, dro_margin=cfg.dro_margin,
+            cfg.loss, target, pred, pred_ref, beta=cfg.beta, labels=batch.label, options=self.loss_options,
             winner_preserving_mu=cfg.winner_preserving_mu, dspo_sdxl=self.dspo_sdxl,
         )
 
