@@ -151,12 +151,14 @@ def copy_adapter(unet: nn.Module, source: str, target: str) -> None:
     set_peft_model_state_dict(unet, adapter_state(unet, source), adapter_name=target)
 
 
-def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], unet: nn.Module, kind: str) -> Path:
-    """Write adapter weights (peft naming, as ``adapter_state``) in the diffusers LoRA format to ``folder``."""
+def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], unet: nn.Module) -> Path:
+    """Write adapter weights (peft naming, as ``adapter_state``) in the diffusers LoRA format to ``folder``,
+    through the pipeline class of ``unet``'s kind (an SDXL UNet takes text-time embeddings)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    pipeline = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    sdxl = unet.config.addition_embed_type == "text_time"
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     config = unet.peft_config[POLICY].to_dict()
     metadata = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "lora_dropout")}
     metadata["target_modules"] = sorted(metadata["target_modules"])

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .sail.ranking import soft_labels
 from .data.records import PairRecord, open_image, read_pairs_jsonl, read_pickapic_parquet, write_pairs_jsonl
+from .sail.ranking import soft_labels
 
 
 def read_records(source: str | Path) -> list[PairRecord]:
@@ -41,7 +41,8 @@ def relabel(records: Sequence[PairRecord], metric, *, score_range: tuple[float, 
         first = metric.score([open_image(r.win, r.origin, "win") for r in chunk], prompts)
         second = metric.score([open_image(r.lose, r.origin, "lose") for r in chunk], prompts)
         scores = torch.stack([first, second], dim=1)
-        win, lose = scores.argmax(1), 1 - scores.argmax(1)
+        win = scores.argmax(1)
+        lose = 1 - win
         labels = soft_labels(scores, win, lose, temperature, "minmax", score_range)
         for rec, w, p in zip(chunk, win.tolist(), labels.tolist()):
             pair = (rec.win, rec.lose) if w == 0 else (rec.lose, rec.win)

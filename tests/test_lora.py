@@ -145,7 +145,7 @@ def test_saved_adapter_in_a_plain_diffusers_pipeline_samples_what_we_sample(tmp_
     add_policy_adapter(stack.unet, LoraSettings(rank=4, alpha=8))
     _perturb(stack.unet, scale=0.2)
     folder = tmp_path / "lora"
-    save_adapter(folder, adapter_state(stack.unet), stack.unet, kind)
+    save_adapter(folder, adapter_state(stack.unet), stack.unet)
     ours = generate_candidates(dataclasses.replace(stack, unet=AdapterView(stack.unet, POLICY)), ["a cat", "a red dog"], 2,
                                num_inference_steps=4, seed=1, batch_size=4, progress=False)
     plain = tiny_stack(kind, seed=0)  # a plain base UNet, as a user's pipeline holds
@@ -262,7 +262,7 @@ def test_lora_under_deepspeed_zero2_two_ranks_agrees_across_ranks_and_saves_the_
     unet = build_stack(load_config(TINY).model, seed=0).unet
     add_policy_adapter(unet, LoraSettings(rank=4), seed=1)
     load_adapter(unet, out / "final/lora")
-    again = load_file(save_adapter(tmp_path / "again", adapter_state(unet), unet, "sd15"))
+    again = load_file(save_adapter(tmp_path / "again", adapter_state(unet), unet))
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
 
 

@@ -364,8 +364,7 @@ class DPOTrainer:
         if bad:  # never write NaN weights where the next stage would load them
             raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
         if self.lora:
-            kind = "sdxl" if self.policy.config.addition_embed_type == "text_time" else "sd15"
-            save_adapter(path, state, self.policy, kind)
+            save_adapter(path, state, self.policy)
             return
         unet = UNet2DConditionModel.from_config(self.policy.config)
         unet.load_state_dict(state)

@@ -50,5 +50,4 @@ class Policies:
         if not self.lora:
             self.base.save_pretrained(folder)
             return
-        kind = "sdxl" if self.unet.config.addition_embed_type == "text_time" else "sd15"
-        save_adapter(folder, adapter_state(self.unet, POLICY), self.unet, kind)
+        save_adapter(folder, adapter_state(self.unet, POLICY), self.unet)

@@ -59,7 +59,8 @@ CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 # The recorded table ran the smpo loss without SmPO-Diffusion's factor 10 beside beta (the toy's beta is
 # calibrated on the plain DPO logit) and with 4 inversion steps; pinned so the table reproduces.
-SOFT = ["sail.soft_labels=true", "train.loss=smpo", "train.smpo_scale=1"]
+SOFT_PUBLISHED = ["sail.soft_labels=true", "train.loss=smpo"]
+SOFT = SOFT_PUBLISHED + ["train.smpo_scale=1"]
 
 
 def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_rounds: int | None = None) -> list[str]:
@@ -97,7 +98,7 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         "online-dpo-proxy": ["sail.ranker=external", "sail.ranker_metric=toy_width"],
         "online-dpo": ORACLE_RANKER,
         "smpo": ORACLE_RANKER + SOFT + ["train.noising=ddim_inversion", "train.inversion_steps=4"],
-        "smpo-published": ORACLE_RANKER + ["sail.soft_labels=true", "train.loss=smpo", "train.noising=ddim_inversion"],
+        "smpo-published": ORACLE_RANKER + SOFT_PUBLISHED + ["train.noising=ddim_inversion"],
         "realalign": ["sail.pair_sources=[real]"],
         "sail-realalign": ["sail.pair_sources=[self, real]"],
     }
