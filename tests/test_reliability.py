@@ -290,10 +290,21 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 # -------------------------------------------------------------- 7. every README command parses
+def _documentation_pages() -> list[Path]:
+    # The README and the pages it links to under docs/: every command and link in them is checked.
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def _readme_commands() -> list[list[str]]:
+    commands = []
+    for page in _documentation_pages():
+        commands += _page_commands(page.read_text())
+    return commands
+
+
+def _page_commands(text: str) -> list[list[str]]:
     import shlex
 
-    text = (REPO / "README.md").read_text()
     commands, joined = [], ""
     for block in text.split("```")[1::2]:
         for line in block.splitlines():
@@ -334,6 +345,28 @@ def test_every_sail_fast_command_in_the_readme_parses(capsys):
             build_parser().parse_args([w for w in words[1:] if w != "--debug"])
         else:  # python or deepspeed [launcher flags] sail_fast/train.py ...
             parse_args(words[words.index("sail_fast/train.py") + 1:])
+
+
+def test_the_readme_is_short_and_every_relative_link_in_it_and_docs_resolves():
+    readme_lines = len((REPO / "README.md").read_text().splitlines())
+    assert readme_lines <= 320, f"README.md has {readme_lines} lines; move detail into a docs/ page"
+    broken, linked = [], set()
+    for page in _documentation_pages():
+        prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+        targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose)
+        if len(targets) != prose.count("]("):
+            broken.append(f"{page.relative_to(REPO)}: a link that does not close on its line")
+        for target in targets:
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a web address or an anchor in the same page
+            resolved = (page.parent / target.split("#")[0]).resolve()
+            if not resolved.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+            if page.name == "README.md":
+                linked.add(resolved)
+    assert not broken, broken
+    unlinked = [p.name for p in _documentation_pages()[1:] if p.resolve() not in linked]
+    assert len(_documentation_pages()) > 1 and not unlinked, f"docs pages the README does not link: {unlinked}"
 
 
 # ------------------------------------------------------------------ clear errors, early
