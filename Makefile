@@ -2,23 +2,46 @@
 # on a fresh machine; pip skips what is already installed.
 PYTHON ?= python
 
-.PHONY: install run test bench gpu-check
+.PHONY: install install-latest constraints run test test-latest bench gpu-check
 
 install:
 	# torch first: 2.13.0 is the local CPU wheel on the development machines, and
 	# deepspeed builds against the installed torch (hence --no-build-isolation).
+	# Every package is pinned by constraints.txt, the set that last passed the tests.
+	$(PYTHON) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PYTHON) -m pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.15"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+
+# The newest releases pyproject.toml's ranges allow (torch stays at the local wheel: an
+# unpinned torch pulls several GB of CUDA packages). Use a fresh venv: it upgrades in place.
+install-latest:
 	$(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -U --no-build-isolation "deepspeed>=0.15" "torch==2.13.0"
+	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e ".[dev]" "torch==2.13.0"
+
+# Re-pin: resolve the newest set in a fresh venv and write it to constraints.txt
+# (then run `make test` on it before committing the new file).
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	$(MAKE) install-latest PYTHON=.venv-constraints/bin/python
+	{ echo "# Every package make install resolved, pinned; regenerate with make constraints."; \
+	  echo "# The ranges for library users stay in pyproject.toml."; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; \
+	} > constraints.txt
 
 # The SAIL loop on the offline toy world (about 9 minutes on a 2-core CPU); run again to
 # resume an interrupted run from its last finished stage.
 run: install
 	sail-fast run --config configs/toy.yaml --resume
 
-# `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path,
-# where kernels/ would shadow the Hugging Face `kernels` package.
+# importlib import mode (pyproject.toml) keeps the repository root off sys.path; kernels/
+# hands the top-level name `kernels` to the Hugging Face package even where the root is on it.
 test: install
+	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider --durations=15
+
+# The suite on the newest releases instead of the pinned set (run it in a fresh venv).
+test-latest: install-latest
 	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider --durations=15
 
 bench: install
