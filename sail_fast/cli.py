@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .arguments import add_config_arguments, add_run_arguments, user_errors
+from .quiet import silence_third_party_noise
 from .toy import PRETRAIN_STEPS
 
 
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     # --debug may come anywhere on the line: show the full traceback of an error.
     argv = list(sys.argv[1:] if argv is None else argv)
+    silence_third_party_noise()
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args([a for a in argv if a != "--debug"])

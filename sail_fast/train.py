@@ -18,6 +18,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 
+from sail_fast.quiet import silence_third_party_noise  # noqa: E402
+
+silence_third_party_noise()  # before the imports below load diffusers (and with it bitsandbytes)
+
 from sail_fast.arguments import add_run_arguments, user_errors  # noqa: E402
 from sail_fast.build import build_stack  # noqa: E402
 from sail_fast.config import RunConfig, load_config  # noqa: E402

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 from PIL import Image
+from test_entry_points import assert_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def sail_fast(*args, cwd):
     done = subprocess.run(["sail-fast", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_quiet(done.stdout + done.stderr)  # no third-party line a user cannot act on
     return done
 
 
