@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON into the README's table: each fast path against the naive
+"""Turn a pytest-benchmark JSON into docs/performance.md's table: each fast path against the naive
 twin (or the copy, for the kernel) of its group, measured in the same run.
 
     python bench/report.py bench/results/latest.json [--png bench/results/latest.png]

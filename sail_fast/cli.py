@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", type=int, default=64)
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_toy_pretrain)
-    exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the README table")
+    exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the table in docs/toy_results.md")
     add_config_arguments(exp, config_default="configs/toy.yaml")
     exp.add_argument("--out", default="runs/toy-experiment")
     exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
