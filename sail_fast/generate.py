@@ -17,6 +17,7 @@ from .images import decode_latents, enlarge, image_grid, is_finite
 from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
 from .prompts import read_prompts
+from .rundir import check_weights
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 
 
@@ -65,6 +66,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
             "(no config.yaml here or above)"
         )
     weights = _weights_dir(path)
+    check_weights(weights)
     config = load_config(run / "config.yaml")
     stack = build_stack(config.model, seed=config.seed)
     if (weights / LORA_WEIGHTS).is_file():

@@ -6,8 +6,10 @@ and a resume that cannot silently mix configurations.
 - ``RunLock``: ``<run>/run.lock`` holds the host and pid of the run using the folder; a second
   run is refused with the holder's name; a lock left by a killed process on this host is stale
   and taken over.
-- ``write_manifest`` / ``verify_manifest``: each checkpoint lists its files and sizes in
-  ``manifest.json``, written last; a checkpoint whose files do not match is skipped on resume.
+- ``write_manifest`` / ``verify_manifest`` / ``check_weights``: each checkpoint and each stage's ``final/``
+  lists its files with their sizes and sha256 in ``manifest.json``, written last. A checkpoint whose files
+  do not match is skipped on resume; finished weights that do not match are refused (one line naming the
+  file) wherever they are loaded: the next stage, --resume, generate, eval and export.
 - ``config_changes``: the keys that differ between the config a run started with and the one it
   is resumed with, less those that cannot change a result (``RESULT_NEUTRAL_KEYS``).
 
@@ -30,6 +32,7 @@ continues a half-trained one from its latest intact checkpoint)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -140,30 +143,65 @@ class RunLock:
 
 
 # ---------------------------------------------------------------------- checkpoints
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a file read twice in one process is hashed once
+
+
+def file_sha256(path: str | Path) -> str:
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with path.open("rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
 def write_manifest(folder: str | Path) -> None:
-    """List every file under ``folder`` with its size, in ``manifest.json`` (written last)."""
+    """List every file under ``folder`` with its size and sha256, in ``manifest.json`` (written last)."""
     folder = Path(folder)
-    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-             if f.is_file() and f.name != MANIFEST}
+    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
     write_json(folder / MANIFEST, {"files": files})
 
 
 def verify_manifest(folder: str | Path) -> str | None:
-    """None if ``folder`` matches its manifest, else why not."""
+    """None if ``folder`` matches its manifest, else why not (naming the file)."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         return f"no {MANIFEST} (the checkpoint was never finished)"
     try:
         files = read_json(folder / MANIFEST)["files"]
     except (OSError, ValueError, KeyError) as err:
-        return f"unreadable {MANIFEST} ({err})"
-    for name, size in files.items():
+        return f"unreadable {folder / MANIFEST} ({err})"
+    for name, recorded in files.items():
         path = folder / name
+        # Manifests before content hashes recorded the size alone.
+        size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["bytes"], recorded["sha256"])
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{path} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+        if digest is not None and file_sha256(path) != digest:
+            return f"{path} does not match the sha256 recorded when it was written (its bytes changed)"
     return None
+
+
+class WeightsChangedError(ValueError):
+    """Weights that no longer match the manifest written with them."""
+
+
+def check_weights(folder: str | Path) -> None:
+    """Refuse weights (a ``unet/`` or ``lora/`` folder) whose bytes differ from the manifest written beside them
+    (in the folder or its parent: a checkpoint or a stage's ``final/``). Folders without one (a downloaded
+    pipeline, a run from before manifests) are not checked."""
+    folder = Path(folder)
+    owner = next((f for f in (folder, folder.parent) if (f / MANIFEST).is_file()), None)
+    if owner is None:
+        return
+    problem = verify_manifest(owner)
+    if problem is not None:
+        raise WeightsChangedError(f"refusing the weights in {folder}: {problem}; restore the file, or train that "
+                                  "stage again (delete its folder and the later stages' folders, then --resume)")
 
 
 # ------------------------------------------------------------------------ configs

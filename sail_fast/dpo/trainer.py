@@ -51,7 +51,7 @@ from ..lora import (
     train_only_policy,
     unwrap,
 )
-from ..rundir import atomic_write_text, verify_manifest, write_manifest
+from ..rundir import MANIFEST, atomic_write_text, verify_manifest, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, LossOptions, preference_loss
@@ -430,11 +430,13 @@ class DPOTrainer:
         final = self.output_dir / "final"
         state = self._full_state_dict()
         if self.dist.is_main:
+            (final / MANIFEST).unlink(missing_ok=True)  # the weights below replace the ones it lists
             self._save_unet(final / self.weights_name, state)
             if self.ema is not None:
                 ema_unet = UNet2DConditionModel.from_config(self.policy.config)
                 self.ema.copy_to(ema_unet.parameters())
                 ema_unet.save_pretrained(final / "unet_ema")
+            write_manifest(final)  # last: whoever loads these weights checks their sha256 against it
         self.dist.barrier()
         return final
 

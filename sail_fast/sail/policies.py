@@ -11,6 +11,7 @@ from torch import nn
 
 from ..lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
 from ..models import load_unet
+from ..rundir import check_weights, write_manifest
 
 
 class Policies:
@@ -38,6 +39,7 @@ class Policies:
     def load(self, folder: str | Path, role: str = POLICY) -> nn.Module:
         """The policy saved in ``folder`` (a stage's ``final/unet`` or ``final/lora``), as adapter ``role``
         of the shared UNet under LoRA (``policy``, or ``previous`` for a frozen earlier one)."""
+        check_weights(folder)  # bytes changed since the stage wrote them: refused, never trained on
         if not self.lora:
             return load_unet(folder, self.base)
         load_adapter(self.unet, folder, role)
@@ -49,5 +51,6 @@ class Policies:
         folder = Path(final) / self.folder
         if not self.lora:
             self.base.save_pretrained(folder)
-            return
-        save_adapter(folder, adapter_state(self.unet, POLICY), self.unet)
+        else:
+            save_adapter(folder, adapter_state(self.unet, POLICY), self.unet)
+        write_manifest(final)
