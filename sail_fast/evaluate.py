@@ -26,6 +26,7 @@ from .generate import (
 )
 from .images import enlarge, image_grid
 from .metrics import METRICS, Metric, load_metric
+from .outfolder import OutputFolder
 from .prompts import PromptSet
 from .sampling import candidate_seeds
 
@@ -75,9 +76,10 @@ def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> dict[str, floa
 
 def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metric], *, images_per_prompt: int, seed: int,
                      sampler=None, steps=None, guidance_scale=None, sampling: dict | None = None, batch_size: int = 16,
-                     image_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict, list]:
+                     image_file=None) -> tuple[dict[str, torch.Tensor], dict, list]:
     """Per-image scores {metric: [P, n]}, the sampling settings used, and the first prompts' pictures. Prompts go in chunks of
-    ``batch_size`` (sample, decode, score, drop) so a large set never holds all its pictures."""
+    ``batch_size`` (sample, decode, score, drop) so a large set never holds all its pictures. ``image_file``: where
+    each picture is saved (a PNG name to its path), or None."""
     stack, run_sampling = resolve_checkpoint(checkpoint)
     check_picturable(stack, checkpoint)
     if sampling is None:  # the first checkpoint fixes the settings for every later one
@@ -95,10 +97,9 @@ def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metri
             # A non-finite picture is reported (NaN, counted in eval.json), never scored as the black image it decodes to.
             scored = metric.score(pictures, per_image_prompts).float().masked_fill(~finite, float("nan"))
             scores[name].append(scored.view(len(chunk), n))
-        if image_dir is not None:
-            image_dir.mkdir(parents=True, exist_ok=True)
+        if image_file is not None:
             for i, picture in enumerate(pictures):
-                picture.save(image_dir / f"{start + i // n:04d}-{i % n:02d}.png")
+                picture.save(image_file(f"{start + i // n:04d}-{i % n:02d}.png"))
         if len(shown) < GRID_PROMPTS * n:
             shown += pictures[: GRID_PROMPTS * n - len(shown)]
     return {name: torch.cat(parts) for name, parts in scores.items()}, sampling, shown
@@ -135,28 +136,27 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
         raise ValueError("give at least one --checkpoint")
     if images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
-    out = Path(out_dir)
-    (out / "scores").mkdir(parents=True, exist_ok=True)
+    out = OutputFolder(out_dir, "eval")
     labels = checkpoint_labels(checkpoints)
     sampling_args = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
     settings = _settings(prompt_set, metrics, images_per_prompt, seed, sampling_args)
     per_image, sampling_used = {}, {}
     fixed = None  # the sampling settings, resolved on the first checkpoint and kept for all
     for label, checkpoint in zip(labels, checkpoints):
-        file = out / "scores" / f"{label.replace('/', '__').replace(':', '_')}.json"
+        file = out.file(f"scores/{label.replace('/', '__').replace(':', '_')}.json")
         record = json.loads(file.read_text()) if file.is_file() else None
         if (record is not None and record["settings"] == settings and record["checkpoint"] == str(checkpoint)
                 and record["sampling"] == (fixed or record["sampling"])):
             per_image[label] = {k: torch.tensor(v) for k, v in record["scores"].items()}
             sampling_used[label] = fixed = record["sampling"]
             continue
-        image_dir = out / "images" / file.stem if save_images else None
+        image_file = (lambda name, stem=file.stem: out.file(f"images/{stem}/{name}")) if save_images else None
         scores, sampling, grid = score_checkpoint(checkpoint, prompt_set, metrics, images_per_prompt=images_per_prompt,
                                                   seed=seed, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                                  sampling=fixed, batch_size=batch_size, image_dir=image_dir)
+                                                  sampling=fixed, batch_size=batch_size, image_file=image_file)
         fixed = sampling
         shown = [f"{prompt_set.prompts[i // images_per_prompt][:40]} | {label}" for i in range(len(grid))]
-        image_grid(enlarge(grid), columns=images_per_prompt, captions=shown).save(out / f"samples-{file.stem}.png")
+        image_grid(enlarge(grid), columns=images_per_prompt, captions=shown).save(out.file(f"samples-{file.stem}.png"))
         per_image[label], sampling_used[label] = scores, sampling
         file.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,
                                     "scores": {k: v.tolist() for k, v in scores.items()}}) + "\n")
@@ -173,8 +173,8 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
         "win_rates": {f"{label} vs {labels[0]}": {m: win_rate(per_image[label][m], per_image[labels[0]][m]) for m in metrics}
                       for label in labels[1:]},
     }
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "eval.md").write_text(markdown_report(result))
+    out.file("eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.file("eval.md").write_text(markdown_report(result))
     return result
 
 

@@ -16,6 +16,7 @@ from .config import load_config
 from .images import decode_latents, enlarge, image_grid, is_finite
 from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
+from .outfolder import OutputFolder
 from .prompts import read_prompts
 from .rundir import check_weights
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
@@ -85,18 +86,16 @@ def export_unet(checkpoint: str | Path, out: str | Path, *, merge: bool = False)
     ``merge`` (and for full fine-tuning) a whole UNet directory with the adapter merged into its weights."""
     import shutil
 
+    folder = OutputFolder(out, "export", what="the export folder")
     stack, _ = resolve_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder for the export")
     lora = has_adapter(stack.unet)
     if lora and not merge:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(_weights_dir(Path(checkpoint)) / LORA_WEIGHTS, out / LORA_WEIGHTS)
-        return out
+        shutil.copy(_weights_dir(Path(checkpoint)) / LORA_WEIGHTS, folder.file(LORA_WEIGHTS))
+        return folder.path
     unet = merged_unet(stack.unet) if lora else stack.unet
-    unet.save_pretrained(out)
-    return out
+    unet.save_pretrained(folder.path)
+    folder.adopt_written()
+    return folder.path
 
 
 def sampling_settings(stack: DiffusionStack, run_sampling: dict, sampler=None, steps=None, guidance_scale=None) -> dict:
@@ -129,6 +128,7 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
     ``compile`` samples with a ``torch.compile``'d UNet."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    out = OutputFolder(out_dir, "generate")  # first: a folder it may not fill fails in seconds
     stack, run_sampling = resolve_checkpoint(checkpoint)
     if compile:
         stack = dataclasses.replace(stack, unet=torch.compile(stack.unet))
@@ -139,13 +139,11 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
                                      seeds=candidate_seeds(seed, len(prompts), num_images), batch_size=batch_size)
     if not finite.all():
         print(f"WARNING: {int((~finite).sum())} of {len(images)} pictures hold NaN or inf (drawn as a red NaN marker)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(out / f"{i // num_images:04d}-{i % num_images:02d}.png")
+        image.save(out.file(f"{i // num_images:04d}-{i % num_images:02d}.png"))
     record = {"checkpoint": str(checkpoint), "seed": seed, "sampling": sampling, "prompts": prompts}
-    (out / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.file("prompts.json").write_text(json.dumps(record, indent=2) + "\n")
     shown = num_images * min(len(prompts), 16)
     captions = [f"{prompts[i // num_images]} #{i % num_images}" for i in range(shown)]
-    image_grid(enlarge(images[:shown]), columns=num_images, captions=captions).save(out / "grid.png")
+    image_grid(enlarge(images[:shown]), columns=num_images, captions=captions).save(out.file("grid.png"))
     return len(images)

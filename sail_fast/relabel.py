@@ -52,7 +52,17 @@ def relabel(records: Sequence[PairRecord], metric, *, score_range: tuple[float, 
 
 def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) -> Path:
     """Read ``sources``, relabel them with ``metric`` and write ``out`` (a pairs.jsonl); returns it."""
+    out = Path(out)
+    if out.exists():  # the commands' rule: never replace a file (sail_fast.outfolder)
+        raise FileExistsError(f"--out {out} already exists; `sail-fast label` never replaces a file: name a new pairs.jsonl")
     records = [r for source in sources for r in read_records(source)]
     if not records:
         raise ValueError(f"{', '.join(map(str, sources))}: no pairs to label")
-    return write_pairs_jsonl(out, relabel(records, metric, **kw))
+    labelled = relabel(records, metric, **kw)
+    try:
+        return write_pairs_jsonl(out, labelled)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        # PIL and file objects report a full disk without the path: name the output.
+        raise OSError(err.errno, err.strerror or str(err), str(out)) from err
