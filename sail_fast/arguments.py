@@ -41,8 +41,10 @@ def user_errors(prog: str):
         sys.stderr.write(f"{prog}: error: {err}\n(run with --debug for the traceback)\n")
         raise SystemExit(2) from None
     except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        sys.stderr.write(f"{prog}: error: no space left on {err.filename or 'the device'}: free space or choose "
-                         "another output_dir, then rerun with --resume\n")
+        if err.errno == errno.ENOSPC:
+            sys.stderr.write(f"{prog}: error: no space left on {err.filename or 'the device'}: free space or choose "
+                             "another output_dir, then rerun with --resume\n")
+        else:  # a path the command cannot read or write: which one, and why
+            where = f": {err.filename}" if err.filename else ""
+            sys.stderr.write(f"{prog}: error: {err.strerror or err}{where}\n(run with --debug for the traceback)\n")
         raise SystemExit(2) from None

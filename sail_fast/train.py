@@ -28,6 +28,7 @@ from sail_fast.config import RunConfig, load_config  # noqa: E402
 from sail_fast.data.sources import load_pairs  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
 from sail_fast.dpo.trainer import DPOTrainer  # noqa: E402
+from sail_fast.outfolder import writable_folder  # noqa: E402
 from sail_fast.rundir import RunLock, record_config  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_training(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
     """One Diffusion-DPO stage on ``data.seed_pairs``, in ``output_dir`` (locked while it runs)."""
     dist = init_distributed()
-    out = Path(config.output_dir)
+    out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
     with RunLock(out, log=print) if dist.is_main else contextlib.nullcontext():
         record_config(out, config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
                       log=print, write=dist.is_main)

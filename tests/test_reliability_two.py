@@ -43,7 +43,7 @@ def zero_tensor_bytes(file: Path) -> None:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if not line.startswith("(run with --debug")]
+    lines = [line for line in err.splitlines() if "error:" in line]  # progress bars may share stderr
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -87,7 +87,7 @@ def test_zeroed_final_weights_are_refused_on_resume_and_by_generate_eval_export(
         assert code.value.code == 2
         line = one_error_line(capsys.readouterr().err)
         assert f"{weights} does not match the sha256" in line, argv
-    assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()
+    assert not list(tmp_path.glob("g/*.png")) and not list(tmp_path.glob("x/*.safetensors"))
 
 
 def test_truncated_final_weights_are_refused_in_one_line(tmp_path, finished_run, capsys):
@@ -117,3 +117,122 @@ def test_a_checkpoint_with_zeroed_weights_is_skipped_on_resume(tmp_path):
     assert "step-000001 at step 1" in log
     final = load_file(tmp_path / "run/final" / WEIGHTS)
     assert all(torch.isfinite(t).all() for t in final.values()) and any(t.abs().sum() > 0 for t in final.values())
+
+
+# ------------------------------------------------ 2. commands never replace a user's files
+TOY_PIPELINE = REPO / "sail_fast" / "toy_model"
+
+
+def _sampling_command(command, tmp_path, out):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 3\n")
+    common = ["--checkpoint", str(TOY_PIPELINE), "--prompts", str(prompts), "--steps", "2", "--sampler", "ddim",
+              "--out", str(out)]
+    return [command, *common, *(["--num-images", "1"] if command == "generate" else ["--metrics", "toy_oracle"])]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_generate_and_eval_never_replace_a_file_they_did_not_write(tmp_path, capsys, command):
+    out = tmp_path / "out"
+    main(_sampling_command(command, tmp_path, out))
+    written = sorted(p.name for p in out.iterdir())
+    main(_sampling_command(command, tmp_path, out))  # its own folder: written again
+    assert sorted(p.name for p in out.iterdir()) == written
+    capsys.readouterr()
+    for name in ["prompts.json", "grid.png", "0000-00.png", "eval.json", "eval.md"]:
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_text("my work")
+        with pytest.raises(SystemExit) as code:
+            main(_sampling_command(command, tmp_path, mine))
+        assert code.value.code == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"holds files `sail-fast {command}` did not write ({name})" in line
+        assert (mine / name).read_text() == "my work" and len(list(mine.iterdir())) == 1
+    (out / "notes.txt").write_text("mine")  # a file added to the command's own folder is protected too
+    with pytest.raises(SystemExit):
+        main(_sampling_command(command, tmp_path, out))
+    assert "(notes.txt)" in capsys.readouterr().err
+
+
+def test_export_refuses_another_commands_folder(tmp_path, finished_run, capsys):
+    out = tmp_path / "g"
+    main(_sampling_command("generate", tmp_path, out))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        main(["export", str(finished_run / "run"), str(out)])
+    assert code.value.code == 2 and "`sail-fast export` did not write" in one_error_line(capsys.readouterr().err)
+    main(["export", str(finished_run / "run"), str(tmp_path / "x")])
+    main(["export", str(finished_run / "run"), str(tmp_path / "x")])  # its own export, written again
+    assert (tmp_path / "x" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------- 3. path mistakes: one line, exit 2
+def _train_into(output_dir, capsys, *extra):
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--config", str(TINY), "--set", f"output_dir={output_dir}", *extra])
+    assert code.value.code == 2
+    return one_error_line(capsys.readouterr().err)
+
+
+def test_output_dir_mistakes_end_in_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert f"output_dir {a_file} is a file, not a folder" in _train_into(a_file, capsys)
+    assert f"is under {a_file}, which is a file" in _train_into(a_file / "run", capsys)
+    line = _train_into("/sys/sail-fast-run", capsys)
+    assert "output_dir /sys/sail-fast-run cannot be written (Operation not permitted" in line
+    import errno
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert f"output_dir {tmp_path / 'ro'} cannot be written (Read-only file system" in _train_into(tmp_path / "ro", capsys)
+
+
+def test_eval_out_naming_a_file_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    with pytest.raises(SystemExit) as code:
+        main(_sampling_command("eval", tmp_path, a_file))
+    assert code.value.code == 2
+    assert f"--out {a_file} is a file" in one_error_line(capsys.readouterr().err)
+    assert a_file.read_text() == "{}"
+
+
+def test_a_full_disk_during_a_checkpoint_names_it_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    config, stack = _tiny(tmp_path)
+    planted_pairs(stack, 4, 0).save(tmp_path / "pairs.safetensors")
+
+    def full(self, path, state):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(DPOTrainer, "_save_unet", full)
+    line = _train_into(tmp_path / "run", capsys, "--set", f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]",
+                       "--set", "train.steps=1", "--set", "train.pairs_per_step=4", "--set", "train.micro_batch_pairs=4")
+    assert f"no space left on {tmp_path / 'run/checkpoints/step-000001'}" in line
+    assert not list((tmp_path / "run/checkpoints").glob("step-*")) and not (tmp_path / "run" / LOCK).exists()
+
+
+def test_a_full_disk_while_labelling_names_the_output(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    from sail_fast.data.records import PairRecord, write_pairs_jsonl
+
+    digit = Image.new("L", (16, 16))
+    write_pairs_jsonl(tmp_path / "pairs.jsonl", [PairRecord("a handwritten 1", digit, digit)])
+
+    def full(path, records):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a file object's write() says it
+
+    monkeypatch.setattr("sail_fast.relabel.write_pairs_jsonl", full)
+    out = tmp_path / "labelled/pairs.jsonl"
+    with pytest.raises(SystemExit) as code:
+        main(["label", str(tmp_path / "pairs.jsonl"), "--metric", "toy_oracle", "--range", "0", "1", "--out", str(out)])
+    assert code.value.code == 2 and f"no space left on {out}" in capsys.readouterr().err

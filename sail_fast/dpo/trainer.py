@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import shutil
@@ -68,6 +69,18 @@ CPU_COMPILE_OPTIONS = {"max_fusion_size": 1}
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient norm."""
+
+
+def _disk_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: said so (errno 28, in any library's words), or the disk is full now."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if any(mark in str(err) for mark in ("No space left", "os error 28", "code: 28", "StorageFull")):
+        return True
+    try:
+        return shutil.disk_usage(where.parent).free < 2**20
+    except OSError:
+        return False
 
 
 def latest_checkpoint(output_dir: str | Path, log=None) -> Path | None:
@@ -373,6 +386,16 @@ class DPOTrainer:
     def save_checkpoint(self) -> Path:
         final = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
+        try:
+            return self._write_checkpoint(final, tmp)
+        except Exception as err:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half checkpoint behind
+            if _disk_full(err, tmp):  # safetensors and torch.save report a full disk without the path
+                raise OSError(errno.ENOSPC, "No space left on device", str(final)) from err
+            raise
+
+    def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

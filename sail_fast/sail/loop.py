@@ -36,6 +36,7 @@ from ..data.sources import load_pairs
 from ..distributed import DistInfo
 from ..dpo.trainer import DPOTrainer
 from ..lora import PREVIOUS
+from ..outfolder import writable_folder
 from ..rundir import RunLock, atomic_write_text, record_config, write_json
 from ..seeding import derive_seed
 from .context import RunContext
@@ -55,7 +56,7 @@ class SailLoop:
         if config.sail is None:
             raise ValueError("this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`")
         self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
-        self.out = Path(config.output_dir)
+        self.out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
         self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
         self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out,
