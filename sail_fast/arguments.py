@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import shlex
+import signal
 import sys
 
 
@@ -26,16 +28,32 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | 
                              "(both are kept in the run folder)")
 
 
+def resume_hint(command: list[str]) -> str:
+    """How to go on after a stop: the same command line with --resume."""
+    words = [w for w in command if w != "--debug"]
+    return shlex.join(words if "--resume" in words else [*words, "--resume"])
+
+
 @contextlib.contextmanager
-def user_errors(prog: str):
+def user_errors(prog: str, resume_command: list[str] | None = None):
     """A mistake in the config, the data or the run folder ends the command with one clear line (exit 2)
-    instead of a traceback; --debug shows the traceback."""
+    instead of a traceback; --debug shows the traceback. SIGTERM (exit 143) and Ctrl-C (exit 130) end it with
+    one line too, and ``resume_command`` (a command that can --resume) says how to go on."""
     from .config import ConfigError
     from .dpo.trainer import NonFiniteError
+    from .interrupts import Stopped, install
     from .rundir import ConfigChangedError, FolderInUseError, RunLockedError
 
+    install()
+    go_on = f"; to go on: {resume_hint(resume_command)}" if resume_command else ""
     try:
         yield
+    except Stopped as stop:
+        sys.stderr.write(f"\n{prog}: {stop}{go_on}\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: interrupted (Ctrl-C){go_on}\n")
+        raise SystemExit(128 + signal.SIGINT) from None
     except (ConfigError, ConfigChangedError, FolderInUseError, RunLockedError, NonFiniteError, FileNotFoundError,
             FileExistsError, ValueError) as err:
         sys.stderr.write(f"{prog}: error: {err}\n(run with --debug for the traceback)\n")

@@ -139,6 +139,14 @@ def _toy_calibrate(args: argparse.Namespace) -> None:
     print(calibrate(args.config, args.out, seed=args.seed, overrides=args.set).read_text())
 
 
+def _toy_reward_audit(args: argparse.Namespace) -> None:
+    from .toy.reward_audit import reward_audit
+
+    out = reward_audit(args.run, out=args.out, prompts=args.prompts, candidates=args.candidates, draws=args.draws,
+                       ks=tuple(args.ks), band_k=args.band_k, repeats=args.repeats, heldout_draws=args.heldout_draws)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
 def _plan(args: argparse.Namespace) -> None:
     from .config import load_config
     from .plan import format_plan
@@ -252,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default="runs/toy-calibration")
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_toy_calibrate)
+    audit = toy_sub.add_parser("reward-audit", help="what a finished toy run's implicit reward measures, policy by policy: "
+                                                    "estimators by K and t band, test-retest, ink, legibility, cost")
+    audit.add_argument("run", help="the run folder (output_dir of a finished toy `sail-fast run`)")
+    audit.add_argument("--out", default="bench/results/toy_reward_audit.md", help="the report (its numbers go beside it as .json)")
+    audit.add_argument("--prompts", type=int, default=48, help="prompts no round used (default 48)")
+    audit.add_argument("--candidates", type=int, default=8, help="candidates per prompt (default 8)")
+    audit.add_argument("--draws", type=int, default=140, help="the fixed bank of (t, eps) draws per prompt (default 140)")
+    audit.add_argument("--ks", type=int, nargs="+", default=[6, 10, 20, 40, 80], help="draw counts K to compare")
+    audit.add_argument("--band-k", type=int, default=10, help="K for the timestep bands and the estimators (default 10)")
+    audit.add_argument("--repeats", type=int, default=20, help="fresh draw subsets per estimate (default 20)")
+    audit.add_argument("--heldout-draws", type=int, default=40, help="draws per held-out human pair (0: skip them)")
+    audit.set_defaults(func=_toy_reward_audit)
     return parser
 
 
@@ -263,9 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args([a for a in argv if a != "--debug"])
     if debug:
+        from .interrupts import install
+
+        install()  # SIGTERM still stops at a checkpoint and releases the lock; the traceback shows where
         args.func(args)
         return
-    with user_errors(parser.prog):
+    resumable = ["sail-fast", *argv] if hasattr(args, "resume") else None  # the commands that train
+    with user_errors(parser.prog, resume_command=resumable):
         args.func(args)
 
 

@@ -71,7 +71,8 @@ def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bo
 def main(argv: list[str] | None = None) -> None:
     """A config with a sail: section runs the whole SAIL loop; without one, one DPO stage."""
     args = parse_args(argv)
-    with user_errors("train.py"):
+    command = [Path(sys.executable).name, "sail_fast/train.py", *(sys.argv[1:] if argv is None else argv)]
+    with user_errors("train.py", resume_command=[w for w in command if not w.startswith("--local_rank")]):
         config = load_config(args.config, args.set)
         (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
                                                                  allow_config_change=args.allow_config_change)

@@ -236,3 +236,41 @@ def test_a_full_disk_while_labelling_names_the_output(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as code:
         main(["label", str(tmp_path / "pairs.jsonl"), "--metric", "toy_oracle", "--range", "0", "1", "--out", str(out)])
     assert code.value.code == 2 and f"no space left on {out}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ 4. SIGTERM and Ctrl-C
+def _start_long_training(tmp_path):
+    config, stack = _tiny(tmp_path)
+    planted_pairs(stack, 4, 0).save(tmp_path / "pairs.safetensors")
+    argv = ["train", "--config", str(TINY), "--set", f"output_dir={tmp_path / 'run'}",
+            "--set", f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]", "--set", "train.steps=100000",
+            "--set", "train.checkpoint_every=1000", "--set", "train.pairs_per_step=4", "--set", "train.micro_batch_pairs=4"]
+    process = subprocess.Popen([sys.executable, "-m", "sail_fast.cli", *argv], env=os.environ | {"PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(900):  # training once its first step is logged
+        if (tmp_path / "run" / "metrics.jsonl").exists() or process.poll() is not None:
+            break
+        time.sleep(0.2)
+    return process, argv
+
+
+def test_sigterm_during_dpo_writes_a_checkpoint_releases_the_lock_and_says_how_to_resume(tmp_path):
+    process, argv = _start_long_training(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    line = one_error_line(err.replace("sail-fast: stopped", "sail-fast: error: stopped"))
+    assert "stopped by SIGTERM at DPO step" in line and "--resume" in line and argv[-1] in line
+    run = tmp_path / "run"
+    assert not (run / LOCK).exists()
+    checkpoints = list((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and not checkpoints[0].name.endswith(".tmp") and checkpoints[0].name in line
+
+
+def test_ctrl_c_prints_no_traceback_and_releases_the_lock(tmp_path):
+    process, _ = _start_long_training(tmp_path)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C); to go on: sail-fast train" in err
+    assert not (tmp_path / "run" / LOCK).exists()

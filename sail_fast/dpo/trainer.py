@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import interrupts
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
 from ..distributed import DistInfo
@@ -194,6 +195,7 @@ class DPOTrainer:
             options = CPU_COMPILE_OPTIONS if self.device.type == "cpu" else None
             self.model = torch.compile(self.policy, options=options) if train.compile else self.policy
         self.step = 0
+        self._checkpoint_seconds = 0.0  # how long the last checkpoint took to write (a SIGTERM's is skipped if slow)
 
     # ------------------------------------------------------------------ set-up
     def _deepspeed_config(self) -> dict:
@@ -314,7 +316,17 @@ class DPOTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="dpo", unit="step", disable=not (cfg.progress and self.dist.is_main))
         start_step, started = self.step, time.perf_counter()
         last_finite = None  # (step, loss) for the error message
+        with interrupts.deferred():  # SIGTERM waits for the step to end: _stop_on_sigterm
+            self._train_loop(bar, metrics_path, start_step, started, last_finite, stop_after)
+        bar.close()
+        if self.step == cfg.steps:
+            self.save_final()
+        return self.policy
+
+    def _train_loop(self, bar, metrics_path, start_step, started, last_finite, stop_after) -> None:
+        cfg = self.train_cfg
         while self.step < cfg.steps:
+            self._stop_on_sigterm()
             metrics = self.train_step()
             self._stop_if_non_finite(metrics, last_finite)
             last_finite = (self.step, metrics["loss"])
@@ -331,10 +343,25 @@ class DPOTrainer:
                 self.save_checkpoint()
             if stop_after is not None and self.step >= stop_after:
                 break
-        bar.close()
-        if self.step == cfg.steps:
-            self.save_final()
-        return self.policy
+        self._stop_on_sigterm()
+
+    def _stop_on_sigterm(self) -> None:
+        """After SIGTERM (on any rank: every rank stops at the same step): write a checkpoint of this step when
+        the last one was quick to write, then stop with where the run can resume from."""
+        stop = interrupts.requested()
+        if self.dist.enabled:
+            stop = self.dist.mean({"stop": float(stop)})["stop"] > 0
+        if not stop:
+            return
+        newest = latest_checkpoint(self.output_dir)
+        saved = newest is not None and newest.name == f"step-{self.step:06d}"
+        if not saved and self.step > 0 and self._checkpoint_seconds <= interrupts.QUICK_CHECKPOINT_S:
+            newest, saved = self.save_checkpoint(), True
+        where = f"checkpoint {newest} (step {int(newest.name[5:])})" if newest is not None else "no checkpoint yet"
+        if self.dist.is_main:
+            self._log_line(f"stopped by SIGTERM at step {self.step}; {'wrote ' if saved else 'the newest is '}{where}")
+        raise interrupts.Stopped(f"stopped by SIGTERM at DPO step {self.step} of {self.train_cfg.steps} in "
+                                 f"{self.output_dir}; it resumes from {where}")
 
     def _stop_if_non_finite(self, metrics: dict, last_finite) -> None:
         """Stop at once on a NaN/inf loss or gradient norm (averaged over ranks, so every rank stops):
@@ -386,8 +413,11 @@ class DPOTrainer:
     def save_checkpoint(self) -> Path:
         final = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
+        started = time.perf_counter()
         try:
-            return self._write_checkpoint(final, tmp)
+            written = self._write_checkpoint(final, tmp)
+            self._checkpoint_seconds = time.perf_counter() - started
+            return written
         except Exception as err:
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half checkpoint behind
