@@ -98,8 +98,14 @@ def export_unet(checkpoint: str | Path, out: str | Path, *, merge: bool = False)
     return folder.path
 
 
+def check_steps(steps: int | None) -> None:
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1 (sampler steps per picture), got {steps}")
+
+
 def sampling_settings(stack: DiffusionStack, run_sampling: dict, sampler=None, steps=None, guidance_scale=None) -> dict:
     """Concrete sampler, steps and CFG: explicit values, else the run's, else the paper's for the model kind."""
+    check_steps(steps)
     default_sampler, default_steps, default_cfg = DEFAULTS[stack.kind]
     picked = {"sampler": default_sampler, "num_inference_steps": default_steps, "guidance_scale": default_cfg}
     picked |= {k: v for k, v in run_sampling.items() if v is not None}
@@ -128,6 +134,7 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
     ``compile`` samples with a ``torch.compile``'d UNet."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    check_steps(steps)
     out = OutputFolder(out_dir, "generate")  # first: a folder it may not fill fails in seconds
     stack, run_sampling = resolve_checkpoint(checkpoint)
     if compile:

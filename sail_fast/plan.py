@@ -232,6 +232,10 @@ def latent_size(config) -> int:
 
 def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0) -> str:
     """A table over optimizers, ZeRO stages and checkpointing; the config's own row is marked."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1 (the GPUs the run trains on), got {gpus}")
+    if not gpu_memory_gb > 0:  # also refuses NaN
+        raise ValueError(f"--gpu-memory must be > 0 (GB per GPU, e.g. 80), got {gpu_memory_gb:g}")
     train = config.train
     own_stage = 0
     if train.deepspeed:

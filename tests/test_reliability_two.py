@@ -274,3 +274,25 @@ def test_ctrl_c_prints_no_traceback_and_releases_the_lock(tmp_path):
     assert process.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "interrupted (Ctrl-C); to go on: sail-fast train" in err
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+# ---------------------------------------------------------------- 5. plan and generate arguments
+@pytest.mark.parametrize("flags, expected", [
+    (["--gpus", "0"], "--gpus must be >= 1 (the GPUs the run trains on), got 0"),
+    (["--gpus", "-2"], "--gpus must be >= 1 (the GPUs the run trains on), got -2"),
+    (["--gpu-memory", "0"], "--gpu-memory must be > 0 (GB per GPU, e.g. 80), got 0"),
+    (["--gpu-memory", "-5"], "--gpu-memory must be > 0 (GB per GPU, e.g. 80), got -5"),
+])
+def test_plan_refuses_impossible_gpu_counts_and_memory(flags, expected, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["plan", "--config", str(TINY), *flags])
+    assert code.value.code == 2 and expected in one_error_line(capsys.readouterr().err)
+
+
+def test_generate_refuses_zero_steps_before_writing_anything(tmp_path, capsys):
+    argv = _sampling_command("generate", tmp_path, tmp_path / "out")
+    argv[argv.index("--steps") + 1] = "0"
+    with pytest.raises(SystemExit) as code:
+        main(argv)
+    assert code.value.code == 2 and "--steps must be >= 1" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
