@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import TOY_MODEL_DIR, DiffusionStack, load_stack
+from .models import TOY_MODEL_DIR, DiffusionStack, check_hub_weights, load_stack
 from .tiny import tiny_stack
 
 
@@ -25,3 +25,10 @@ def build_stack(model, *, seed: int = 0, device: torch.device | str = "cpu") -> 
         if part is not None:
             part.to(device)
     return stack
+
+
+def check_model_available(model) -> None:
+    """Fail in seconds, in one line, when the config's model cannot be loaded here (hub weights, offline,
+    not in the cache); called before a run does any work."""
+    if model.path is not None:
+        check_hub_weights(model.path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -163,6 +164,7 @@ class DiffusionStack:
 
         hidden, pooled = [], None
         for tokenizer, encoder in self._text_pairs():
+            _warn_if_cut(tokenizer, prompts)
             ids = tokenizer(
                 prompts,
                 padding="max_length",
@@ -265,6 +267,24 @@ def _save_tokenizer(tokenizer: CLIPTokenizer, directory: Path) -> None:
     (directory / "tokenizer.json").unlink(missing_ok=True)
 
 
+_warned_cut = False  # a long prompt is reported once per process, not once per batch
+
+
+def _warn_if_cut(tokenizer, prompts: list[str]) -> None:
+    """Say once when a prompt is longer than the text encoder reads (it is cut, as the diffusers pipelines cut it)."""
+    global _warned_cut
+    limit = tokenizer.model_max_length
+    if _warned_cut or limit > 10**6:  # no limit configured
+        return
+    # A token covers at least one character, so only prompts this long can pass the limit: the rest are not tokenized.
+    long = [p for p in prompts if len(p) > limit - 2]
+    cut = [p for p in long if len(tokenizer(p, truncation=True, max_length=limit + 1).input_ids) > limit]
+    if cut:
+        _warned_cut = True
+        print(f"WARNING: {len(cut)} prompt(s) are longer than the text encoder's {limit} tokens and are cut there "
+              f"(first: {cut[0][:60]!r}..., {len(cut[0])} characters); later ones are not reported", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -321,6 +341,22 @@ def _hub_mode() -> str:
     return "offline mode" if constants.is_offline_mode() else "online"
 
 
+def check_hub_weights(path_or_id: str | os.PathLike) -> None:
+    """Offline, a hub id whose weights are not in the Hugging Face cache fails here in one line, before any work
+    (instead of in a diffusers traceback once the run has started)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    source = os.fspath(path_or_id)
+    if Path(source).expanduser().is_dir() or _looks_like_local_path(source) or not constants.is_offline_mode():
+        return
+    if not isinstance(try_to_load_from_cache(source, "unet/config.json"), str):
+        raise FileNotFoundError(
+            f"model.path {source!r} is not a local folder, and the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE) "
+            f"with no copy in its cache ({constants.HF_HUB_CACHE}): download it where the hub is reachable "
+            f"(hf download {source}) or set model.path to a local diffusers folder"
+        )
+
+
 def _resolve_hub_kind(repo_id: str) -> str:
     from huggingface_hub import hf_hub_download
 
@@ -361,7 +397,9 @@ def load_stack(
             kind = _kind_from_index(_read_model_index(root), (root / "text_encoder_2").is_dir())
         _check_local_dir(root, kind, with_vae)
         source = str(root)
-    elif kind is None:
+    else:
+        check_hub_weights(source)
+    if not is_local and kind is None:
         kind = _resolve_hub_kind(source)
 
     where = "" if is_local else f" from the Hugging Face Hub ({_hub_mode()}; not a local directory)"

@@ -4,12 +4,27 @@ and the evaluation prompt sets with their groups (HPSv2 styles, PartiPrompts cat
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ".txt (one prompt per line), .tsv (a 'Prompt' column), .json (a list of strings or of {\"prompt\": ...}), .parquet (a 'caption' column)"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the prompt file as UTF-8") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -19,15 +34,14 @@ def read_prompts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; expected {FORMATS}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        prompts = path.read_text(encoding="utf-8").splitlines()
+        prompts = _read_text(path).splitlines()
     elif suffix == ".tsv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            if "Prompt" not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: a .tsv prompt file needs a 'Prompt' column, found {reader.fieldnames}")
-            prompts = [row["Prompt"] for row in reader]
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
+        if "Prompt" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: a .tsv prompt file needs a 'Prompt' column, found {reader.fieldnames}")
+        prompts = [row["Prompt"] for row in reader]
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path)
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json prompt file must hold a list, got {type(data).__name__}")
         prompts = []
@@ -95,7 +109,7 @@ def _hpsv2(path: Path) -> PromptSet:
             prompts += part
             groups += [style] * len(part)
         return PromptSet("hpsv2", prompts, groups)
-    data = json.loads(path.read_text(encoding="utf-8")) if path.suffix.lower() == ".json" else None
+    data = _read_json(path) if path.suffix.lower() == ".json" else None
     if not isinstance(data, list):
         raise ValueError(f"{path}: an HPSv2 prompt set is a folder of {', '.join(HPS_STYLES)} .json files or one .json list")
     prompts = read_prompts(path)
@@ -130,7 +144,7 @@ def read_prompt_set(path: str | Path, kind: str = "auto") -> PromptSet:
             kind = "hpsv2"
         elif path.suffix.lower() == ".tsv":
             kind = "parti"
-        elif path.suffix.lower() == ".json" and '"style"' in path.read_text(encoding="utf-8"):
+        elif path.suffix.lower() == ".json" and '"style"' in _read_text(path):
             kind = "hpsv2"
         else:
             kind = "plain"

@@ -23,7 +23,7 @@ from sail_fast.quiet import silence_third_party_noise  # noqa: E402
 silence_third_party_noise()  # before the imports below load diffusers (and with it bitsandbytes)
 
 from sail_fast.arguments import add_run_arguments, user_errors  # noqa: E402
-from sail_fast.build import build_stack  # noqa: E402
+from sail_fast.build import build_stack, check_model_available  # noqa: E402
 from sail_fast.config import RunConfig, load_config  # noqa: E402
 from sail_fast.data.sources import load_pairs  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_training(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
     """One Diffusion-DPO stage on ``data.seed_pairs``, in ``output_dir`` (locked while it runs)."""
+    check_model_available(config.model)
     dist = init_distributed()
     out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
     with RunLock(out, log=print) if dist.is_main else contextlib.nullcontext():

@@ -47,9 +47,14 @@ class ReadStats:
     read: int
     kept: int
     dropped_ties: int = 0
+    duplicates: int = 0  # rows repeating an earlier pair (prompt, winner, loser): kept, so trained as often as given
 
     def __str__(self) -> str:
-        return f"read {self.read} rows, kept {self.kept} pairs, dropped {self.dropped_ties} ties"
+        text = f"read {self.read} rows, kept {self.kept} pairs, dropped {self.dropped_ties} ties"
+        if self.duplicates:
+            text += (f"; WARNING: {self.duplicates} rows repeat an earlier pair (same prompt, winner and loser) and are "
+                     "trained as often as they appear: remove them to weight every pair once")
+        return text
 
 
 # ----------------------------------------------------------------------------- readers
@@ -177,7 +182,8 @@ def read_pairs_jsonl(path: str | os.PathLike) -> tuple[list[PairRecord], ReadSta
             if not isinstance(source, str):
                 raise ValueError(f"{origin}: source must be a string, got {source!r}")
             records.append(PairRecord(obj["prompt"], images["win"], images["lose"], float(label), source, origin))
-    return records, ReadStats(read=read, kept=len(records))
+    distinct = {(r.prompt, Path(r.win).resolve(), Path(r.lose).resolve()) for r in records}
+    return records, ReadStats(read=read, kept=len(records), duplicates=len(records) - len(distinct))
 
 
 def open_image(src: ImageSource, origin: str, which: str) -> Image.Image:

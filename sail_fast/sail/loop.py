@@ -29,7 +29,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..build import build_stack
+from ..build import build_stack, check_model_available
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
@@ -56,6 +56,7 @@ class SailLoop:
         if config.sail is None:
             raise ValueError("this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`")
         self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
+        check_model_available(config.model)
         self.out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
         self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
