@@ -187,16 +187,16 @@ class RealAlignConfig(Section):
 class SailConfig(Section):
     """The SAIL rounds; a config without this section trains one Diffusion-DPO stage."""
 
-    rounds: int = 3  # T rounds after iter0
+    rounds: int = Field(3, ge=0)  # T rounds after iter0
     prompts: str | None = None  # a .txt (one prompt per line) or .json list; the toy world has its own
-    prompts_per_round: int = 10000  # disjoint across rounds
-    candidates: int = 8  # N per prompt
-    num_draws: int = 10  # K shared (t, eps) draws per prompt for the implicit reward
+    prompts_per_round: int = Field(10000, ge=1)  # disjoint across rounds
+    candidates: int = Field(8, ge=2)  # N per prompt (a pair needs a best and a worst)
+    num_draws: int = Field(10, ge=1)  # K shared (t, eps) draws per prompt for the implicit reward
     reference: Literal["base", "previous"] = "base"  # the reward's reference model
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
     sampler: Sampler | None = None  # default: the paper's for the model kind
-    sampling_steps: int | None = None
+    sampling_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
     generation_batch: int = 64  # candidates per UNet call
     scoring_batch: int = 256  # noised latents per UNet call
@@ -243,8 +243,6 @@ class SailConfig(Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        if self.rounds < 0 or self.prompts_per_round < 1 or self.candidates < 2 or self.num_draws < 1:
-            raise ValueError("sail.rounds >= 0, sail.prompts_per_round >= 1, sail.candidates >= 2, sail.num_draws >= 1")
         if self.ranker == "external" and not self.ranker_metric:
             raise ValueError("sail.ranker: external needs sail.ranker_metric (e.g. toy_oracle, aesthetic, pickscore)")
         if self.ranker_metric is not None:
@@ -360,7 +358,6 @@ def _explain(error: ValidationError, source: str) -> str:
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, valid, n=1)
             section = key.rpartition(".")[0]
             siblings = [k for k in valid if k.rpartition(".")[0] == section]
             hint = f"; did you mean '{close[0]}'?" if close else f"; {section or 'the top level'} has: {', '.join(siblings)}"
@@ -376,6 +373,10 @@ def _explain(error: ValidationError, source: str) -> str:
 def _apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value (e.g. train.steps=10), got {assignment!r}")
+            if not section:  # a top-level name: the sections are what one usually meant
+                siblings += [f"{name}: ({', '.join(dict.fromkeys(k.split('.')[1] for k in valid if k.startswith(name + '.')))})"
+                             for name in dict.fromkeys(k.split(".")[0] for k in valid if "." in k)]
+            close = difflib.get_close_matches(key, [*valid, *(s.split(":")[0] for s in siblings)], n=1)
     key, raw = assignment.split("=", 1)
     node = data
     parts = key.strip().split(".")
@@ -394,11 +395,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+            if duplicate := _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)):
+                raise ConfigError(f"{path}: {duplicate}")
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+def _duplicate_key(node, prefix: str = "") -> str | None:
+    """The first key a YAML node tree gives twice in one mapping, with both lines (plain YAML keeps the last
+    value silently), else None."""
+    if isinstance(node, yaml.SequenceNode):
+        return next((d for child in node.value if (d := _duplicate_key(child, prefix))), None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen = {}
+    for key_node, value in node.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if isinstance(key_node, yaml.ScalarNode) and key != "<<":
+            if key in seen:
+                return f"key '{prefix}{key}' is given twice (line {seen[key]} and line {line}); keep one of them"
+            seen[key] = line
+        if found := _duplicate_key(value, f"{prefix}{key}."):
+            return found
+    return None
+
+
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
     for assignment in overrides or []:

@@ -296,3 +296,90 @@ def test_generate_refuses_zero_steps_before_writing_anything(tmp_path, capsys):
         main(argv)
     assert code.value.code == 2 and "--steps must be >= 1" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ 6. quieter gaps
+def test_a_yaml_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    from sail_fast.config import ConfigError
+
+    config = tmp_path / "dup.yaml"
+    config.write_text("model:\n  toy: true\ntrain:\n  steps: 3\n  beta: 100\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'train.steps' is given twice \(line 4 and line 6\)"):
+        load_config(config)
+
+
+def test_duplicate_pair_lines_are_counted_in_a_warning(tmp_path):
+    from PIL import Image
+
+    from sail_fast.data.records import PairRecord, read_pairs_jsonl, write_pairs_jsonl
+
+    a, b = Image.new("L", (8, 8), 0), Image.new("L", (8, 8), 255)
+    write_pairs_jsonl(tmp_path / "pairs.jsonl", [PairRecord("a 1", a, b), PairRecord("a 2", b, a)])
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    (tmp_path / "pairs.jsonl").write_text("\n".join([lines[0], lines[1], lines[0], lines[0]]) + "\n")
+    records, stats = read_pairs_jsonl(tmp_path / "pairs.jsonl")
+    assert len(records) == 4 and stats.duplicates == 2
+    assert "WARNING: 2 rows repeat an earlier pair" in str(stats)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("prompts.txt", b"a cat\n\xff\xfe a dog\n", "not UTF-8 text"),
+    ("prompts.json", b'["a cat", ', "not valid JSON (line 1, column"),
+    ("prompts.tsv", b"Prompt\n\xff\n", "not UTF-8 text"),
+])
+def test_an_unreadable_prompt_file_is_named(tmp_path, name, content, expected):
+    from sail_fast.prompts import read_prompt_set, read_prompts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    for read in (read_prompts, read_prompt_set):
+        with pytest.raises(ValueError) as err:
+            read(path)
+        assert str(err.value).startswith(f"{path}: {expected}")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sail.candidates=1", "sail.candidates = 1: Input should be greater than or equal to 2"),
+    ("sail.num_draws=0", "sail.num_draws = 0: Input should be greater than or equal to 1"),
+    ("sail.sampling_steps=0", "sail.sampling_steps = 0: Input should be greater than or equal to 1"),
+])
+def test_sail_limits_name_the_failing_value(override, expected):
+    from sail_fast.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/toy-quick.yaml", [override])
+    assert expected in str(err.value) and "sail.rounds >= 0" not in str(err.value)
+
+
+def test_an_unknown_section_lists_the_sections_and_their_keys():
+    from sail_fast.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["nosuch.key=1"])
+    message = str(err.value)
+    assert "config key 'nosuch' does not exist; the top level has: output_dir, seed, model: (path, tiny," in message
+    assert "train: (loss, beta," in message and "sail: (rounds," in message
+    with pytest.raises(ConfigError, match="config key 'trian' does not exist; did you mean 'train'"):
+        load_config(TINY, ["trian.steps=3"])
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(capsys, monkeypatch):
+    import sail_fast.models as models
+
+    monkeypatch.setattr(models, "_warned_cut", False)
+    stack = build_stack(load_config(REPO / "configs/toy-quick.yaml").model)
+    stack.encode_prompts(["a handwritten 3", "x" * 2000])
+    stack.encode_prompts(["y" * 2000])
+    err = capsys.readouterr().err
+    assert err.count("WARNING: 1 prompt(s) are longer than the text encoder's") == 1 and "2000 characters" in err
+
+
+def test_offline_hub_weights_that_are_not_cached_fail_in_one_line_before_any_work(tmp_path, capsys):
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--config", str(REPO / "configs/sd15.yaml"), "--set", f"output_dir={tmp_path / 'run'}"])
+    assert code.value.code == 2 and time.perf_counter() - started < 5
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.path 'stable-diffusion-v1-5' is not a local folder, and the Hugging Face Hub is in offline mode" in line
+    assert "no copy in its cache" in line
+    assert not (tmp_path / "run").exists()
