@@ -360,6 +360,10 @@ def _explain(error: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             section = key.rpartition(".")[0]
             siblings = [k for k in valid if k.rpartition(".")[0] == section]
+            if not section:  # a top-level name: the sections are what one usually meant
+                siblings += [f"{name}: ({', '.join(dict.fromkeys(k.split('.')[1] for k in valid if k.startswith(name + '.')))})"
+                             for name in dict.fromkeys(k.split(".")[0] for k in valid if "." in k)]
+            close = difflib.get_close_matches(key, [*valid, *(s.split(":")[0] for s in siblings)], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; {section or 'the top level'} has: {', '.join(siblings)}"
             lines.append(f"config key '{key}' does not exist{hint}")
         elif err["loc"] and not isinstance(err.get("input"), dict):
@@ -373,10 +377,6 @@ def _explain(error: ValidationError, source: str) -> str:
 def _apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value (e.g. train.steps=10), got {assignment!r}")
-            if not section:  # a top-level name: the sections are what one usually meant
-                siblings += [f"{name}: ({', '.join(dict.fromkeys(k.split('.')[1] for k in valid if k.startswith(name + '.')))})"
-                             for name in dict.fromkeys(k.split(".")[0] for k in valid if "." in k)]
-            close = difflib.get_close_matches(key, [*valid, *(s.split(":")[0] for s in siblings)], n=1)
     key, raw = assignment.split("=", 1)
     node = data
     parts = key.strip().split(".")
@@ -387,22 +387,6 @@ def _apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)  # YAML typing: 10 -> int, true -> bool, [a, b] -> list
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start empty), apply ``key=value`` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
-        try:
-            text = path.read_text()
-            if duplicate := _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)):
-                raise ConfigError(f"{path}: {duplicate}")
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
 def _duplicate_key(node, prefix: str = "") -> str | None:
     """The first key a YAML node tree gives twice in one mapping, with both lines (plain YAML keeps the last
     value silently), else None."""
@@ -422,6 +406,22 @@ def _duplicate_key(node, prefix: str = "") -> str | None:
     return None
 
 
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start empty), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
+        try:
+            text = path.read_text()
+            if duplicate := _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)):
+                raise ConfigError(f"{path}: {duplicate}")
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
     for assignment in overrides or []:
