@@ -195,6 +195,10 @@ class SailConfig(Section):
     reference: Literal["base", "previous"] = "base"  # the reward's reference model
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
+    # How per-draw errors become the reward (sail_fast.reward_estimators): mean (the paper's), standardised,
+    # ref_normalised or rank; and the band [lo, hi) the draws' t comes from (default: every training step).
+    reward_estimator: Literal["mean", "standardised", "ref_normalised", "rank"] = "mean"
+    reward_timesteps: tuple[int, int] | None = None
     sampler: Sampler | None = None  # default: the paper's for the model kind
     sampling_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
@@ -250,6 +254,11 @@ class SailConfig(Section):
 
             if self.ranker_metric not in METRICS:
                 raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
+        if self.reward_timesteps is not None and not 0 <= self.reward_timesteps[0] < self.reward_timesteps[1]:
+            raise ValueError(f"sail.reward_timesteps must be [lo, hi) with 0 <= lo < hi, got {list(self.reward_timesteps)}")
+        if self.adaptive and self.reward_estimator != "mean":
+            raise ValueError(f"sail.adaptive races with the mean estimator only; set sail.reward_estimator: mean "
+                             f"or sail.adaptive: false (got {self.reward_estimator})")
         if self.soft_label_temperature <= 0:
             raise ValueError("sail.soft_label_temperature must be > 0")
         if self.soft_label_range is not None and not self.soft_label_range[0] < self.soft_label_range[1]:
@@ -262,6 +271,10 @@ class SailConfig(Section):
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self
+
+    def scorer_options(self) -> dict:
+        """The implicit-reward scorer's estimator settings (``ImplicitRewardScorer`` keywords)."""
+        return {"estimator": self.reward_estimator, "timestep_range": self.reward_timesteps}
 
     def _ranked_by_pickscore(self) -> bool:
         return self.ranker == "external" and self.ranker_metric == "pickscore"

@@ -9,6 +9,10 @@ where x_t_k = add_noise(x, eps_k, t_k) and target_k is eps_k (or the velocity fo
 v-prediction models). Every candidate of a prompt sees the same draws (common random
 numbers), which removes most of the variance from reward *differences*, the only thing a
 ranking needs.
+
+``estimator`` swaps the mean over draws for a debiased one (``reward_estimators``: per-draw
+standardisation, the gap relative to the reference's error, a per-draw rank vote), and
+``timestep_range`` draws t from a band [lo, hi) instead of every training step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from .kernels import implicit_reward, paired_mse
+from .reward_estimators import ESTIMATORS, combine_draws
 
 
 @dataclass
@@ -66,6 +71,9 @@ class ImplicitRewardScorer:
             channels_last, the faster convolution layout on GPUs and CPUs.
         compile: wrap both UNets in ``torch.compile`` for the scorer's calls.
         kernel_backend: ``paired_mse`` backend (``"auto"`` picks Triton on CUDA).
+        estimator: how per-draw errors become a reward (``reward_estimators.ESTIMATORS``; default
+            ``"mean"``, the paper's ``-beta/2 * mean_k`` gap).
+        timestep_range: ``(lo, hi)``: draws take t uniformly in [lo, hi) (default: every training step).
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class ImplicitRewardScorer:
         channels_last: bool = True,
         compile: bool = False,
         kernel_backend: str = "auto",
+        estimator: str = "mean",
+        timestep_range: tuple[int, int] | None = None,
     ) -> None:
         if not beta > 0:
             raise ValueError(f"beta must be positive, got {beta!r}")
@@ -94,6 +104,14 @@ class ImplicitRewardScorer:
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown reward estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        num_train = scheduler.config.num_train_timesteps
+        lo, hi = timestep_range if timestep_range is not None else (0, num_train)
+        if not 0 <= lo < hi <= num_train:
+            raise ValueError(f"timestep_range must be [lo, hi) with 0 <= lo < hi <= {num_train}, got {[lo, hi]}")
+        self.estimator = estimator
+        self.timestep_range = (int(lo), int(hi))
         self.dtype = policy_dtype
         self.scheduler = scheduler
         self.beta = float(beta)
@@ -114,10 +132,11 @@ class ImplicitRewardScorer:
     def sample_draws(
         self, num_prompts: int, latent_shape: tuple[int, ...], *, generator: torch.Generator | None = None
     ) -> Draws:
-        """K draws per prompt: t uniform over the training steps, eps standard normal."""
+        """K draws per prompt: t uniform over ``timestep_range`` (every training step by default), eps standard normal."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         k = self.num_draws
-        timesteps = torch.randint(0, self.num_train_timesteps, (num_prompts, k), generator=generator, device=gen_device)
+        lo, hi = self.timestep_range
+        timesteps = torch.randint(lo, hi, (num_prompts, k), generator=generator, device=gen_device)
         noise = torch.randn((num_prompts, k, *latent_shape), generator=generator, device=gen_device)
         return Draws(timesteps.to(self.device), noise.to(self.device))
 
@@ -184,7 +203,7 @@ class ImplicitRewardScorer:
         """
         draws = self._draws(latents, timesteps, noise, generator)
         mse_policy, mse_ref = self.per_draw_mse(latents, prompt_embeds, draws, added_cond_kwargs=added_cond_kwargs)
-        return implicit_reward(mse_policy, mse_ref, self.beta)
+        return combine_draws(mse_policy, mse_ref, self.beta, self.estimator)
 
     def score(
         self,
@@ -235,6 +254,8 @@ class ImplicitRewardScorer:
         ``draws_per_stage`` draws, up to ``num_draws`` in all.
         """
         num_prompts, num_cands = latents.shape[:2]
+        if adaptive and self.estimator != "mean":
+            raise ValueError(f"the adaptive race scores with the mean estimator only, not {self.estimator!r}")
         draws = self._draws(latents, timesteps, noise, generator)
         full = 2 * num_prompts * num_cands * draws.num_draws
         if not adaptive:

@@ -146,7 +146,8 @@ class ImplicitRanker(_Pairing):
     def rank(self, r, prompts, latents, policy, reference):
         ctx, sail = self.ctx, self.ctx.sail
         scorer = ImplicitRewardScorer(policy, reference, ctx.stack.scheduler, beta=ctx.config.train.beta,
-                                      num_draws=sail.num_draws, micro_batch=sail.scoring_batch, compile=sail.compile)
+                                      num_draws=sail.num_draws, micro_batch=sail.scoring_batch, compile=sail.compile,
+                                      **sail.scorer_options())
         embeds = ctx.stack.encode_prompts(prompts)
         height, width = latents.shape[-2:]
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
