@@ -353,10 +353,12 @@ class DPOTrainer:
             stop = self.dist.mean({"stop": float(stop)})["stop"] > 0
         if not stop:
             return
-        newest = latest_checkpoint(self.output_dir)
-        saved = newest is not None and newest.name == f"step-{self.step:06d}"
+        # By name, not verified: hashing a large checkpoint again would eat the scheduler's grace period.
+        this_step = self.output_dir / "checkpoints" / f"step-{self.step:06d}"
+        saved = this_step.is_dir()
         if not saved and self.step > 0 and self._checkpoint_seconds <= interrupts.QUICK_CHECKPOINT_S:
-            newest, saved = self.save_checkpoint(), True
+            saved = self.save_checkpoint() is not None
+        newest = this_step if saved else max(this_step.parent.glob("step-[0-9]*[0-9]"), default=None)
         where = f"checkpoint {newest} (step {int(newest.name[5:])})" if newest is not None else "no checkpoint yet"
         if self.dist.is_main:
             self._log_line(f"stopped by SIGTERM at step {self.step}; {'wrote ' if saved else 'the newest is '}{where}")
