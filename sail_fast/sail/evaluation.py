@@ -19,6 +19,7 @@ from ..rundir import atomic_save_tensors, read_json, write_json
 from ..sampling import generate_candidates
 from ..seeding import derive_seed
 from .context import RunContext
+from .label_quality import eval_label_quality
 
 EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
 
@@ -45,13 +46,16 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     latents = generate_candidates(ctx.stack_with(unet), prompts, n, seed=derive_seed(ctx.seed, 9000),
                                   batch_size=ctx.sail.generation_batch, progress=ctx.progress, **ctx.sampling).latents
     metrics = {"stage": name, "diversity": sample_diversity(latents)}
-    if heldout is not None and unet is not ctx.base:
+    samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
+    if unet is not ctx.base and (heldout is not None or samples is not None):
         scorer = ImplicitRewardScorer(unet, ctx.base, ctx.stack.scheduler, beta=ctx.config.train.beta,
                                       num_draws=ctx.sail.num_draws, micro_batch=ctx.sail.scoring_batch,
-                                      compile=ctx.sail.compile)
-        metrics["self_label_agreement"] = scorer.pair_accuracy(
-            heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9001)))
-    samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
+                                      compile=ctx.sail.compile, **ctx.sail.scorer_options())
+        if heldout is not None:
+            metrics["self_label_agreement"] = scorer.pair_accuracy(
+                heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9001)))
+        if samples is not None:  # how well the stage's reward ranks its own samples, by the judge (a diagnostic)
+            metrics |= eval_label_quality(ctx, scorer, latents, prompts, samples)
     if samples is not None:
         metrics |= ctx.world.summary(samples, prompts) | paired_with_earlier(ctx.out, name, samples)
     if ctx.dist.is_main:
@@ -93,6 +97,7 @@ def metric_rows(out: Path, rounds: int) -> list[dict]:
         if ranking.exists():
             info = read_json(ranking)
             row |= {k: info[k] for k in ("reward_spread_mean", "reward_std_within_prompt")}
+            row |= {f"ranking_{k}": v for k, v in info.get("label_quality", {}).items()}  # the round's candidates
             row["candidate_diversity"] = info["diversity"]
         rows.append(row)
     return rows

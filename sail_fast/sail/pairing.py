@@ -18,6 +18,7 @@ from ..sampling import generate_candidates
 from ..seeding import derive_seed
 from .context import RunContext
 from .evaluation import sample_diversity
+from .label_quality import label_quality
 from .ranking import Ranker, drop_non_finite, finite_mean_std, make_ranker, soft_labels
 from .real_pairs import real_pairs
 
@@ -63,6 +64,9 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
     latents = candidates(ctx, stage, r, mine, policy)
     rewards, win, lose = ranker.rank(r, mine, latents, policy, reference)
     rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=sail.pairing == "best_worst")
+    judged = ctx.world.judge(latents, mine)  # the toy's noiseless human: a diagnostic the pairs never see
+    quality = None if judged is None else label_quality({k: v[keep] for k, v in judged.items()}, rewards[keep], win[keep],
+                                                        lose[keep], ctx.world.reward_correlates)
     labels = None
     if sail.soft_labels:
         labels = soft_labels(rewards, win, lose, sail.soft_label_temperature, sail.label_norm(),
@@ -89,6 +93,8 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
         "labels": pairs.label.tolist(), "label_norm": sail.label_norm() if sail.soft_labels else None,
     }
+    if quality is not None:  # this rank's prompts (every prompt on a single process)
+        ranking["label_quality"] = quality
     if dist.is_main:
         write_json(stage / "ranking.json", ranking)
         candidate_grid(ctx, stage / "candidates.png", mine, latents, rewards, win, lose)

@@ -56,6 +56,9 @@ class World:
         """Per-sample scores {term: [P, n]} of evaluation latents [P, n, ...]; None: no judge."""
         return None
 
+    # Judged terms (keys of ``judge``'s tables) whose correlation with the reward each stage reports.
+    reward_correlates: tuple[str, ...] = ()
+
     def summary(self, samples: dict[str, torch.Tensor], prompts: list[str]) -> dict:
         """A stage's metrics from its judged samples."""
         return {}

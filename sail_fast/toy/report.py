@@ -15,17 +15,27 @@ from safetensors.torch import load_file
 from ..images import decode_latents, enlarge
 
 
+# The stage's self-label quality on its own evaluation samples (sail_fast.sail.label_quality): columns and keys.
+LABEL_COLUMNS = (("held-out agreement", "self_label_agreement"), ("label accuracy", "label_accuracy"),
+                 ("gap share", "label_gap_share"), ("ρ(reward, human)", "reward_human_spearman"),
+                 ("ρ(reward, width)", "reward_width_spearman"), ("ρ(reward, log p)", "reward_log_prob_spearman"))
+
+
 def stage_table(rows: list[dict]) -> str:
     """Markdown: per stage, the human score, its paired change from the base (± prompt-clustered SE),
-    and digit accuracy. ``rows`` are the loop's metric rows (eval.json plus the stage name)."""
-    lines = ["| stage | score | score - base (paired ± SE) | digit accuracy | haze |", "|---|---|---|---|---|"]
+    digit accuracy, haze, and how well the stage's implicit reward ranks its own samples by the noiseless
+    human (a diagnostic; the method never sees it). ``rows`` are the loop's metric rows (eval.json plus
+    the stage name)."""
+    head = ["stage", "score", "score - base (paired ± SE)", "digit accuracy", "haze", *(c for c, _ in LABEL_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if "oracle_score" not in row:
             continue
         change = row.get("vs_base", {}).get("score")
         cell = "-" if change is None else f"{change[0]:+.3f} ± {change[1]:.3f}"
+        labels = " | ".join("-" if row.get(key) is None else f"{row[key]:.3f}" for _, key in LABEL_COLUMNS)
         lines.append(f"| {row['stage']} | {row['oracle_score']:.3f} | {cell} | {row['digit_accuracy']:.3f} "
-                     f"| {row.get('haze', float('nan')):.4f} |")
+                     f"| {row.get('haze', float('nan')):.4f} | {labels} |")
     return "\n".join(lines)
 
 

@@ -86,6 +86,8 @@ class ToyWorld(World):
         # A digit's subject is its stroke (ink above half intensity), dilated by one pixel to take its edge.
         return torch.nn.functional.max_pool2d((pixels > 0).float(), kernel_size=3, stride=1, padding=1)
 
+    reward_correlates = ("width", "log_prob")  # stroke width (ink) and legibility
+
     def metric_options(self, name: str) -> dict:
         # The toy metrics judge by the run's human, whichever preference it was given.
         return {"preference": self.oracle.preference} if name.startswith("toy_") else {}
