@@ -323,33 +323,34 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     results = {"run": str(run), "prompts": prompts, "candidates": candidates, "draws": draws, "repeats": repeats,
                "ks": list(ks), "band_k": band_k, "loop_k": sail.num_draws, "stages": {}}
     settings = [(e, b, k) for k in dict.fromkeys((sail.num_draws, band_k)) for b in (None, LOW_BAND) for e in ESTIMATORS]
-    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a band without draws: NaN, said so
-    for name, folder in tqdm(stages, desc="reward audit", unit="policy", disable=not progress):
-        policy = policies.load(folder)
-        scorer = ImplicitRewardScorer(policy, policies.base, stack.scheduler, beta=beta, num_draws=draws,
-                                      micro_batch=sail.scoring_batch, channels_last=False)
-        latents = sample(policy)
-        judged = oracle_samples(world.oracle, latents.clamp(-1, 1), chosen)
-        distance = (latents - base_latents).flatten(2).float().pow(2).mean(-1).sqrt()
-        mse_pol, mse_ref = _bank_mse(scorer, latents, embeds, bank, f"{name} bank", progress)
-        audit = PolicyAudit(mse_pol, mse_ref, bank.timesteps, judged, distance, beta, repeats=repeats, seed=seed)
-        stage = {"by_k": [audit.estimate(k) for k in ks],
-                 "by_band": {f"[{lo}, {hi})": audit.estimate(band_k, band=(lo, hi)) for lo, hi in BANDS},
-                 "stratified": audit.estimate(band_k, stratified=True, retest=False),
-                 "spread_by_t": audit.spread_by_t(), "tracks": audit.what_it_tracks(), "estimators": []}
-        retested = [row for row in stage["by_k"] if math.isfinite(row["retest"]) and row["retest"] > 0]
-        if retested:
-            top = retested[-1]
-            stage["noise_corrected_spearman"] = {"k": top["k"], "value": top["spearman"] / math.sqrt(top["retest"])}
-        if heldout is not None:
-            h_pol, h_ref = _bank_mse(scorer, heldout_latents, heldout_embeds, heldout_bank, f"{name} held-out", progress)
-        for estimator, band, k in settings:
-            row = audit.estimate(k, estimator=estimator, band=band) | {"estimator": estimator, "band": list(band or (0, 1000))}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a band without draws: NaN, said so
+        for name, folder in tqdm(stages, desc="reward audit", unit="policy", disable=not progress):
+            policy = policies.load(folder)
+            scorer = ImplicitRewardScorer(policy, policies.base, stack.scheduler, beta=beta, num_draws=draws,
+                                          micro_batch=sail.scoring_batch, channels_last=False)
+            latents = sample(policy)
+            judged = oracle_samples(world.oracle, latents.clamp(-1, 1), chosen)
+            distance = (latents - base_latents).flatten(2).float().pow(2).mean(-1).sqrt()
+            mse_pol, mse_ref = _bank_mse(scorer, latents, embeds, bank, f"{name} bank", progress)
+            audit = PolicyAudit(mse_pol, mse_ref, bank.timesteps, judged, distance, beta, repeats=repeats, seed=seed)
+            stage = {"by_k": [audit.estimate(k) for k in ks],
+                     "by_band": {f"[{lo}, {hi})": audit.estimate(band_k, band=(lo, hi)) for lo, hi in BANDS},
+                     "stratified": audit.estimate(band_k, stratified=True, retest=False),
+                     "spread_by_t": audit.spread_by_t(), "tracks": audit.what_it_tracks(), "estimators": []}
+            retested = [row for row in stage["by_k"] if math.isfinite(row["retest"]) and row["retest"] > 0]
+            if retested:
+                top = retested[-1]
+                stage["noise_corrected_spearman"] = {"k": top["k"], "value": top["spearman"] / math.sqrt(top["retest"])}
             if heldout is not None:
-                row["heldout"], row["heldout_se"] = heldout_agreement(
-                    h_pol, h_ref, beta, min(k, heldout_draws), estimator, band, heldout_bank.timesteps, repeats, seed)
-            stage["estimators"].append(row)
-        results["stages"][name] = stage
+                h_pol, h_ref = _bank_mse(scorer, heldout_latents, heldout_embeds, heldout_bank, f"{name} held-out", progress)
+            for estimator, band, k in settings:
+                row = audit.estimate(k, estimator=estimator, band=band) | {"estimator": estimator, "band": list(band or (0, 1000))}
+                if heldout is not None:
+                    row["heldout"], row["heldout_se"] = heldout_agreement(
+                        h_pol, h_ref, beta, min(k, heldout_draws), estimator, band, heldout_bank.timesteps, repeats, seed)
+                stage["estimators"].append(row)
+            results["stages"][name] = stage
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(audit_markdown(results))
