@@ -249,5 +249,6 @@ def test_realalign_with_no_human_pairs_and_pipeline_inpainted_losers_on_an_sd_st
     assert not (run / "round-01/real_losers.rank0.safetensors").exists()
     assert (pairs.lose - pairs.win).abs().mean() > 0.01
     steps = [json.loads(line) for line in (run / "round-01/train/metrics.jsonl").read_text().splitlines()]
-    assert steps[0]["mse_policy_win"] == pytest.approx(steps[0]["mse_ref_win"], abs=1e-7)  # the base, both sides
+    # The base on both sides: equal up to fp32 rounding (the policy sees winners and losers as one batch).
+    assert steps[0]["mse_policy_win"] == pytest.approx(steps[0]["mse_ref_win"], rel=1e-6, abs=0)
     assert (run / "round-01/train/final/unet").is_dir()
