@@ -11,14 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .yaml_files import YamlError, read_yaml
 
 
 class Section(BaseModel):
@@ -400,25 +395,6 @@ def _apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)  # YAML typing: 10 -> int, true -> bool, [a, b] -> list
 
 
-def _duplicate_key(node, prefix: str = "") -> str | None:
-    """The first key a YAML node tree gives twice in one mapping, with both lines (plain YAML keeps the last
-    value silently), else None."""
-    if isinstance(node, yaml.SequenceNode):
-        return next((d for child in node.value if (d := _duplicate_key(child, prefix))), None)
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    seen = {}
-    for key_node, value in node.value:
-        key, line = key_node.value, key_node.start_mark.line + 1
-        if isinstance(key_node, yaml.ScalarNode) and key != "<<":
-            if key in seen:
-                return f"key '{prefix}{key}' is given twice (line {seen[key]} and line {line}); keep one of them"
-            seen[key] = line
-        if found := _duplicate_key(value, f"{prefix}{key}."):
-            return found
-    return None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start empty), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = {}
@@ -427,14 +403,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")
         try:
-            text = path.read_text()
-            if duplicate := _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)):
-                raise ConfigError(f"{path}: {duplicate}")
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+            data = read_yaml(path) or {}
+        except YamlError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
     for assignment in overrides or []:

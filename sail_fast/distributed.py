@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,3 +64,21 @@ def compute_device(info: DistInfo) -> torch.device:
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
+
+
+def deepspeed_config(train, accumulation: int, *, ema: bool) -> dict:
+    """The DeepSpeed JSON for ``train`` (a TrainConfig): its ``train.deepspeed`` file (ZeRO-2 without one) with the
+    batch geometry, clipping and precision the trainer uses filled in."""
+    ds = json.loads(Path(train.deepspeed).read_text()) if train.deepspeed else {"zero_optimization": {"stage": 2}}
+    ds.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_pairs,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=train.pairs_per_step,
+        gradient_clipping=train.max_grad_norm,
+        steps_per_print=10**9,
+    )
+    ds["bf16"] = {"enabled": train.mixed_precision == "bf16"}
+    ds["fp16"] = {"enabled": train.mixed_precision == "fp16"}
+    if ema and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError("train.ema_decay is not supported with ZeRO stage 3 (parameters are partitioned)")
+    return ds

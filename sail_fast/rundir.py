@@ -32,9 +32,11 @@ continues a half-trained one from its latest intact checkpoint)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -296,3 +298,34 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     if log is not None:
         log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
             f"{describe_changes(changes)}")
+
+
+def disk_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: said so (errno 28, in any library's words), or the disk is full now."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if any(mark in str(err) for mark in ("No space left", "os error 28", "code: 28", "StorageFull")):
+        return True
+    try:
+        return shutil.disk_usage(where.parent).free < 2**20
+    except OSError:
+        return False
+
+
+def latest_checkpoint(output_dir: str | Path, log=None) -> Path | None:
+    """The newest intact checkpoint: finished (half-written ones end in .tmp) and matching its manifest.
+    Newer ones that do not match are skipped, with the reason passed to ``log``."""
+    for found in sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"), reverse=True):
+        problem = verify_manifest(found)
+        if problem is None:
+            return found
+        if log is not None:
+            log(f"skipping checkpoint {found}: {problem}")
+    return None
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """The steps after a resumed checkpoint are trained again: drop their logged rows, so none appears twice."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(row + "\n" for row in rows))

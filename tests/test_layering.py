@@ -89,9 +89,11 @@ def test_nothing_below_imports_the_toy_world_or_the_entry_points():
     assert upward == []
 
 
-def test_config_imports_only_the_metric_registry():
-    # The schema checks sail.ranker_metric against the registry's names (metrics/__init__ imports only .base).
-    assert import_graph()["sail_fast.config"] <= {"sail_fast.metrics"}
+def test_config_imports_only_the_metric_registry_and_the_yaml_reader():
+    # The schema checks sail.ranker_metric against the registry's names (metrics/__init__ imports only .base);
+    # yaml_files, a leaf, reads YAML strictly.
+    assert import_graph()["sail_fast.config"] <= {"sail_fast.metrics", "sail_fast.yaml_files"}
+    assert import_graph()["sail_fast.yaml_files"] == set()
     assert import_graph()["sail_fast.metrics"] <= {"sail_fast.metrics.base"}
 
 

@@ -37,23 +37,10 @@ from tqdm.auto import tqdm
 from .. import interrupts
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
-from ..distributed import DistInfo
-from ..lora import (
-    POLICY,
-    REFERENCE,
-    AdapterView,
-    activate,
-    adapter_state,
-    add_policy_adapter,
-    copy_adapter,
-    has_adapter,
-    is_identity,
-    load_adapter,
-    save_adapter,
-    train_only_policy,
-    unwrap,
-)
-from ..rundir import MANIFEST, atomic_write_text, verify_manifest, write_manifest
+from ..distributed import DistInfo, deepspeed_config
+from ..lora import (POLICY, REFERENCE, AdapterView, activate, adapter_state, add_policy_adapter, copy_adapter,
+                    has_adapter, is_identity, load_adapter, save_adapter, train_only_policy, unwrap)
+from ..rundir import MANIFEST, disk_full, drop_metrics_after, latest_checkpoint, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, LossOptions, preference_loss
@@ -70,30 +57,6 @@ CPU_COMPILE_OPTIONS = {"max_fusion_size": 1}
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient norm."""
-
-
-def _disk_full(err: BaseException, where: Path) -> bool:
-    """Whether a failed write ran out of space: said so (errno 28, in any library's words), or the disk is full now."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    if any(mark in str(err) for mark in ("No space left", "os error 28", "code: 28", "StorageFull")):
-        return True
-    try:
-        return shutil.disk_usage(where.parent).free < 2**20
-    except OSError:
-        return False
-
-
-def latest_checkpoint(output_dir: str | Path, log=None) -> Path | None:
-    """The newest intact checkpoint: finished (half-written ones end in .tmp) and matching its manifest.
-    Newer ones that do not match are skipped, with the reason passed to ``log``."""
-    for found in sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"), reverse=True):
-        problem = verify_manifest(found)
-        if problem is None:
-            return found
-        if log is not None:
-            log(f"skipping checkpoint {found}: {problem}")
-    return None
 
 
 class DPOTrainer:
@@ -187,7 +150,10 @@ class DPOTrainer:
             import deepspeed
 
             self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
-                model=self.policy, optimizer=optimizer, lr_scheduler=lr_schedule, config=self._deepspeed_config()
+                model=self.policy,
+                optimizer=optimizer,
+                lr_scheduler=lr_schedule,
+                config=deepspeed_config(self.train_cfg, self.accumulation, ema=self.ema is not None),
             )
             self.model = self.engine
         else:
@@ -196,23 +162,6 @@ class DPOTrainer:
             self.model = torch.compile(self.policy, options=options) if train.compile else self.policy
         self.step = 0
         self._checkpoint_seconds = 0.0  # how long the last checkpoint took to write (a SIGTERM's is skipped if slow)
-
-    # ------------------------------------------------------------------ set-up
-    def _deepspeed_config(self) -> dict:
-        train = self.train_cfg
-        ds = json.loads(Path(train.deepspeed).read_text()) if train.deepspeed else {"zero_optimization": {"stage": 2}}
-        ds.update(
-            train_micro_batch_size_per_gpu=train.micro_batch_pairs,
-            gradient_accumulation_steps=self.accumulation,
-            train_batch_size=train.pairs_per_step,
-            gradient_clipping=train.max_grad_norm,
-            steps_per_print=10**9,
-        )
-        ds["bf16"] = {"enabled": train.mixed_precision == "bf16"}
-        ds["fp16"] = {"enabled": train.mixed_precision == "fp16"}
-        if self.ema is not None and ds.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("train.ema_decay is not supported with ZeRO stage 3 (parameters are partitioned)")
-        return ds
 
     # ---------------------------------------------------------------- one step
     def _micro_step_loss(self, batch: PairBatch, gen: torch.Generator):
@@ -423,7 +372,7 @@ class DPOTrainer:
         except Exception as err:
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half checkpoint behind
-            if _disk_full(err, tmp):  # safetensors and torch.save report a full disk without the path
+            if disk_full(err, tmp):  # safetensors and torch.save report a full disk without the path
                 raise OSError(errno.ENOSPC, "No space left on device", str(final)) from err
             raise
 
@@ -470,15 +419,8 @@ class DPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         if self.dist.is_main:
-            self._drop_metrics_after(self.step)
+            drop_metrics_after(self.output_dir / "metrics.jsonl", self.step)
             self._log_line(f"resumed from {path} at step {self.step}")
-
-    def _drop_metrics_after(self, step: int) -> None:
-        """The steps after the checkpoint are trained again: drop their logged rows, so none appears twice."""
-        path = self.output_dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(row + "\n" for row in rows))
 
     def save_final(self) -> Path:
         """The trained UNet in diffusers layout (plus its EMA twin), for the next stage to load."""
