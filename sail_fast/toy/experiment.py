@@ -36,6 +36,9 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   rows were seen, never a retune of the default.
 - ``winner-preserving``: Diffusion-SDPO's loser-gradient scale (mu 0.9) in every round, from the same
   iter0: does a step that may not raise the winners' loss stop the rounds' drift?
+- ``plain-reward``: every round ranked by the implicit reward as the paper computes it (the mean gap
+  over 6 uniform-t draws, the default before the reward audit), from the same iter0, every round
+  evaluated: the configs' debiased reward (sail.reward_estimator) against the one it replaced.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ from ..sail.loop import SailLoop
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
 # The paper's levers, each run for every round from the same iter0 (condition -> its override).
 # winner-preserving: Diffusion-SDPO's safeguard (no step may raise the winners' loss) on SAIL's rounds.
+# plain-reward: the implicit reward as the paper computes it (mean over K=6 uniform draws, the old default).
 LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
-          "draws-12": ["sail.num_draws=12"], "winner-preserving": ["train.winner_preserving_mu=0.9"]}
+          "draws-12": ["sail.num_draws=12"], "winner-preserving": ["train.winner_preserving_mu=0.9"],
+          "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"]}
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
               "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS, "smpo-published", "realalign-recipe")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
@@ -162,9 +167,11 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"SmPO round {ablation_rounds}, published settings (x10, 5 inversion steps)", seed_share, "smpo-published", last),
               (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last)]
     lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws",
-                   "winner-preserving": "SDPO winner-preserving (mu 0.9)"}
-    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}")
-              for name in LEVERS for r in sorted({ablation_rounds, rounds})]
+                   "winner-preserving": "SDPO winner-preserving (mu 0.9)",
+                   "plain-reward": "plain reward (mean of 6 uniform draws)"}
+    every_round = {"plain-reward"}  # compared with SAIL round by round
+    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}") for name in LEVERS
+              for r in (range(1, rounds + 1) if name in every_round else sorted({ablation_rounds, rounds}))]
     return lines
 
 
@@ -190,7 +197,7 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
                     "self_label_agreement"):
             values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        against = {"base": ("sail", "base"), "dpo_full": ("dpo-full", "iter0")}
+        against = {"base": ("sail", "base"), "dpo_6": ("dpo-6", "iter0"), "dpo_full": ("dpo-full", "iter0")}
         if condition != "sail" and stage.startswith("round-"):  # an ablation against SAIL's same round, same seeds
             against["sail"] = ("sail", stage)
         for other, (o_condition, o_stage) in against.items():
@@ -213,13 +220,15 @@ def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int |
     """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it)."""
     _stage.cache_clear()  # runs may have finished stages since the last table
     lines = collect(out, seeds, rounds, ablation_rounds or rounds)
-    md = ["| model | human labels | score | score - base | score - DPO 100% | score - SAIL same round | accuracy "
-          "| accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |", "|---" * 13 + "|"]
+    md = ["| model | human labels | score | score - base | score - DPO 6% | score - DPO 100% | score - SAIL same round "
+          "| accuracy | accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |",
+          "|---" * 14 + "|"]
     for r in lines:
         base, full, sail = r.get("vs_base", {}), r.get("vs_dpo_full", {}), r.get("vs_sail", {})
         agree = "-" if r["self_label_agreement"] is None else f"{r['self_label_agreement']:.3f}"
         md.append(f"| {r['model']} | {r['human_labels']} | {r['oracle_score']:.3f} | {_pm(base.get('score'))} "
-                  f"| {_pm(full.get('score'))} | {_pm(sail.get('score'))} | {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
+                  f"| {_pm(r.get('vs_dpo_6', {}).get('score'))} | {_pm(full.get('score'))} | {_pm(sail.get('score'))} "
+                  f"| {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
                   f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
                   f"| {len(r['seeds'])} |")
     (out / "results.md").write_text("\n".join(md) + "\n")

@@ -10,18 +10,21 @@ import torch
 
 from ..models import DiffusionStack
 from ..seeding import derive_seed
-from .human import ToyOracle
+from .human import ToyOracle, rater_temperature
 from .world import digit_of, sample_digits, split_prompts
 
 
 def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Path, *, labelled: int,
-                     seed_fraction: float, heldout: int, seed: int, sampling: dict, progress: bool = True) -> dict:
+                     seed_fraction: float, heldout: int, seed: int, sampling: dict, progress: bool = True,
+                     auto_temperature: bool = False) -> dict:
     """The toy's human-labelled pairs, written through the same pairs.jsonl path as real data.
 
     Two base-model samples per prompt (the way Pick-a-Pic pairs are two generations), judged by
     ``oracle`` with Bradley-Terry noise. Writes ``all.jsonl`` (``labelled`` pairs), ``seed.jsonl``
     (its first ``seed_fraction``: SAIL's seed) and ``heldout.jsonl`` (``heldout`` more pairs on other
     prompts, for self-label agreement), the PNGs under ``images/``, and ``summary.json``.
+    ``auto_temperature``: first set the oracle's rater temperature from these base-model pairs
+    (``rater_temperature``), as the built-in human's was set, so any preference's labels are as noisy.
     """
     from ..data.records import PairRecord, write_pairs_jsonl
     from ..images import decode_latents
@@ -34,6 +37,8 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     digits = torch.tensor([digit_of(p) for p in prompts])
     score_a = oracle.score(images[:, 0], digits)
     score_b = oracle.score(images[:, 1], digits)
+    if auto_temperature:
+        oracle.temperature = rater_temperature(score_a, score_b)
     first = oracle.prefer_first(score_a, score_b, torch.Generator().manual_seed(derive_seed(seed, 7011)))
     pil = decode_latents(images.flatten(0, 1))
     records = []

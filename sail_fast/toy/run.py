@@ -24,8 +24,9 @@ class ToyWorld(World):
     def __init__(self, config, out, log=print) -> None:
         super().__init__(config, out, log)
         toy = config.toy
-        self.oracle = ToyOracle.load(temperature=(toy and toy.temperature) or TEMPERATURE,
-                                     preference=toy and toy.preference)
+        self.auto_temperature = toy is not None and toy.temperature == "auto"
+        fixed = toy.temperature if toy is not None and not self.auto_temperature else None
+        self.oracle = ToyOracle.load(temperature=fixed or TEMPERATURE, preference=toy and toy.preference)
 
     def round_pool(self) -> list[str]:
         _, pool = split_prompts(self.config.seed)
@@ -48,7 +49,8 @@ class ToyWorld(World):
         human = self._human_dir()
         # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
         settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
-                    "heldout_pairs": toy.heldout_pairs, "seed": self.config.seed, "temperature": self.oracle.temperature,
+                    "heldout_pairs": toy.heldout_pairs, "seed": self.config.seed,
+                    "temperature": "auto" if self.auto_temperature else self.oracle.temperature,
                     "preference": toy.preference, "sampling": ctx.sampling}
         if (human / DONE).exists():
             labelled_with = read_json(human / DONE).get("settings", {})
@@ -65,7 +67,11 @@ class ToyWorld(World):
             summary = make_human_pairs(
                 ctx.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
                 heldout=toy.heldout_pairs, seed=self.config.seed, sampling=ctx.sampling, progress=ctx.progress,
+                auto_temperature=self.auto_temperature,
             )
+            if self.auto_temperature:
+                self.log(f"toy.temperature auto: {summary['temperature']:.4g} (labels agree with the noiseless "
+                         f"preference {summary['labels_agreeing_with_noiseless_oracle']:.1%} of the time)")
             release_folder(human)
             write_json(human / DONE, summary | {"settings": settings})
         ctx.dist.barrier()
