@@ -15,7 +15,7 @@ from sail_fast.config import load_config
 from sail_fast.sail.label_quality import label_quality, within_prompt_spearman
 from sail_fast.toy.human import ToyOracle
 from sail_fast.toy.labels import oracle_samples
-from sail_fast.toy.reward_audit import PolicyAudit, reward_audit, rowwise_spearman
+from sail_fast.toy.reward_audit import PolicyAudit, apply_selection_rule, reward_audit, rowwise_spearman
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = ("label_accuracy", "label_gap_share", "reward_human_spearman", "reward_width_spearman", "reward_log_prob_spearman")
@@ -68,6 +68,26 @@ def tiny_run(tmp_path_factory):
         f"output_dir={run}", "sail.rounds=1", "sail.prompts_per_round=4", "toy.labelled_pairs=16", "toy.heldout_pairs=6",
         "sail.eval_prompts=4", "train.steps=2", "train.progress=false"]))
     return run
+
+
+def test_the_selection_rule_uses_held_out_agreement_then_retest_then_cost_then_plainness():
+    def row(estimator, k, heldout, retest, band=(0, 1000), se=0.04):
+        return {"estimator": estimator, "k": k, "band": list(band), "heldout": heldout, "heldout_se": se, "retest": retest}
+
+    rows = [row("mean", 6, 0.54, 0.52),  # out: more than one SE below the best held-out agreement
+            row("mean", 10, 0.62, 0.60, band=(0, 250)),  # the best held-out agreement, but the least stable
+            row("rank", 10, 0.60, 0.79), row("standardised", 10, 0.61, 0.78),  # tied on test-retest: plainer wins
+            row("ref_normalised", 6, 0.60, 0.70),  # kept, but 0.09 less stable
+            row("standardised", 20, 0.70, 0.95)]  # a K the rule does not compare
+    rule = apply_selection_rule(rows)
+    assert {(e["estimator"], e["k"]) for e in rule["kept"]} == {("mean", 10), ("rank", 10), ("standardised", 10),
+                                                             ("ref_normalised", 6)}
+    assert [e["estimator"] for e in rule["tied"]] == ["rank", "standardised"]
+    assert (rule["chosen"]["estimator"], rule["chosen"]["k"]) == ("standardised", 10)
+    # Equally stable at two K: the cheaper one.
+    cheap = apply_selection_rule([row("rank", 10, 0.6, 0.80), row("rank", 6, 0.6, 0.79)])["chosen"]
+    assert cheap["k"] == 6
+    assert apply_selection_rule([{"estimator": "mean", "k": 6, "band": [0, 1000], "retest": 0.5}])["chosen"] is None
 
 
 def test_every_round_logs_its_self_label_quality(tiny_run):
