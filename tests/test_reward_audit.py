@@ -126,10 +126,12 @@ def test_reward_audit_reports_real_numbers(tiny_run, tmp_path):
         assert all(math.isfinite(v) for v in stage["tracks"].values())
         assert math.isfinite(stage["noise_corrected_spearman"]["value"])
         assert {(e["estimator"], tuple(e["band"]), e["k"]) for e in stage["estimators"]} == {
-            (e, b, k) for e in ("mean", "standardised", "ref_normalised", "rank") for b in ((0, 1000), (0, 250)) for k in (4, 2)}
+            (e, b, k) for e in ("mean", "standardised", "ref_normalised", "rank") for b in ((0, 1000), (0, 250))
+            for k in (6, 10, 4, 2)}  # the rule's K, the loop's and the band K
         assert all(0 <= e["heldout"] <= 1 for e in stage["estimators"])
     report = out.read_text()
     assert "Choosing the estimator without the oracle" in report and "## By K" in report
+    assert "Applied to iter0" in report and "Chosen, by K" in report
     rows = [line for line in report.splitlines() if line.startswith("| iter0 | 2 |")]
     assert len(rows) == 1 and all(math.isfinite(float(c.split("±")[0])) for c in rows[0].split("|")[2:-1])
 
