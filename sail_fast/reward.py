@@ -70,7 +70,6 @@ class ImplicitRewardScorer:
         channels_last: convert both UNets (in place; numerics unchanged) and their inputs to
             channels_last, the faster convolution layout on GPUs and CPUs.
         compile: wrap both UNets in ``torch.compile`` for the scorer's calls.
-        kernel_backend: ``paired_mse`` backend (``"auto"`` picks Triton on CUDA).
         estimator: how per-draw errors become a reward (``reward_estimators.ESTIMATORS``; default
             ``"mean"``, the paper's ``-beta/2 * mean_k`` gap).
         timestep_range: ``(lo, hi)``: draws take t uniformly in [lo, hi) (default: every training step).
@@ -87,7 +86,6 @@ class ImplicitRewardScorer:
         micro_batch: int = 64,
         channels_last: bool = True,
         compile: bool = False,
-        kernel_backend: str = "auto",
         estimator: str = "mean",
         timestep_range: tuple[int, int] | None = None,
     ) -> None:
@@ -118,7 +116,6 @@ class ImplicitRewardScorer:
         self.num_draws = num_draws
         self.micro_batch = micro_batch
         self.channels_last = channels_last
-        self.kernel_backend = kernel_backend
         self.prediction_type = prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = next(policy_unet.parameters()).device
@@ -182,7 +179,7 @@ class ImplicitRewardScorer:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             pred_policy = self._forward(self.policy_unet, x_t, t, embeds, added)
             pred_ref = self._forward(self.reference_unet, x_t, t, embeds, added)
-            mse_policy[r], mse_ref[r] = paired_mse(target, pred_policy, pred_ref, backend=self.kernel_backend)
+            mse_policy[r], mse_ref[r] = paired_mse(target, pred_policy, pred_ref)
         shape = (num_prompts, num_cands, k)
         return mse_policy.view(shape), mse_ref.view(shape)
 
@@ -273,31 +270,6 @@ class ImplicitRewardScorer:
             rewards.append(r)
             forwards += f
         return BestWorst(torch.tensor(best), torch.tensor(worst), torch.stack(rewards), forwards, full)
-
-    def preference_prob(
-        self,
-        latents_a: torch.Tensor,
-        latents_b: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        *,
-        added_cond_kwargs: dict | None = None,
-        generator: torch.Generator | None = None,
-        timesteps: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Bradley-Terry probability that each ``latents_a[i]`` is preferred over ``latents_b[i]``.
-
-        ``sigmoid(r(a) - r(b))``, with both sides scored on the same draws. Latents [M, C, H, W]
-        of one prompt; ``prompt_embeds`` batch 1.
-        """
-        if latents_a.shape != latents_b.shape:
-            raise ValueError(f"latents_a {tuple(latents_a.shape)} and latents_b {tuple(latents_b.shape)} must match")
-        rewards = self.score(
-            torch.cat([latents_a, latents_b]), prompt_embeds, added_cond_kwargs=added_cond_kwargs,
-            generator=generator, timesteps=timesteps, noise=noise,
-        )
-        r_a, r_b = rewards.chunk(2)
-        return torch.sigmoid(r_a - r_b)
 
     def pair_accuracy(self, pairs, *, generator: torch.Generator | None = None, chunk: int = 64) -> float:
         """Fraction of labelled pairs whose winner gets the higher implicit reward.

@@ -31,7 +31,6 @@ class Candidates:
 
     latents: torch.Tensor
     seeds: torch.Tensor
-    prompts: list[str]
 
 
 def candidate_seeds(seed: int, num_prompts: int, n_per_prompt: int) -> torch.Tensor:
@@ -155,7 +154,7 @@ def generate_candidates(
         out[rows] = x.float().cpu()
         bar.update(len(rows))
     bar.close()
-    return Candidates(out.view(len(prompts), n_per_prompt, *out.shape[1:]), seeds, prompts)
+    return Candidates(out.view(len(prompts), n_per_prompt, *out.shape[1:]), seeds)
 
 
 @torch.inference_mode()

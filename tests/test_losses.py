@@ -1,14 +1,24 @@
-"""Each preference loss against its formula written out, and the fused path against the
-unfused one, gradients included."""
+"""Each preference loss against its formula written out, and the fused path (paired_mse: the Triton
+kernel, under the interpreter on a CPU) against the plain-torch twin in kernels/reference.py, gradients
+included."""
 
 import math
 
 import pytest
 import torch
 
+from sail_fast.dpo import losses
 from sail_fast.dpo.losses import LOSSES, NEEDS_PREDICTIONS, LossOptions, loss_from_mse, preference_loss
+from sail_fast.kernels import paired_mse, paired_mse_reference
 
 BETA = 50.0
+
+
+@pytest.fixture
+def reference_twin(monkeypatch):
+    """preference_loss reduces through kernels/reference.py's plain-torch twin instead of paired_mse
+    (which takes float64 rows too: the twin reduces them in fp32, as the kernel does)."""
+    monkeypatch.setattr(losses, "paired_mse", paired_mse_reference)
 
 
 def _mse(seed=0, b=6):
@@ -75,22 +85,23 @@ def test_at_initialisation_sigmoid_is_log2_and_smpo_with_half_labels_ignores_the
 
 @pytest.mark.parametrize("kind", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_matches_unfused_with_gradients(kind, dtype):
+def test_fused_matches_the_reference_twin_with_gradients(kind, dtype, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     target = torch.randn(8, 4, 12, 12, generator=gen).to(dtype)
     target[4:] = target[:4]  # winner and loser share their noise
     base = target.float() + 0.3 * torch.randn(8, 4, 12, 12, generator=gen)
     ref = (target.float() + 0.3 * torch.randn(8, 4, 12, 12, generator=gen)).to(dtype)
     labels = torch.tensor([1.0, 0.8, 0.6, 0.9])
-    grads, losses = [], []
-    for fused in (True, False):
+    grads, values = [], []
+    for reduce in (losses.paired_mse, paired_mse_reference):
+        monkeypatch.setattr(losses, "paired_mse", reduce)
         pred = base.to(dtype).requires_grad_()
-        out = preference_loss(kind, target, pred, ref, beta=0.5, labels=labels, fused=fused)
+        out = preference_loss(kind, target, pred, ref, beta=0.5, labels=labels)
         out.loss.backward()
         grads.append(pred.grad)
-        losses.append(out.loss)
+        values.append(out.loss)
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-6}
-    torch.testing.assert_close(losses[0], losses[1], **tol)
+    torch.testing.assert_close(values[0], values[1], **tol)
     assert grads[0].dtype == dtype and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0].float(), grads[1].float(), **tol)
 
@@ -117,12 +128,12 @@ def _predictions(seed=3, b=3, shape=(4, 5, 5)):
     return target, pred, ref
 
 
-def test_dspo_matches_its_literal_formula():
+def test_dspo_matches_its_literal_formula(reference_twin, monkeypatch):
     """DSPO as Diffusion-SDPO's train.py runs it for SD1.5: the winner's prediction regressed onto its
     noise shifted by beta (1 - sigmoid(u)) times the policy-reference gap, u the Diffusion-DPO logit."""
     target, pred, ref = _predictions()
     beta, b = 3.0, 3
-    got = preference_loss("dspo", target, pred, ref, beta=beta, fused=False).loss
+    got = preference_loss("dspo", target, pred, ref, beta=beta).loss
     per = []
     for i in range(b):
         mse = [float(((x[j] - target[j]) ** 2).mean()) for x in (pred, ref) for j in (i, i + b)]
@@ -131,18 +142,19 @@ def test_dspo_matches_its_literal_formula():
         per.append(float((((pred[i] - target[i]) - beta * w * (pred[i] - ref[i])) ** 2).mean()))
     assert got.item() == pytest.approx(sum(per) / b, rel=1e-6)  # the loss computes in float32
     # the fused path agrees
+    monkeypatch.setattr(losses, "paired_mse", paired_mse)
     assert preference_loss("dspo", target.float(), pred.float(), ref.float(), beta=beta).loss.item() == pytest.approx(got.item(), rel=1e-5)
     with pytest.raises(ValueError, match="preference_loss"):
         loss_from_mse("dspo", *_mse(), beta=BETA)
 
 
 @pytest.mark.parametrize("gap_scale", [1.0, 0.1])  # the batch's mean squared gap above and below 0.1
-def test_dspo_sdxl_form_matches_its_literal_formula(gap_scale):
+def test_dspo_sdxl_form_matches_its_literal_formula(gap_scale, reference_twin):
     """Diffusion-SDPO's train.py for SDXL: ((1 - sigmoid(u)) d)^2 while mean d^2 >= 0.1, else (1 - sigmoid(u))^2."""
     target, pred, ref = _predictions(seed=7)
     ref = pred + gap_scale * (ref - pred)
     beta, b = 3.0, 3
-    got = preference_loss("dspo", target, pred, ref, beta=beta, fused=False, dspo_sdxl=True).loss
+    got = preference_loss("dspo", target, pred, ref, beta=beta, dspo_sdxl=True).loss
     per, gaps = [], []
     for i in range(b):
         mse = [float(((x[j] - target[j]) ** 2).mean()) for x in (pred, ref) for j in (i, i + b)]
@@ -156,7 +168,7 @@ def test_dspo_sdxl_form_matches_its_literal_formula(gap_scale):
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.9])
-def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
+def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu, reference_twin):
     """lambda = clamp((1 - mu) |g_w|^2 / (<g_l, g_w> + 1e-9), 0, 1), g the gradients of the half-batch
     mean MSEs with respect to the predictions; the loss value is unchanged and only the loser's
     gradient is multiplied by lambda."""
@@ -169,8 +181,8 @@ def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
     lam = min(1.0, max(0.0, (1 - mu) * float((g_w * g_w).sum()) / (float((g_l * g_w).sum()) + 1e-9)))
     assert 0 < lam < 1
     plain_pred, scaled_pred = pred.clone().requires_grad_(), pred.clone().requires_grad_()
-    plain = preference_loss("sigmoid", target, plain_pred, ref, beta=20.0, fused=False)
-    scaled = preference_loss("sigmoid", target, scaled_pred, ref, beta=20.0, fused=False, winner_preserving_mu=mu)
+    plain = preference_loss("sigmoid", target, plain_pred, ref, beta=20.0)
+    scaled = preference_loss("sigmoid", target, scaled_pred, ref, beta=20.0, winner_preserving_mu=mu)
     assert scaled.loss.item() == pytest.approx(plain.loss.item(), rel=1e-7)
     assert scaled.metrics["loser_grad_scale"].item() == pytest.approx(lam, rel=1e-5)
     plain.loss.backward()
@@ -180,7 +192,7 @@ def test_winner_preserving_scale_is_sdpos_lambda_on_the_loser_gradient_only(mu):
     # losers pulling away from the winners (<g_l, g_w> <= 0) keep their whole gradient
     away = pred.clone()
     away[b:] = target[b:] - (pred[:b] - target[:b])
-    out = preference_loss("sigmoid", target, away, ref, beta=20.0, fused=False, winner_preserving_mu=mu)
+    out = preference_loss("sigmoid", target, away, ref, beta=20.0, winner_preserving_mu=mu)
     assert out.metrics["loser_grad_scale"].item() == 1.0
 
 

@@ -144,7 +144,7 @@ def test_common_draws_reduce_variance_of_reward_differences(setup):
     assert statistics.variance(shared) < 0.75 * statistics.variance(independent)
 
 
-def test_best_worst_and_preference_prob(setup):
+def test_best_worst_is_the_argmax_and_argmin_of_the_rewards(setup):
     stack, _, _, embeds, latents, timesteps, noise = setup
     scorer = _scorer(setup)
     kw = dict(added_cond_kwargs=_added(stack, embeds, [0, 1]), timesteps=timesteps, noise=noise)
@@ -152,12 +152,6 @@ def test_best_worst_and_preference_prob(setup):
     chosen = scorer.best_worst(latents, embeds.prompt_embeds, **kw)
     assert torch.equal(chosen.best, rewards.argmax(1)) and torch.equal(chosen.worst, rewards.argmin(1))
     assert chosen.unet_forwards == chosen.unet_forwards_full == 2 * 2 * N * K
-    one = dict(added_cond_kwargs=_added(stack, embeds, [0]), timesteps=timesteps[0], noise=noise[0])
-    prob = scorer.preference_prob(latents[0, :4], latents[0, 4:], embeds.prompt_embeds[:1], **one)
-    both = scorer.score(latents[0], embeds.prompt_embeds[:1], **one)
-    torch.testing.assert_close(prob, torch.sigmoid(both[:4] - both[4:]), rtol=1e-4, atol=1e-4)
-    back = scorer.preference_prob(latents[0, 4:], latents[0, :4], embeds.prompt_embeds[:1], **one)
-    torch.testing.assert_close(prob + back, torch.ones(4), rtol=0, atol=1e-5)
 
 
 def test_adaptive_without_elimination_is_the_full_search(setup):

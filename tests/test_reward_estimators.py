@@ -73,7 +73,7 @@ def _literal(estimator, pol, ref):
 def test_scorer_matches_the_estimators_formula(setup, estimator):
     stack, policy, reference, embeds, latents, timesteps, noise = setup
     scorer = ImplicitRewardScorer(policy, reference, stack.scheduler, beta=BETA, num_draws=K, estimator=estimator,
-                                  channels_last=False, kernel_backend="torch")
+                                  channels_last=False)
     got = scorer.score(latents, embeds, timesteps=timesteps, noise=noise)
     expect = torch.tensor(_literal(estimator, *_literal_mse(stack, policy, reference, latents, embeds, timesteps, noise)))
     assert got.shape == (N,) and torch.isfinite(got).all()

@@ -30,7 +30,6 @@ def test_shapes_and_seeds(stack):
     assert out.latents.shape == (3, 3, stack.latent_channels, stack.sample_size, stack.sample_size)
     assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
     assert out.seeds.shape == (3, 3) and out.seeds.unique().numel() == 9
-    assert out.prompts == PROMPTS
     # Not the initial noise: the sampler changed it, and CFG made prompts matter.
     assert not torch.allclose(out.latents[0], out.latents[1])
 

@@ -138,13 +138,9 @@ def preference_loss(
     options: LossOptions = LossOptions(),
     winner_preserving_mu: float | None = None,
     dspo_sdxl: bool = False,
-    fused: bool = True,
 ) -> LossOutput:
-    """Loss for 2B rows (winners then losers) of target and predictions.
-
-    ``fused=True`` reduces through ``paired_mse`` (the Triton kernel on CUDA); ``False``
-    is the plain elementwise path, kept as the twin the fused one is tested against.
-    """
+    """Loss for 2B rows (winners then losers) of target and predictions, reduced through ``paired_mse``
+    (the Triton kernel on CUDA; its plain-torch twin is ``kernels/reference.py``)."""
     if target.shape[0] % 2:
         raise ValueError(f"expected 2B rows (winners then losers), got {target.shape[0]}")
     if pred_ref is None:
@@ -153,12 +149,7 @@ def preference_loss(
         if winner_preserving_mu is not None:
             raise ValueError(f"winner-preserving scaling acts on the DPO logit; loss {kind!r} has none")
         pred_ref = pred_policy.detach()  # read but unused: reference-free losses ignore it
-    if fused:
-        mse_policy, mse_ref = paired_mse(target, pred_policy, pred_ref.detach())
-    else:
-        target32 = target.float()
-        mse_policy = F.mse_loss(pred_policy.float(), target32, reduction="none").flatten(1).mean(1)
-        mse_ref = F.mse_loss(pred_ref.detach().float(), target32, reduction="none").flatten(1).mean(1)
+    mse_policy, mse_ref = paired_mse(target, pred_policy, pred_ref.detach())
     policy_win, policy_lose = mse_policy.chunk(2)
     ref_win, ref_lose = mse_ref.chunk(2)
     scale = None
