@@ -442,7 +442,3 @@ def round_config(config: RunConfig, r: int) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_explain(err, f"sail.round_overrides[{r}]")) from None
-
-
-def dump_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

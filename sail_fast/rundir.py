@@ -41,6 +41,8 @@ import socket
 import time
 from pathlib import Path
 
+from .yaml_files import dump_yaml
+
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
 # Keys that change where or how visibly a run works, never what it computes.
@@ -278,7 +280,7 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     path = run_dir / "config.yaml"
     if not (resume and path.is_file()):
         if write:
-            atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+            atomic_write_text(path, dump_yaml(config))
         return
     changes = config_changes(yaml.safe_load(path.read_text()) or {}, config)
     if not changes:
@@ -294,7 +296,7 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     k = 1
     while (run_dir / f"config.resume-{k}.yaml").exists():
         k += 1
-    atomic_write_text(run_dir / f"config.resume-{k}.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(run_dir / f"config.resume-{k}.yaml", dump_yaml(config))
     if log is not None:
         log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
             f"{describe_changes(changes)}")

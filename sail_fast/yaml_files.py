@@ -1,5 +1,6 @@
 """Reading a YAML file strictly: plain YAML keeps the last of two equal keys without a word, which
-hides a config edit that never took effect; here that, like a syntax error, names the file and lines."""
+hides a config edit that never took effect; here that, like a syntax error, names the file and lines.
+Writing one: ``dump_yaml``, the one way a run's config becomes YAML text (``config.yaml`` files)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def read_yaml(path: str | Path):
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise YamlError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', None) or err}") from None
+
+
+def dump_yaml(data) -> str:
+    """``data`` as YAML text, keys in their given order (configs read back as they were written)."""
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _duplicate_key(node, prefix: str = "") -> str | None:

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ from ..lora import PREVIOUS
 from ..outfolder import writable_folder
 from ..rundir import RunLock, atomic_write_text, record_config, write_json
 from ..seeding import derive_seed
+from ..yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
@@ -134,7 +134,7 @@ class SailLoop:
         train = config.train.model_copy(update={"steps": steps or config.train.steps})
         config = config.model_copy(update={"seed": derive_seed(config.seed, 100 + stage) % 2**31, "train": train})
         if self.dist.is_main and not (stage_dir / "config.yaml").exists():
-            atomic_write_text(stage_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(stage_dir / "config.yaml", dump_yaml(config.model_dump(mode="json")))
         return config
 
     def _write_metrics(self) -> None:
