@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .kernels import implicit_reward, paired_mse
+from .noising import noised_and_target
 from .reward_estimators import ESTIMATORS, combine_draws
 
 
@@ -169,8 +170,7 @@ class ImplicitRewardScorer:
             x0 = latents[p, n].float()
             eps = draws.noise[p, d].float()
             t = draws.timesteps[p, d]
-            x_t = self.scheduler.add_noise(x0, eps, t)
-            target = eps if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
+            x_t, target = noised_and_target(self.scheduler, x0, eps, t)
             cond_rows = p * num_cands + n if per_candidate else p
             embeds = prompt_embeds[cond_rows]
             added = None if added_cond_kwargs is None else {key: v[cond_rows] for key, v in added_cond_kwargs.items()}

@@ -40,6 +40,7 @@ from ..data.latent_pairs import LatentPairs, PairBatch
 from ..distributed import DistInfo, deepspeed_config
 from ..lora import (POLICY, REFERENCE, AdapterView, activate, adapter_state, add_policy_adapter, copy_adapter,
                     has_adapter, is_identity, load_adapter, save_adapter, train_only_policy, unwrap)
+from ..noising import noised_and_target
 from ..rundir import MANIFEST, disk_full, drop_metrics_after, latest_checkpoint, write_manifest
 from ..seeding import generator
 from .inversion import ddim_invert
@@ -182,12 +183,12 @@ class DPOTrainer:
         embeds_in = embeds.to(input_dtype)
         added_in = None if added is None else {k: v.to(input_dtype) for k, v in added.items()}
         if self.train_cfg.noising == "ddim_inversion":
-            # SmPO: winner and loser share t; each is inverted along the policy's own trajectory.
-            x_t, noise = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.inversion_steps,
-                                     encoder_hidden_states=embeds_in, added_cond_kwargs=added_in)
+            # SmPO: winner and loser share t; each is inverted along the policy's own trajectory, and the
+            # inverted noise is the target (an epsilon-prediction model: __init__ checks).
+            x_t, target = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.inversion_steps,
+                                      encoder_hidden_states=embeds_in, added_cond_kwargs=added_in)
         else:
-            x_t = self.scheduler.add_noise(x0, noise, t)
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+            x_t, target = noised_and_target(self.scheduler, x0, noise, t)
         autocast = (
             torch.autocast(self.device.type, dtype=self.compute_dtype)
             if self.compute_dtype != torch.float32 and not self.use_deepspeed
