@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from ..data.latent_pairs import LatentPairs
 from ..images import image_grid
 from ..paired import paired_difference
-from ..reward import ImplicitRewardScorer
 from ..rundir import atomic_save_tensors, read_json, write_json
 from ..sampling import generate_candidates
 from ..seeding import derive_seed
 from .context import RunContext
 from .label_quality import eval_label_quality
+from .ranking import implicit_scorer
 
 EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
 
@@ -48,9 +48,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     metrics = {"stage": name, "diversity": sample_diversity(latents)}
     samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
     if unet is not ctx.base and (heldout is not None or samples is not None):
-        scorer = ImplicitRewardScorer(unet, ctx.base, ctx.stack.scheduler, beta=ctx.config.train.beta,
-                                      num_draws=ctx.sail.num_draws, micro_batch=ctx.sail.scoring_batch,
-                                      compile=ctx.sail.compile, **ctx.sail.scorer_options())
+        scorer = implicit_scorer(ctx.sail, ctx.config.train.beta, ctx.stack.scheduler, unet, ctx.base)
         if heldout is not None:
             metrics["self_label_agreement"] = scorer.pair_accuracy(
                 heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9001)))

@@ -14,12 +14,20 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..config import SailConfig
 from ..images import decode_latents
 from ..metrics import Metric
 from ..models import DiffusionStack
 from ..reward import Draws, ImplicitRewardScorer
 from ..seeding import derive_seed
 from .context import RunContext
+
+
+def implicit_scorer(sail: SailConfig, beta: float, scheduler, policy, reference) -> ImplicitRewardScorer:
+    """The implicit-reward scorer as a SAIL run sets it up, for ranking and evaluation alike: K = sail.num_draws,
+    sail.scoring_batch noised latents per UNet call, sail.compile, sail's estimator and timestep band."""
+    return ImplicitRewardScorer(policy, reference, scheduler, beta=beta, num_draws=sail.num_draws,
+                                micro_batch=sail.scoring_batch, compile=sail.compile, **sail.scorer_options())
 
 
 def external_scores(metric: Metric, stack: DiffusionStack, prompts: list[str], latents: torch.Tensor,
@@ -145,9 +153,7 @@ class ImplicitRanker(_Pairing):
 
     def rank(self, r, prompts, latents, policy, reference):
         ctx, sail = self.ctx, self.ctx.sail
-        scorer = ImplicitRewardScorer(policy, reference, ctx.stack.scheduler, beta=ctx.config.train.beta,
-                                      num_draws=sail.num_draws, micro_batch=sail.scoring_batch, compile=sail.compile,
-                                      **sail.scorer_options())
+        scorer = implicit_scorer(sail, ctx.config.train.beta, ctx.stack.scheduler, policy, reference)
         embeds = ctx.stack.encode_prompts(prompts)
         height, width = latents.shape[-2:]
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
