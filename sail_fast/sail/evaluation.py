@@ -16,7 +16,7 @@ from ..images import image_grid
 from ..paired import paired_difference
 from ..rundir import atomic_save_tensors, read_json, write_json
 from ..sampling import generate_candidates
-from ..seeding import derive_seed
+from ..seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
 from .context import RunContext
 from .label_quality import eval_label_quality
 from .ranking import implicit_scorer
@@ -43,7 +43,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     prompts = ctx.world.eval_prompts()
     n = ctx.sail.eval_images_per_prompt
     # The same seeds at every stage, so stages differ only by their weights.
-    latents = generate_candidates(ctx.stack_with(unet), prompts, n, seed=derive_seed(ctx.seed, 9000),
+    latents = generate_candidates(ctx.stack_with(unet), prompts, n, seed=derive_seed(ctx.seed, EVAL_SAMPLE_SEEDS),
                                   batch_size=ctx.sail.generation_batch, progress=ctx.progress, **ctx.sampling).latents
     metrics = {"stage": name, "diversity": sample_diversity(latents)}
     samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
@@ -51,7 +51,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
         scorer = implicit_scorer(ctx.sail, ctx.config.train.beta, ctx.stack.scheduler, unet, ctx.base)
         if heldout is not None:
             metrics["self_label_agreement"] = scorer.pair_accuracy(
-                heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9001)))
+                heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_AGREEMENT_DRAWS)))
         if samples is not None:  # how well the stage's reward ranks its own samples, by the judge (a diagnostic)
             metrics |= eval_label_quality(ctx, scorer, latents, prompts, samples)
     if samples is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from ..seeding import derive_seed
+from ..seeding import EVAL_LABEL_QUALITY_DRAWS, derive_seed
 
 
 def rowwise_spearman(a, b) -> np.ndarray:
@@ -76,6 +76,6 @@ def eval_label_quality(ctx, scorer, latents: torch.Tensor, prompts: list[str], j
     embeds = ctx.stack.encode_prompts(prompts).to(ctx.device, scorer.dtype)
     added = ctx.stack.added_cond_kwargs(embeds, *latents.shape[-2:])
     rewards = scorer.score_many(latents, embeds.prompt_embeds, added_cond_kwargs=added,
-                                generator=torch.Generator().manual_seed(derive_seed(ctx.seed, 9002))).float().cpu()
+                                generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_LABEL_QUALITY_DRAWS))).float().cpu()
     judged = {k: v[:, :n] for k, v in judged.items()}
     return label_quality(judged, rewards, rewards.argmax(1), rewards.argmin(1), ctx.world.reward_correlates)

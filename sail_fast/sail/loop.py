@@ -37,7 +37,7 @@ from ..dpo.trainer import DPOTrainer
 from ..lora import PREVIOUS
 from ..outfolder import writable_folder
 from ..rundir import RunLock, atomic_write_text, record_config, write_json
-from ..seeding import derive_seed
+from ..seeding import STAGE_TRAINING, derive_seed
 from ..yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
@@ -132,7 +132,7 @@ class SailLoop:
     def _stage_config(self, stage: int, steps: int | None, stage_dir: Path, config: RunConfig) -> RunConfig:
         """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
         train = config.train.model_copy(update={"steps": steps or config.train.steps})
-        config = config.model_copy(update={"seed": derive_seed(config.seed, 100 + stage) % 2**31, "train": train})
+        config = config.model_copy(update={"seed": derive_seed(config.seed, STAGE_TRAINING + stage) % 2**31, "train": train})
         if self.dist.is_main and not (stage_dir / "config.yaml").exists():
             atomic_write_text(stage_dir / "config.yaml", dump_yaml(config.model_dump(mode="json")))
         return config

@@ -15,7 +15,7 @@ from ..data.latent_pairs import LatentPairs
 from ..images import image_grid
 from ..rundir import atomic_save_tensors, write_json
 from ..sampling import generate_candidates
-from ..seeding import derive_seed
+from ..seeding import ROUND_CANDIDATES, derive_seed
 from .context import RunContext
 from .evaluation import sample_diversity
 from .label_quality import label_quality
@@ -31,7 +31,7 @@ def candidates(ctx: RunContext, stage: Path, r: int, prompts: list[str], policy)
     # Each candidate's seed is a function of (seed, round, its prompt's place in the round):
     # the round samples the same candidates whatever the number of ranks.
     n = ctx.sail.candidates
-    seeds = torch.tensor([[derive_seed(ctx.seed, 8100 + r, ctx.global_position(i), k) for k in range(n)]
+    seeds = torch.tensor([[derive_seed(ctx.seed, ROUND_CANDIDATES + r, ctx.global_position(i), k) for k in range(n)]
                           for i in range(len(prompts))], dtype=torch.int64).view(len(prompts), n)
     latents = generate_candidates(ctx.stack_with(policy), prompts, n, seeds=seeds, batch_size=ctx.sail.generation_batch,
                                   progress=ctx.progress, **ctx.sampling).latents

@@ -19,7 +19,7 @@ from ..images import decode_latents
 from ..metrics import Metric
 from ..models import DiffusionStack
 from ..reward import Draws, ImplicitRewardScorer
-from ..seeding import derive_seed
+from ..seeding import ROUND_RANDOM_PAIRS, ROUND_RANKING_DRAWS, derive_seed
 from .context import RunContext
 
 
@@ -123,7 +123,7 @@ class _Pairing:
             return scores.argmax(1), scores.argmin(1)
         win, lose = [], []
         for row, i in enumerate(idx):
-            gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, 8300 + r, self.ctx.global_position(i)))
+            gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, ROUND_RANDOM_PAIRS + r, self.ctx.global_position(i)))
             a, b = torch.randperm(self.ctx.sail.candidates, generator=gen)[:2].tolist()
             if scores[row, b] > scores[row, a]:
                 a, b = b, a
@@ -181,7 +181,7 @@ class ImplicitRanker(_Pairing):
         """K draws per prompt, a function of (seed, round, the prompt's global position) only."""
         per_prompt = [
             scorer.sample_draws(1, tuple(latent_shape), generator=torch.Generator().manual_seed(
-                derive_seed(self.ctx.seed, 8200 + r, self.ctx.global_position(i))))
+                derive_seed(self.ctx.seed, ROUND_RANKING_DRAWS + r, self.ctx.global_position(i))))
             for i in idx
         ]
         return Draws(torch.cat([d.timesteps for d in per_prompt]), torch.cat([d.noise for d in per_prompt]))

@@ -20,7 +20,7 @@ from ..data.sources import fingerprint
 from ..images import decode_latents, image_grid
 from ..rundir import atomic_save_tensors
 from ..sampling import generate_candidates, regenerate_region
-from ..seeding import derive_seed
+from ..seeding import ROUND_REAL_LOSERS, ROUND_REAL_MASKS, derive_seed
 from .context import RunContext
 from .inpaint import PipelineInpainter, latent_masks, mask_source, subject_masks
 from .realalign import (
@@ -155,7 +155,7 @@ def _losers(ctx: RunContext, stage: Path, r: int, part: LatentPairs, positions: 
         return load_file(file)["latents"]
     real, sail = ctx.sail.real, ctx.sail
     caps = captions(part)
-    seeds = torch.tensor([derive_seed(ctx.seed, 8400 + r, p) for p in positions], dtype=torch.int64)
+    seeds = torch.tensor([derive_seed(ctx.seed, ROUND_REAL_LOSERS + r, p) for p in positions], dtype=torch.int64)
     stack = ctx.stack_with(policy)
     height, width = part.win.shape[-2:]
     sampling = real.sampling(ctx.sampling)
@@ -166,7 +166,7 @@ def _losers(ctx: RunContext, stage: Path, r: int, part: LatentPairs, positions: 
         latents = regenerate_region(stack, part.win, caps, masks, strength=real.inpaint_strength, seeds=seeds,
                                     batch_size=sail.generation_batch, progress=ctx.progress, **sampling)
     else:
-        masks = region_masks(height, width, real.mask_fraction, [derive_seed(ctx.seed, 8500 + r, p) for p in positions])
+        masks = region_masks(height, width, real.mask_fraction, [derive_seed(ctx.seed, ROUND_REAL_MASKS + r, p) for p in positions])
         latents = regenerate_region(stack, part.win, caps, masks, strength=real.renoise_strength, seeds=seeds,
                                     batch_size=sail.generation_batch, progress=ctx.progress, **sampling)
     atomic_save_tensors({"latents": latents}, file)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..models import DiffusionStack
-from ..seeding import derive_seed
+from ..seeding import TOY_LABEL_CHOICES, TOY_LABEL_SAMPLES, derive_seed
 from .human import ToyOracle, rater_temperature
 from .world import digit_of, sample_digits, split_prompts
 
@@ -33,13 +33,13 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     _, rest = split_prompts(seed)
     total = labelled + heldout
     prompts = [rest[i % len(rest)] for i in range(total)]
-    images = sample_digits(stack, prompts, 2, seed=derive_seed(seed, 7010), sampling=sampling, progress=progress)
+    images = sample_digits(stack, prompts, 2, seed=derive_seed(seed, TOY_LABEL_SAMPLES), sampling=sampling, progress=progress)
     digits = torch.tensor([digit_of(p) for p in prompts])
     score_a = oracle.score(images[:, 0], digits)
     score_b = oracle.score(images[:, 1], digits)
     if auto_temperature:
         oracle.temperature = rater_temperature(score_a, score_b)
-    first = oracle.prefer_first(score_a, score_b, torch.Generator().manual_seed(derive_seed(seed, 7011)))
+    first = oracle.prefer_first(score_a, score_b, torch.Generator().manual_seed(derive_seed(seed, TOY_LABEL_CHOICES)))
     pil = decode_latents(images.flatten(0, 1))
     records = []
     for i, prompt in enumerate(prompts):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..seeding import derive_seed
+from ..seeding import TOY_CLASSIFIER_INIT, TOY_CLASSIFIER_SPLIT, TOY_PRETRAIN_BATCHES, derive_seed
 from . import PRETRAIN_STEPS
 from .human import ORACLE_FILE, DigitClassifier
 from .world import build_toy_stack, load_digits, prompt_pool
@@ -24,11 +24,11 @@ from .world import build_toy_stack, load_digits, prompt_pool
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 8,
                      holdout: int = 1000, progress: bool = True) -> tuple[DigitClassifier, float]:
     """Train on all but ``holdout`` digits (with small random shifts); returns the held-out accuracy."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, 7002))
+    gen = torch.Generator().manual_seed(derive_seed(seed, TOY_CLASSIFIER_SPLIT))
     order = torch.randperm(len(images), generator=gen)
     test, train = order[:holdout], order[holdout:]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 7003))
+        torch.manual_seed(derive_seed(seed, TOY_CLASSIFIER_INIT))
         model = DigitClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
@@ -70,7 +70,7 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: in
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    gen = torch.Generator().manual_seed(derive_seed(seed, 7004))
+    gen = torch.Generator().manual_seed(derive_seed(seed, TOY_PRETRAIN_BATCHES))
     losses = []
     bar = tqdm(range(steps), desc="toy pretrain", disable=not progress)
     for step in bar:

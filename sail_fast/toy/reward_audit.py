@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from ..reward import Draws, ImplicitRewardScorer
 from ..reward_estimators import ESTIMATORS, combine_draws
 from ..sail.label_quality import rowwise_spearman
-from ..seeding import derive_seed
+from ..seeding import (AUDIT_CANDIDATES, AUDIT_DRAW_BANK, AUDIT_HELDOUT_BANK, AUDIT_HELDOUT_SUBSETS, AUDIT_SUBSETS,
+                       derive_seed)
 
 BANDS = ((0, 100), (0, 250), (250, 500), (500, 750), (750, 1000))
 SPREAD_BANDS = ((0, 100), (100, 250), (250, 500), (500, 750), (750, 900), (900, 1000))
@@ -161,7 +162,7 @@ class PolicyAudit:
         self.num_prompts, self.bank = mse_pol.shape[0], mse_pol.shape[2]
 
     def rng(self, *key) -> np.random.Generator:
-        return _rng(self.seed, 8850, *key)
+        return _rng(self.seed, AUDIT_SUBSETS, *key)
 
     def _summary(self, per_prompt: dict[str, np.ndarray], rng) -> dict:
         score = self.judged["score"]
@@ -272,7 +273,7 @@ def _bank_mse(scorer: ImplicitRewardScorer, latents, embeds, draws: Draws, desc:
 def heldout_agreement(mse_pol, mse_ref, beta, k, estimator, band, timesteps, repeats, seed) -> tuple[float, float]:
     """Share of held-out human pairs (candidate 0 the human's winner) the estimator orders the same way;
     ties half. Mean over repeats of k-draw subsets, and its SE over pairs."""
-    rng = _rng(seed, 8860, k, estimator, band)
+    rng = _rng(seed, AUDIT_HELDOUT_SUBSETS, k, estimator, band)
     t = timesteps.numpy()
     pool = None if band is None else [np.flatnonzero((row >= band[0]) & (row < band[1])) for row in t]
     hits = []
@@ -326,7 +327,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     if len(pool) < prompts:
         raise ValueError(f"only {len(pool)} prompts are left unused by the run's rounds; ask for --prompts {len(pool)} or fewer")
     chosen = pool[:prompts]
-    seeds = torch.tensor([[derive_seed(seed, 8800, p, n) for n in range(candidates)] for p in range(prompts)])
+    seeds = torch.tensor([[derive_seed(seed, AUDIT_CANDIDATES, p, n) for n in range(candidates)] for p in range(prompts)])
     embeds = stack.encode_prompts(chosen).prompt_embeds
 
     def sample(unet):
@@ -334,7 +335,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
                                    batch_size=sail.generation_batch, progress=False, **sail.sampling()).latents
 
     base_latents = sample(policies.base)
-    bank = _bank(prompts, draws, tuple(base_latents.shape[2:]), seed, 8801)
+    bank = _bank(prompts, draws, tuple(base_latents.shape[2:]), seed, AUDIT_DRAW_BANK)
     heldout = None
     heldout_file = run / "human" / "heldout.jsonl" if not (config.toy and config.toy.data_dir) else Path(config.toy.data_dir) / "heldout.jsonl"
     if heldout_draws > 0 and heldout_file.is_file():
@@ -342,7 +343,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
                              seed=seed, log=lambda _: None)
         heldout_latents = torch.stack([heldout.win, heldout.lose], 1).float()
         heldout_embeds = heldout.prompt_embeds[heldout.prompt_index.repeat_interleave(2)]
-        heldout_bank = _bank(len(heldout), heldout_draws, tuple(heldout_latents.shape[2:]), seed, 8802)
+        heldout_bank = _bank(len(heldout), heldout_draws, tuple(heldout_latents.shape[2:]), seed, AUDIT_HELDOUT_BANK)
 
     results = {"run": str(run), "prompts": prompts, "candidates": candidates, "draws": draws, "repeats": repeats,
                "ks": list(ks), "band_k": band_k, "loop_k": sail.num_draws, "stages": {}}

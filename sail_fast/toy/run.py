@@ -10,7 +10,7 @@ import torch
 
 from ..rundir import claim_folder, read_json, release_folder, write_json
 from ..sail.world import World
-from ..seeding import derive_seed
+from ..seeding import TOY_ROUND_PROMPTS, derive_seed
 from .human import TEMPERATURE, ToyOracle
 from .labels import make_human_pairs, oracle_samples, oracle_summary
 from .report import report
@@ -30,7 +30,7 @@ class ToyWorld(World):
 
     def round_pool(self) -> list[str]:
         _, pool = split_prompts(self.config.seed)
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 8001)))
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.config.seed, TOY_ROUND_PROMPTS)))
         return [pool[i] for i in order.tolist()]
 
     def eval_prompts(self) -> list[str]:

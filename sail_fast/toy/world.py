@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ..models import TOY_MODEL_DIR, DiffusionStack, load_stack
-from ..seeding import derive_seed
+from ..seeding import TOY_PROMPT_SPLIT, TOY_REAL_DIGITS, derive_seed
 from ..tiny import _tiny_text_config, _tiny_tokenizer
 
 SIDE = 16
@@ -68,7 +68,7 @@ def digit_of(prompt: str) -> int:
 def split_prompts(seed: int, num_eval: int = 100) -> tuple[list[str], list[str]]:
     """(eval prompts, the rest shuffled): eval prompts are fixed and balanced over digits."""
     pool = prompt_pool()
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(seed, 7001))).tolist()
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(seed, TOY_PROMPT_SPLIT))).tolist()
     per_digit = num_eval // 10
     taken = {d: 0 for d in range(10)}
     eval_prompts, rest = [], []
@@ -166,7 +166,7 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     images, labels = load_digits()
     if count > len(labels):
         raise ValueError(f"the toy world has {len(labels)} real digits; {count} were asked for")
-    gen = torch.Generator().manual_seed(derive_seed(seed, 7020))
+    gen = torch.Generator().manual_seed(derive_seed(seed, TOY_REAL_DIGITS))
     by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
     _, rest = split_prompts(seed)
     prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
