@@ -15,7 +15,8 @@ from sail_fast.config import load_config
 from sail_fast.sail.label_quality import label_quality, within_prompt_spearman
 from sail_fast.toy.human import ToyOracle
 from sail_fast.toy.labels import oracle_samples
-from sail_fast.toy.reward_audit import PolicyAudit, apply_selection_rule, reward_audit, rowwise_spearman
+from sail_fast.toy.estimator_choice import apply_selection_rule
+from sail_fast.toy.reward_audit import PolicyAudit, reward_audit, rowwise_spearman
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = ("label_accuracy", "label_gap_share", "reward_human_spearman", "reward_width_spearman", "reward_log_prob_spearman")
