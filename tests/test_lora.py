@@ -193,11 +193,11 @@ def test_two_round_lora_sail_ranks_against_the_base_and_trains_each_round_agains
 
     from sail_fast.sail import ranking
 
-    original_scorer = ranking.ImplicitRewardScorer
+    original_scorer = ranking.implicit_scorer  # the ranking's own name for it (evaluation imports its own)
 
-    def spy_scorer(policy, reference, *args, **kwargs):
+    def spy_scorer(sail, beta, scheduler, policy, reference):
         seen["ranked"].append((_call(policy, inputs), _call(reference, inputs), layout(policy)))
-        return original_scorer(policy, reference, *args, **kwargs)
+        return original_scorer(sail, beta, scheduler, policy, reference)
 
     original_init = DPOTrainer.__init__
 
@@ -208,7 +208,7 @@ def test_two_round_lora_sail_ranks_against_the_base_and_trains_each_round_agains
         activate(self.policy, POLICY)
         seen["trained"].append((self.output_dir, _call(self.policy, inputs), reference, layout(self.policy)))
 
-    monkeypatch.setattr(ranking, "ImplicitRewardScorer", spy_scorer)
+    monkeypatch.setattr(ranking, "implicit_scorer", spy_scorer)
     monkeypatch.setattr(DPOTrainer, "__init__", spy_init)
     final = SailLoop(load_config(TINY, make_overrides(tmp_path, *LORA, "train.learning_rate=1e-3"))).run()
     assert final == run / "round-02/train/final/lora" and (final / LORA_WEIGHTS).is_file()
