@@ -245,8 +245,11 @@ def _start_long_training(tmp_path):
     argv = ["train", "--config", str(TINY), "--set", f"output_dir={tmp_path / 'run'}",
             "--set", f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]", "--set", "train.steps=100000",
             "--set", "train.checkpoint_every=1000", "--set", "train.pairs_per_step=4", "--set", "train.micro_batch_pairs=4"]
+    # SIGINT back to its default in the child: a shell script's background job (a CI runner's, say) starts
+    # with it ignored, and Python then never raises KeyboardInterrupt, so Ctrl-C could not be tested.
     process = subprocess.Popen([sys.executable, "-m", "sail_fast.cli", *argv], env=os.environ | {"PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(900):  # training once its first step is logged
         if (tmp_path / "run" / "metrics.jsonl").exists() or process.poll() is not None:
             break
