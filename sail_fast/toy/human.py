@@ -133,14 +133,11 @@ def stroke_preference(width_shift: float) -> Preference:
     digits' standard deviations (legibility, haze and centring unchanged), as a ``toy.preference``:
     ``stroke_preference(0.0)`` scores exactly as the built-in human; a positive shift dislikes thin strokes
     more, a negative one likes them."""
-    classifier = ToyOracle.load().classifier
+    oracle = ToyOracle.load()  # the built-in terms, computed as the built-in human computes them
 
-    @torch.no_grad()
     def preference(intensity: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
-        log_probs = F.log_softmax(classifier(intensity.unsqueeze(1) * 2 - 1), dim=1)
-        log_prob = log_probs.gather(1, digits.view(-1, 1)).squeeze(1).clamp(min=LOG_PROB_FLOOR)
-        width = width_term(stroke_width(intensity), digits, width_shift)
-        return _score(log_prob, width, haze(intensity), centre_offset(intensity))
+        parts = oracle.components(intensity.unsqueeze(1) * 2 - 1, digits)
+        return _score(parts["log_prob"], width_term(parts["width"], digits, width_shift), parts["haze"], parts["offset"])
 
     return preference
 
