@@ -257,10 +257,19 @@ def _start_long_training(tmp_path):
     return process, argv
 
 
+def _wait(process):
+    """The child's output once it exits; one that has not exited in 120 s is killed, not left training."""
+    try:
+        return process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_sigterm_during_dpo_writes_a_checkpoint_releases_the_lock_and_says_how_to_resume(tmp_path):
     process, argv = _start_long_training(tmp_path)
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    _, err = _wait(process)
     assert process.returncode == 128 + signal.SIGTERM, err
     line = one_error_line(err.replace("sail-fast: stopped", "sail-fast: error: stopped"))
     assert "stopped by SIGTERM at DPO step" in line and "--resume" in line and argv[-1] in line
@@ -273,7 +282,7 @@ def test_sigterm_during_dpo_writes_a_checkpoint_releases_the_lock_and_says_how_t
 def test_ctrl_c_prints_no_traceback_and_releases_the_lock(tmp_path):
     process, _ = _start_long_training(tmp_path)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = _wait(process)
     assert process.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "interrupted (Ctrl-C); to go on: sail-fast train" in err
     assert not (tmp_path / "run" / LOCK).exists()
