@@ -133,6 +133,13 @@ def _toy_experiment(args: argparse.Namespace) -> None:
     print(table.read_text())
 
 
+def _toy_transfer(args: argparse.Namespace) -> None:
+    from .toy.sampler_transfer import sampler_transfer
+
+    print(sampler_transfer(args.out, args.seeds, args.conditions, sampler=args.sampler, steps=args.steps,
+                           images_per_prompt=args.images_per_prompt).read_text())
+
+
 def _toy_calibrate(args: argparse.Namespace) -> None:
     from .toy.experiment import calibrate
 
@@ -254,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
+    tr = toy_sub.add_parser("transfer", help="evaluate a finished toy experiment's stages again under another sampler "
+                                             "(same prompts and seeds): does the gain carry over?")
+    tr.add_argument("out", help="the experiment folder (toy experiment --out)")
+    tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--conditions", nargs="+", default=["sail", "dpo-6", "dpo-full"])
+    tr.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default="ddpm")
+    tr.add_argument("--steps", type=int, default=50)
+    tr.add_argument("--images-per-prompt", type=int, default=None, help="default: as the run evaluated (toy: 10)")
+    tr.set_defaults(func=_toy_transfer)
     cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "
                                               "the toy world's calibration table")
     add_config_arguments(cal, config_default="configs/toy.yaml")

@@ -103,7 +103,7 @@ class SailLoop:
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
             # Round r trains its input policy in place, so the next round's reference (sail.reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.
-            previous = self.policies.load(self._policy_dir(r - 1), PREVIOUS) if self.sail.reference == "previous" else self.base
+            previous = self.policies.load(self.policy_dir(r - 1), PREVIOUS) if self.sail.reference == "previous" else self.base
         self._write_metrics()
         last = f"round-{self.sail.rounds:02d}" if self.sail.rounds else "iter0"
         self.ctx.world.report(self.ctx, metric_rows(self.out, self.sail.rounds), last)
@@ -111,9 +111,9 @@ class SailLoop:
         return self.final_dir()
 
     def final_dir(self) -> Path:
-        return self._policy_dir(self.sail.rounds)
+        return self.policy_dir(self.sail.rounds)
 
-    def _policy_dir(self, r: int) -> Path:
+    def policy_dir(self, r: int) -> Path:
         """The UNet (or LoRA) directory of the policy after round r (0: iter0, wherever it was trained)."""
         if r == 0:
             return Path(self.sail.iter0_from or self.out / "iter0") / "final" / self.policies.folder
@@ -145,7 +145,7 @@ class SailLoop:
         stage = self.out / "iter0"
         if self.sail.iter0_from:
             reuse_iter0(Path(self.sail.iter0_from), stage, self.dist)
-            return self.policies.load(self._policy_dir(0))
+            return self.policies.load(self.policy_dir(0))
         if not (stage / DONE).exists():
             started = time.perf_counter()
             if self.sail.iter0_steps == 0:  # the rounds start from the base model
@@ -159,18 +159,18 @@ class SailLoop:
                 trainer.train(resume=True)
                 del trainer
             self.dist.barrier()
-            policy = self.policies.load(self._policy_dir(0))
+            policy = self.policies.load(self.policy_dir(0))
             evaluate_stage(self.ctx, "iter0", policy, heldout)
             if self.dist.is_main:
                 write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])})
             self.dist.barrier()
         self._write_metrics()
-        return self.policies.load(self._policy_dir(0))
+        return self.policies.load(self.policy_dir(0))
 
     def round_stage(self, r: int, prompts: list[str], policy, previous, seed_pairs: LatentPairs, heldout, real_set):
         stage = self.out / f"round-{r:02d}"
         if (stage / DONE).exists():
-            return self.policies.load(self._policy_dir(r))
+            return self.policies.load(self.policy_dir(r))
         started, ctx = time.perf_counter(), self.ctx.for_round(r)  # with sail.round_overrides[r]
         stage.mkdir(parents=True, exist_ok=True)
         pairs = round_pairs(ctx, real_set, stage, r, prompts, policy, self.base if ctx.sail.reference == "base" else previous)
@@ -184,7 +184,7 @@ class SailLoop:
                              device=self.ctx.device, reference=self.base if ctx.sail.round_reference == "base" else None)
         trainer.train(resume=True)
         del trainer
-        policy = self.policies.load(self._policy_dir(r))
+        policy = self.policies.load(self.policy_dir(r))
         if self.sail.eval_each_round or r == self.sail.rounds:
             evaluate_stage(self.ctx, f"round-{r:02d}", policy, heldout)
         if self.dist.is_main:

@@ -123,7 +123,7 @@ def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], c
             # Every condition shares the seed's base evaluation (same prompts, seeds and weights); eval.json
             # goes last, as it marks the stage done.
             if name != "sail":
-                _seed_from(seed_dir / "sail", seed_dir / name, "base/eval_samples.safetensors", "base/eval.json")
+                copy_finished(seed_dir / "sail", seed_dir / name, "base/eval_samples.safetensors", "base/eval.json")
             extra = condition_overrides(name, seed, seed_dir, base, ablation_rounds)
             SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
     return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
@@ -181,14 +181,15 @@ def _combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     return mean, math.sqrt(sum(se**2 for _, se in per_seed)) / len(per_seed)
 
 
-def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[dict]:
+def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int, variant: str = "") -> list[dict]:
     """Every line of the table that has run: means over seeds, and paired differences (± SE) against
-    the same seed's base and full-label DPO, sampled with the same prompts and noise."""
+    the same seed's base and full-label DPO, sampled with the same prompts and noise. ``variant``: the
+    stages' evaluation under another sampler (``sail_fast.toy.sampler_transfer``), in each run's subfolder."""
     from ..paired import paired_difference
 
     lines = []
     for label, budget, condition, stage in rows_of(out, seeds, rounds, ablation_rounds):
-        found = {s: _stage(out / f"seed-{s}" / condition, stage) for s in seeds}
+        found = {s: _stage(out / f"seed-{s}" / condition / variant, stage) for s in seeds}
         found = {s: v for s, v in found.items() if v is not None}
         if not found:
             continue
@@ -203,7 +204,7 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
         for other, (o_condition, o_stage) in against.items():
             pairs = {}
             for s, (_, samples) in found.items():
-                theirs = _stage(out / f"seed-{s}" / o_condition, o_stage)
+                theirs = _stage(out / f"seed-{s}" / o_condition / variant, o_stage)
                 if theirs is not None:
                     pairs[s] = {k: paired_difference(samples[k], theirs[1][k]) for k in ("score", "correct", "haze")}
             if pairs:
@@ -216,10 +217,12 @@ def _pm(pair, fmt=".3f") -> str:
     return "-" if pair is None else f"{pair[0]:+{fmt}} ± {pair[1]:{fmt}}"
 
 
-def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None) -> Path:
-    """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it)."""
+def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None, variant: str = "") -> Path:
+    """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it);
+    results-<variant>.* for the stages' evaluation under another sampler."""
     _stage.cache_clear()  # runs may have finished stages since the last table
-    lines = collect(out, seeds, rounds, ablation_rounds or rounds)
+    lines = collect(out, seeds, rounds, ablation_rounds or rounds, variant)
+    name = f"results-{variant}" if variant else "results"
     md = ["| model | human labels | score | score - base | score - DPO 6% | score - DPO 100% | score - SAIL same round "
           "| accuracy | accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |",
           "|---" * 14 + "|"]
@@ -231,13 +234,13 @@ def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int |
                   f"| {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
                   f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
                   f"| {len(r['seeds'])} |")
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps(lines, indent=2) + "\n")
-    _plot(out, lines)
-    return out / "results.md"
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(lines, indent=2) + "\n")
+    _plot(out / f"{name}.png", lines)
+    return out / f"{name}.md"
 
 
-def _plot(out: Path, lines: list[dict]) -> None:
+def _plot(path: Path, lines: list[dict]) -> None:
     """Score change from the base against the number of human labels: DPO's curve, SAIL's points."""
     import matplotlib
 
@@ -261,7 +264,7 @@ def _plot(out: Path, lines: list[dict]) -> None:
     ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -272,7 +275,7 @@ CALIBRATION_GRID = ((5000.0, 1e-5), (5000.0, 3e-5), (5000.0, 1e-4), (2000.0, 3e-
 CALIBRATION_STEPS = (100, 200)
 
 
-def _seed_from(source: Path, target: Path, *names: str) -> None:
+def copy_finished(source: Path, target: Path, *names: str) -> None:
     """Copy finished parts of an earlier run (the base evaluation, training checkpoints) into ``target``."""
     import shutil
 
@@ -296,9 +299,9 @@ def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=C
         for s in steps:
             run = out / f"beta{beta:g}-lr{lr:g}-steps{s}"
             if first is not None:
-                _seed_from(first, run, "base/eval_samples.safetensors", "base/eval.json")  # eval.json last: the marker
+                copy_finished(first, run, "base/eval_samples.safetensors", "base/eval.json")  # eval.json last: the marker
             if previous is not None:
-                _seed_from(previous, run, "iter0/checkpoints")
+                copy_finished(previous, run, "iter0/checkpoints")
             extra = [f"seed={seed}", f"output_dir={run}", f"toy.data_dir={out / 'human'}", f"data.cache_dir={out / 'cache'}",
                      "toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={s}", f"train.beta={beta}",
                      f"train.learning_rate={lr}", f"train.checkpoint_every={min(steps)}", "train.keep_checkpoints=1"]

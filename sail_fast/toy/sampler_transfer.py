@@ -1,0 +1,60 @@
+"""Do a toy experiment's gains carry over to another sampler? (``sail-fast toy transfer``)
+
+Every stage the experiment evaluated is sampled again on the same held-out prompts with the same
+seeds, under another sampler (DDPM 50 steps by default; the loop ranks and evaluates with its own,
+DDIM 10 in the toy configs), judged by the run's own human (``toy.preference`` included), and written
+beside the stage's first evaluation in ``<run>/<sampler>-<steps>/<stage>/``. The table is the
+experiment's, paired the same way: ``results-<sampler>-<steps>.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..config import load_config
+from ..sail.evaluation import evaluate_stage
+from ..sail.loop import SailLoop
+from .experiment import copy_finished, write_table
+
+
+def stages_of(run: Path) -> list[str]:
+    """The stages of a run that its own evaluation scored, in the loop's order."""
+    rounds = sorted(p.name for p in run.glob("round-*") if (p / "eval.json").exists())
+    return [s for s in ("base", "iter0") if (run / s / "eval.json").exists()] + rounds
+
+
+def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> None:
+    """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``."""
+    here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
+    loop = SailLoop(load_config(run / "config.yaml", here), log=log)  # the config it recorded, its human included
+    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_config(run / "config.yaml", here + overrides))
+    for stage in stages_of(run):
+        if stage == "base":
+            policy = loop.base
+        else:
+            policy = loop.policies.load(loop.policy_dir(0 if stage == "iter0" else int(stage.split("-")[1])))
+        evaluate_stage(ctx, stage, policy, heldout=None)  # skips a stage already evaluated (its eval.json)
+
+
+def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *, sampler: str = "ddpm",
+                     steps: int = 50, images_per_prompt: int | None = None, log=print) -> Path:
+    """Evaluate the finished stages of ``conditions`` (sail first: the others share its base) under
+    ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md)."""
+    out, variant = Path(out), f"{sampler}-{steps}"
+    overrides = [f"sail.sampler={sampler}", f"sail.sampling_steps={steps}"]
+    if images_per_prompt is not None:
+        overrides.append(f"sail.eval_images_per_prompt={images_per_prompt}")
+    rounds = 0
+    for seed in seeds:
+        seed_dir = out / f"seed-{seed}"
+        for name in sorted(conditions, key=lambda c: c != "sail"):
+            run = seed_dir / name
+            if not (run / "config.yaml").exists():
+                log(f"{run}: no finished run there, skipped")
+                continue
+            if name != "sail":  # the same base samples as SAIL's (same prompts, seeds and weights)
+                copy_finished(seed_dir / "sail" / variant, run / variant, "base/eval_samples.safetensors", "base/eval.json")
+            rounds = max(rounds, load_config(run / "config.yaml").sail.rounds)
+            evaluate_run_under(run, variant, overrides, log)
+    return write_table(out, seeds, rounds, variant=variant)
