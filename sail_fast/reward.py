@@ -17,6 +17,7 @@ standardisation, the gap relative to the reference's error, a per-draw rank vote
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -68,8 +69,9 @@ class ImplicitRewardScorer:
         num_draws: K, the shared (t, eps) draws per prompt (paper: 10).
         micro_batch: noised latents per UNet call; results do not depend on it beyond
             floating-point rounding.
-        channels_last: convert both UNets (in place; numerics unchanged) and their inputs to
-            channels_last, the faster convolution layout on GPUs and CPUs.
+        channels_last: score in channels_last, the faster convolution layout on GPUs and CPUs: the inputs,
+            and the UNets' 4-D weights while a call scores (the caller's own weight tensors are back in
+            place when it returns, so the modules are left as they were).
         compile: wrap both UNets in ``torch.compile`` for the scorer's calls.
         estimator: how per-draw errors become a reward (``reward_estimators.ESTIMATORS``; default
             ``"mean"``, the paper's ``-beta/2 * mean_k`` gap).
@@ -120,9 +122,7 @@ class ImplicitRewardScorer:
         self.prediction_type = prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = next(policy_unet.parameters()).device
-        if channels_last:
-            policy_unet.to(memory_format=torch.channels_last)
-            reference_unet.to(memory_format=torch.channels_last)
+        self._unets = (policy_unet, reference_unet)  # as the caller gave them (the compiled wrappers share their weights)
         self.policy_unet = torch.compile(policy_unet) if compile else policy_unet
         self.reference_unet = torch.compile(reference_unet) if compile else reference_unet
 
@@ -163,6 +163,13 @@ class ImplicitRewardScorer:
         rows = num_prompts * num_cands * k
         mse_policy = torch.empty(rows, device=self.device, dtype=torch.float32)
         mse_ref = torch.empty(rows, device=self.device, dtype=torch.float32)
+        with _channels_last(*self._unets) if self.channels_last else contextlib.nullcontext():
+            self._score_rows(latents, prompt_embeds, added_cond_kwargs, draws, per_candidate, mse_policy, mse_ref)
+        shape = (num_prompts, num_cands, k)
+        return mse_policy.view(shape), mse_ref.view(shape)
+
+    def _score_rows(self, latents, prompt_embeds, added_cond_kwargs, draws, per_candidate, mse_policy, mse_ref) -> None:
+        num_cands, k, rows = latents.shape[1], draws.num_draws, mse_policy.numel()
         for start in range(0, rows, self.micro_batch):
             r = torch.arange(start, min(start + self.micro_batch, rows), device=self.device)
             p, n, d = r // (num_cands * k), (r // k) % num_cands, r % k
@@ -180,8 +187,6 @@ class ImplicitRewardScorer:
             pred_policy = self._forward(self.policy_unet, x_t, t, embeds, added)
             pred_ref = self._forward(self.reference_unet, x_t, t, embeds, added)
             mse_policy[r], mse_ref[r] = paired_mse(target, pred_policy, pred_ref)
-        shape = (num_prompts, num_cands, k)
-        return mse_policy.view(shape), mse_ref.view(shape)
 
     def score_many(
         self,
@@ -353,6 +358,22 @@ class ImplicitRewardScorer:
         best = int(torch.where(in_best, rewards, -math.inf).argmax())
         worst = int(torch.where(in_worst, rewards, math.inf).argmin())
         return best, worst, rewards, forwards
+
+
+@contextlib.contextmanager
+def _channels_last(*modules: nn.Module):
+    """The modules' 4-D parameters and buffers channels_last inside the block (copies; the values are the same), as
+    ``module.to(memory_format=torch.channels_last)`` makes them; afterwards each holds its own tensor again, strides
+    and storage as before."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers()) if t.dim() == 4}.values()
+    kept = [(t, t.data) for t in tensors]  # a UNet given twice (LoRA's two AdapterViews) is converted once
+    for t, data in kept:  # as Module.to makes them: 1x1 kernels get channels_last strides too (.contiguous would
+        t.data = data.to(memory_format=torch.channels_last)  # keep theirs, and the rewards change in the last bits)
+    try:
+        yield
+    finally:
+        for t, data in kept:
+            t.data = data
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

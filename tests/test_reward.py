@@ -218,3 +218,20 @@ class TestBadCalls:
         stack, _, _, embeds, latents, timesteps, noise = setup
         with pytest.raises(ValueError, match=r"integers in \[0, 1000\)"):
             _scorer(setup).score(latents[0], embeds.prompt_embeds[:1], timesteps=timesteps[0] + 1000, noise=noise[0])
+
+
+def test_scorer_leaves_its_callers_unets_as_they_were(setup):
+    """The weights are channels_last only while a call scores: afterwards every parameter holds its own tensor again
+    (same strides, same storage), and the rewards agree with a scorer that never converts."""
+    stack, policy, reference, embeds, latents, timesteps, noise = setup
+    policy, reference = copy.deepcopy(policy), copy.deepcopy(reference)
+    layout = lambda: {(i, name): (p.stride(), p.data_ptr()) for i, net in enumerate((policy, reference))  # noqa: E731
+                      for name, p in net.named_parameters()}
+    before = layout()
+    kw = dict(added_cond_kwargs=_added(stack, embeds, [0, 1]), timesteps=timesteps[:, :3], noise=noise[:, :3])
+    fast = ImplicitRewardScorer(policy, reference, stack.scheduler, beta=BETA, num_draws=3, channels_last=True)
+    rewards = fast.score_many(latents[:, :3], embeds.prompt_embeds, **kw)
+    assert layout() == before
+    assert all(p.is_contiguous() for net in (policy, reference) for p in net.parameters())
+    plain = ImplicitRewardScorer(policy, reference, stack.scheduler, beta=BETA, num_draws=3, channels_last=False)
+    torch.testing.assert_close(plain.score_many(latents[:, :3], embeds.prompt_embeds, **kw), rewards, rtol=1e-4, atol=5e-2)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .. import interrupts
 from ..config import RunConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
+from ..denormals import flush_denormal
 from ..distributed import DistInfo, deepspeed_config
 from ..lora import (POLICY, REFERENCE, AdapterView, activate, adapter_state, add_policy_adapter, copy_adapter,
                     has_adapter, is_identity, load_adapter, save_adapter, train_only_policy, unwrap)
@@ -79,10 +80,6 @@ class DPOTrainer:
         train = config.train
         self.config, self.train_cfg, self.dist = config, train, dist
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            # Once the DPO loss saturates, gradients underflow into denormals, which x86
-            # CPUs process 10-100x slower; flushing them to zero changes nothing else.
-            torch.set_flush_denormal(True)
         self.output_dir = Path(output_dir or config.output_dir)
         self.scheduler = scheduler
         if train.noising == "ddim_inversion" and scheduler.config.prediction_type != "epsilon":
@@ -113,8 +110,7 @@ class DPOTrainer:
         self.loss_options = LossOptions(gamma=train.mapo_gamma, smpo_scale=train.smpo_scale, dmpo_alpha=train.dmpo_alpha,
                                         dro_margin=train.dro_margin)
 
-        # Contiguous weights: a scorer may have made them channels_last, and DeepSpeed's
-        # broadcast views each parameter as bytes, which needs a unit last stride.
+        # Contiguous weights: DeepSpeed's broadcast views each parameter as bytes, which needs a unit last stride.
         self.lora = train.lora is not None
         self.policy = unwrap(policy).to(self.device, memory_format=torch.contiguous_format).train()
         if train.gradient_checkpointing:
@@ -218,6 +214,12 @@ class DPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``pairs_per_step`` pairs; returns metrics averaged over ranks."""
+        # Once the DPO loss saturates, gradients underflow into denormals, which x86 CPUs process 10-100x
+        # slower: flushed to zero for the step, and the process's own setting is back when it returns.
+        with flush_denormal(self.device.type == "cpu"):
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float]:
         rank, world = self.dist.rank, self.dist.world_size
         sums: dict[str, float] = {}
         for micro in range(self.accumulation):
