@@ -27,7 +27,7 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
     from sail_fast.architectures import UNET_CONFIGS, build_unet
     from sail_fast.build import build_stack
     from sail_fast.config import load_config
-    from sail_fast.dpo.trainer import DPOTrainer
+    from sail_fast.train import trainer_for
     from sail_fast.plan import GIB, latent_size, plan_memory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +41,7 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
             stack = build_stack(config.model)
             unet, scheduler = stack.unet, stack.scheduler
             pairs = synthetic_pairs("sd15-small", 16)
-            side, channels = latent_size(config), unet.config.in_channels
+            side, channels = latent_size(config.model, config.data.resolution), unet.config.in_channels
             enc = stack.encode_prompts(["a prompt", ""])
             pairs.win, pairs.lose = (torch.randn(16, channels, side, side) for _ in range(2))
             pairs.prompt_embeds = enc.prompt_embeds
@@ -53,7 +53,7 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
                     f.write("5")
             unet, scheduler = build_unet(kind, device=device), DDPMScheduler(beta_schedule="scaled_linear")
             pairs = synthetic_pairs(kind, 16)
-            assert UNET_CONFIGS[kind]["sample_size"] == latent_size(config)
+            assert UNET_CONFIGS[kind]["sample_size"] == latent_size(config.model, config.data.resolution)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -61,13 +61,13 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             base = _status_bytes("VmRSS") - sum(p.numel() * p.element_size() for p in unet.parameters())
-        trainer = DPOTrainer(config, unet, scheduler, pairs, device=device)
+        trainer = trainer_for(config, unet, scheduler, pairs, device=device)
         for _ in range(steps):
             trainer.train_step()
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
-        plan = plan_memory(config, 1, zero_stage=0, optimizer=train.optimizer, mixed_precision=train.mixed_precision,
+        plan = plan_memory(config.model, 1, zero_stage=0, optimizer=train.optimizer, mixed_precision=train.mixed_precision,
                            checkpointing=train.gradient_checkpointing, micro_batch_pairs=train.micro_batch_pairs,
-                           latent=latent_size(config), lora=train.lora)
+                           latent=latent_size(config.model, config.data.resolution), lora=train.lora)
     measured = peak - base
     return {"config": config_path, "trains": "LoRA r8" if lora else "UNet", "device": device.type,
             "planned_gib": plan.total / GIB, "measured_gib": measured / GIB, "planned_over_measured": plan.total / measured,

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from sail_fast.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
 from sail_fast.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 
 PAIRS, BETA = 4, 5000.0
 VARIANTS = ("naive", "fast-fp32", "fast-bf16", "lora-fp32")
@@ -90,7 +90,7 @@ def make_step(variant: str, arch: str, device: torch.device, output_dir: str):
         f"train.mixed_precision={precision}", f"train.pairs_per_step={PAIRS}", f"train.micro_batch_pairs={PAIRS}",
         "train.learning_rate=1e-5", "train.progress=false",
     ])
-    trainer = DPOTrainer(config, build_unet(arch, device=device), _scheduler(), synthetic_pairs(arch, 64), device=device)
+    trainer = trainer_for(config, build_unet(arch, device=device), _scheduler(), synthetic_pairs(arch, 64), device=device)
     return lambda: trainer.train_step()["loss"]
 
 

@@ -158,7 +158,8 @@ def _plan(args: argparse.Namespace) -> None:
     from .config import load_config
     from .plan import format_plan
 
-    print(format_plan(load_config(args.config, args.set), args.gpus, args.gpu_memory))
+    config = load_config(args.config, args.set)
+    print(format_plan(config.model, config.train, config.data.resolution, args.gpus, args.gpu_memory))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
 from .outfolder import OutputFolder
 from .prompts import read_prompts
+from .run_layout import RunLayout
 from .rundir import check_weights
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 
@@ -25,16 +26,14 @@ from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 def _run_root(path: Path) -> Path | None:
     """The run directory (the one with config.yaml) that holds ``path``, if any."""
     for candidate in (path, *path.parents):
-        if (candidate / "config.yaml").is_file():
+        if RunLayout(candidate).config.is_file():
             return candidate
     return None
 
 
 def _final_unet(run: Path) -> Path:
     """The newest trained policy of a run: a UNet directory, or a LoRA folder for a ``train.lora`` run."""
-    finals = [run / "iter0/final", run / "final"]
-    finals[:0] = reversed(sorted(run.glob("round-[0-9]*/train/final")))
-    for final in finals:
+    for final in RunLayout(run).finals():
         if (final / "unet" / "config.json").is_file():
             return final / "unet"
         if (final / "lora" / LORA_WEIGHTS).is_file():
@@ -68,7 +67,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
         )
     weights = _weights_dir(path)
     check_weights(weights)
-    config = load_config(run / "config.yaml")
+    config = load_config(RunLayout(run).config)
     stack = build_stack(config.model, seed=config.seed)
     if (weights / LORA_WEIGHTS).is_file():
         # The base UNet with the adapter loaded by diffusers itself, as a user's pipeline would.

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from .architectures import UNET_CONFIGS
+from .config import LoraSettings, ModelConfig, TrainConfig
 from .dpo.trainer import DTYPES
 
 GIB = 2**30
@@ -186,12 +187,12 @@ def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, 
     return saved.total - inside + sum(i for _, i in blocks) + max(b for b, _ in blocks)
 
 
-def plan_memory(config, gpus: int, *, zero_stage: int, optimizer: str, mixed_precision: str, checkpointing: bool,
+def plan_memory(model: ModelConfig, gpus: int, *, zero_stage: int, optimizer: str, mixed_precision: str, checkpointing: bool,
                 micro_batch_pairs: int, latent: int, deepspeed: bool | None = None,
                 activations: int | None = None, lora=None) -> MemoryPlan:
     """The per-rank memory plan (bytes) of one training configuration (``activations``: reuse a count;
     ``lora``: a LoraSettings, to train an adapter instead of the UNet)."""
-    unet_config = unet_config_for(config.model)
+    unet_config = unet_config_for(model)
     compute = DTYPES[mixed_precision]
     deepspeed = zero_stage > 0 if deepspeed is None else deepspeed
     unet = meta_unet(unet_config)
@@ -223,20 +224,22 @@ def plan_memory(config, gpus: int, *, zero_stage: int, optimizer: str, mixed_pre
     )
 
 
-def latent_size(config) -> int:
-    """The latent side a run trains at: resolution / VAE factor (pixel-space models: resolution)."""
-    if config.model.toy or (config.model.tiny is not None and not config.model.with_vae):
-        return config.data.resolution
-    return config.data.resolution // 8
+def latent_size(model: ModelConfig, resolution: int) -> int:
+    """The latent side a model trains at for images of ``resolution`` (data.resolution): / the VAE factor;
+    pixel-space models: the resolution itself."""
+    if model.toy or (model.tiny is not None and not model.with_vae):
+        return resolution
+    return resolution // 8
 
 
-def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: float = 2.0) -> str:
-    """A table over optimizers, ZeRO stages and checkpointing; the config's own row is marked."""
+def format_plan(model: ModelConfig, train: TrainConfig, resolution: int, gpus: int, gpu_memory_gb: float = 80.0,
+                overhead_gb: float = 2.0) -> str:
+    """A table over optimizers, ZeRO stages and checkpointing for ``model`` trained by ``train`` on images of
+    ``resolution``; the train section's own row is marked."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1 (the GPUs the run trains on), got {gpus}")
     if not gpu_memory_gb > 0:  # also refuses NaN
         raise ValueError(f"--gpu-memory must be > 0 (GB per GPU, e.g. 80), got {gpu_memory_gb:g}")
-    train = config.train
     own_stage = 0
     if train.deepspeed:
         ds_file = Path(train.deepspeed)
@@ -244,7 +247,7 @@ def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: flo
             raise FileNotFoundError(f"train.deepspeed={ds_file} not found from {Path.cwd()}; run from the repository root "
                                     "or give an absolute path")
         own_stage = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 0)
-    latent = latent_size(config)
+    latent = latent_size(model, resolution)
     lines = [
         f"per-GPU training memory, {gpus} GPUs, micro batch {train.micro_batch_pairs} pairs "
         f"({2 * train.micro_batch_pairs} images) at {latent}x{latent} latents, {train.mixed_precision}; "
@@ -253,18 +256,16 @@ def format_plan(config, gpus: int, gpu_memory_gb: float = 80.0, overhead_gb: flo
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     compute = DTYPES[train.mixed_precision]
-    unet_config = unet_config_for(config.model)
+    unet_config = unet_config_for(model)
     activations = {ckpt: activation_bytes(unet_config, 2 * train.micro_batch_pairs, latent, compute, ckpt)
                    for ckpt in (False, True)}
-    from .config import LoraSettings
-
     lora = train.lora or LoraSettings()  # the config's adapter, else the default one
     settings = [(None, ("adamw", "adamw8bit", "adafactor"), (0, 2, 3)), (lora, ("adamw", "adamw8bit"), (0, 2))]
     for adapter, optimizers, stages in settings:
         for optimizer in optimizers:
             for stage in stages:
                 for ckpt in (False, True):
-                    plan = plan_memory(config, gpus, zero_stage=stage, optimizer=optimizer,
+                    plan = plan_memory(model, gpus, zero_stage=stage, optimizer=optimizer,
                                        mixed_precision=train.mixed_precision, checkpointing=ckpt, lora=adapter,
                                        micro_batch_pairs=train.micro_batch_pairs, latent=latent, activations=activations[ckpt])
                     own = (optimizer == train.optimizer and stage == own_stage and ckpt == train.gradient_checkpointing

@@ -41,6 +41,7 @@ import socket
 import time
 from pathlib import Path
 
+from .run_layout import RunLayout, TrainingLayout
 from .yaml_files import dump_yaml
 
 MANIFEST = "manifest.json"
@@ -277,7 +278,8 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     import yaml
 
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
+    layout = RunLayout(run_dir)  # a plain training folder keeps its config.yaml where a SAIL run does
+    path = layout.config
     if not (resume and path.is_file()):
         if write:
             atomic_write_text(path, dump_yaml(config))
@@ -294,9 +296,9 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     if not write:
         return
     k = 1
-    while (run_dir / f"config.resume-{k}.yaml").exists():
+    while layout.resumed_config(k).exists():
         k += 1
-    atomic_write_text(run_dir / f"config.resume-{k}.yaml", dump_yaml(config))
+    atomic_write_text(layout.resumed_config(k), dump_yaml(config))
     if log is not None:
         log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
             f"{describe_changes(changes)}")
@@ -317,7 +319,7 @@ def disk_full(err: BaseException, where: Path) -> bool:
 def latest_checkpoint(output_dir: str | Path, log=None) -> Path | None:
     """The newest intact checkpoint: finished (half-written ones end in .tmp) and matching its manifest.
     Newer ones that do not match are skipped, with the reason passed to ``log``."""
-    for found in sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*[0-9]"), reverse=True):
+    for found in reversed(TrainingLayout(output_dir).written_checkpoints()):
         problem = verify_manifest(found)
         if problem is None:
             return found
@@ -331,3 +333,4 @@ def drop_metrics_after(path: Path, step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(row + "\n" for row in rows))
+

@@ -29,6 +29,7 @@ from sail_fast.data.sources import load_pairs  # noqa: E402
 from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
 from sail_fast.dpo.trainer import DPOTrainer  # noqa: E402
 from sail_fast.outfolder import writable_folder  # noqa: E402
+from sail_fast.run_layout import RunLayout, TrainingLayout  # noqa: E402
 from sail_fast.rundir import RunLock, record_config  # noqa: E402
 
 
@@ -55,11 +56,18 @@ def _train_stage(config: RunConfig, dist, resume: bool) -> Path:
     out = Path(config.output_dir)
     stack = build_stack(config.model, seed=config.seed, device=device)
     pairs = load_pairs(config.data.seed_pairs, stack, model=config.model, data=config.data,
-                       cache_dir=config.data.cache_dir or out / "cache", seed=config.seed, dist=dist,
+                       cache_dir=config.data.cache_dir or RunLayout(out).cache, seed=config.seed, dist=dist,
                        log=print if dist.is_main else (lambda *_: None))
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, pairs, dist=dist, device=device)
-    trainer.train(resume=resume)
-    return out / "final"
+    trainer_for(config, stack.unet, stack.scheduler, pairs, dist=dist, device=device).train(resume=resume)
+    return TrainingLayout(out).final
+
+
+def trainer_for(config: RunConfig, policy, scheduler, seed_pairs, **options) -> DPOTrainer:
+    """A DPOTrainer with ``config``'s train section and the plain settings it needs from the rest of the config
+    (seed, caption dropout, output_dir unless ``options`` gives one); ``options``: DPOTrainer's keywords."""
+    options.setdefault("output_dir", config.output_dir)
+    return DPOTrainer(config.train, policy, scheduler, seed_pairs, seed=config.seed,
+                      caption_dropout=config.data.caption_dropout, **options)
 
 
 def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:

@@ -12,7 +12,7 @@ from test_train import TINY, planted_pairs
 
 from sail_fast.build import build_stack
 from sail_fast.config import load_config
-from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 from sail_fast.reward import ImplicitRewardScorer
 from sail_fast.sampling import generate_candidates
 from sail_fast.tiny import tiny_stack
@@ -28,7 +28,7 @@ def test_compiled_training_step_gives_eager_gradients(tmp_path):
         config = load_config(TINY, [f"output_dir={tmp_path / str(compiled)}", f"train.compile={compiled}",
                                     "train.pairs_per_step=4", "train.micro_batch_pairs=4"])
         stack = build_stack(config.model, seed=config.seed)
-        trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 16, 0), device=device)
+        trainer = trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 16, 0), device=device)
         assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule) == compiled
         with torch.no_grad():  # move the policy off the reference, so the loss has a real gradient
             for p in trainer.policy.parameters():
@@ -83,4 +83,4 @@ def test_compile_under_deepspeed_is_refused(tmp_path):
                                 f"train.deepspeed={TINY.parent / 'deepspeed' / 'zero2.json'}"])
     stack = build_stack(config.model, seed=config.seed)
     with pytest.raises(ValueError, match="train.compile is not supported under DeepSpeed"):
-        DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 4, 0))
+        trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 4, 0))

@@ -9,6 +9,7 @@ from sail_fast.build import build_stack
 from sail_fast.config import load_config
 from sail_fast.denormals import flush_denormal, flush_denormal_enabled
 from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, planted_pairs  # noqa: E402
@@ -38,7 +39,7 @@ def test_trainer_flushes_during_its_steps_and_leaves_the_process_as_it_was(tmp_p
     config = load_config(TINY, [f"output_dir={tmp_path}", "train.steps=2", "train.pairs_per_step=4",
                                 "train.micro_batch_pairs=4"])
     stack = build_stack(config.model, seed=config.seed, device=torch.device("cpu"))
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 8, 0))
+    trainer = trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 8, 0))
     assert not flush_denormal_enabled()  # building the trainer changes nothing
     seen = []
     step_loss = DPOTrainer._micro_step_loss

@@ -14,7 +14,7 @@ from sail_fast.build import build_stack
 from sail_fast.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.inversion import ddim_invert
-from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
@@ -140,9 +140,9 @@ def test_trainer_trains_with_inverted_noise_and_soft_labels(tmp_path):
     pairs = LatentPairs(torch.randn(m, 4, side, side, generator=gen), torch.randn(m, 4, side, side, generator=gen),
                         torch.randint(0, 2, (m,), generator=gen), prompts, stack.encode_prompts(prompts).prompt_embeds,
                         None, None, None, torch.full((m,), 0.8), ["human"] * m)
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, pairs)
+    trainer = trainer_for(config, stack.unet, stack.scheduler, pairs)
     unset = config.model_copy(update={"train": config.train.model_copy(update={"inversion_steps": None})})
-    assert DPOTrainer(unset, stack.unet, stack.scheduler, pairs).inversion_steps == 5  # SmPO-Diffusion's SD1.5 setting
+    assert trainer_for(unset, stack.unet, stack.scheduler, pairs).inversion_steps == 5  # SmPO-Diffusion's SD1.5 setting
     calls = []
     original = trainer.model.forward
 
@@ -158,7 +158,7 @@ def test_trainer_trains_with_inverted_noise_and_soft_labels(tmp_path):
 
     v_pred = DDPMScheduler.from_config({**stack.scheduler.config, "prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="epsilon-prediction"):
-        DPOTrainer(config, stack.unet, v_pred, pairs)
+        trainer_for(config, stack.unet, v_pred, pairs)
 
 
 @pytest.mark.parametrize("kind,beta,steps,optimizer", [("sd15", 2000, 5, "adamw"), ("sdxl", 5000, 10, "adafactor")])

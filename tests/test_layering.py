@@ -2,6 +2,7 @@
 below the toy world imports it, nothing imports the entry points, and config.py imports only the metric registry."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sail_fast"
@@ -101,3 +102,72 @@ def test_no_module_is_over_450_lines_and_the_loop_under_200():
     sizes = {p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {k: v for k, v in sizes.items() if v > 450} == {}
     assert sizes["sail/loop.py"] < 200
+
+
+# The entry points and the loop read the whole config; every part below them gets its own section and plain
+# arguments. toy/experiment drives `toy experiment` and `toy calibrate` (a loop per condition and seed).
+WHOLE_CONFIG_READERS = ENTRY_POINTS | {"sail_fast.config", "sail_fast.sail.loop", "sail_fast.sail.context",
+                                       "sail_fast.toy.experiment"}
+
+
+def whole_config_parameters(tree: ast.AST) -> list[str]:
+    """Parameters of functions and methods that are annotated RunConfig, or are named ``config`` unannotated."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            params = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            for arg in params:
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+                if (annotation and "RunConfig" in annotation) or (annotation is None and arg.arg == "config"):
+                    found.append(f"{node.name}({arg.arg}: {annotation})")
+    return found
+
+
+def test_the_signature_check_finds_whole_config_parameters():
+    tree = ast.parse("class T:\n    def __init__(self, config: RunConfig, x: int): ...\n"
+                     "def f(config): ...\ndef g(config: dict, train: TrainConfig): ...")
+    assert sorted(whole_config_parameters(tree)) == ["__init__(config: RunConfig)", "f(config: None)"]
+
+
+def test_only_the_entry_points_and_the_loop_take_a_run_config():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if module not in WHOLE_CONFIG_READERS and (found := whole_config_parameters(ast.parse(path.read_text()))):
+            offenders[module] = found
+    assert offenders == {}
+
+
+# Stage paths and file names of a run folder: only sail_fast/run_layout.py spells them. `sail-fast eval`
+# writes its own output folder (eval.json, with a "checkpoints" list), not a run's.
+RUN_PATH_NAMES = {"iter0", "final", "checkpoints", "eval.json", "eval_samples.safetensors", "ranking.json", "done.json",
+                  "pairs.safetensors", "candidates.png", "real_pairs.png", "samples.png", "metrics.json", "metrics.jsonl",
+                  "curves.png", "summary.md", "compare.png", "train.log", "sail.log", "config.yaml"}
+RUN_PATH_PREFIX = re.compile(r"^(round-|iter0/|final/|checkpoints/|step-|candidates\.rank|real_losers\.rank|metrics\.rank|config\.resume)\S*$")
+OWN_OUTPUT = {"sail_fast.evaluate", "sail_fast.cli"}
+
+
+def run_path_literals(tree: ast.AST) -> list[str]:
+    """String constants (docstrings aside) that name a run folder's stage, file or subfolder."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"line {node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and (node.value in RUN_PATH_NAMES or RUN_PATH_PREFIX.match(node.value))]
+
+
+def test_the_path_check_finds_stage_paths_but_not_prose():
+    tree = ast.parse('"""Writes round-01/ranking.json."""\n'
+                     'a = out / f"round-{r:02d}" / "ranking.json"\nb = run / "iter0/final"\n'
+                     'raise ValueError(f"no iter0/final in {run}; let it finish")')
+    assert sorted(run_path_literals(tree)) == ["line 2: 'ranking.json'", "line 2: 'round-'", "line 3: 'iter0/final'"]
+
+
+def test_every_run_path_comes_from_the_run_layout():
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if module not in {"sail_fast.run_layout"} | OWN_OUTPUT and (literals := run_path_literals(ast.parse(path.read_text()))):
+            found[module] = literals
+    assert found == {}

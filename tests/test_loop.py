@@ -75,6 +75,17 @@ def test_rounds_write_their_stages_and_pair_best_against_worst(tmp_path):
         assert "2 generated + 6 seed pairs per batch" in (stage / "train/train.log").read_text()
 
 
+def test_a_round_encodes_its_prompts_once(tmp_path, monkeypatch):
+    # Sampling, ranking and the pairs all read the one encoding of the round's prompts (and the empty one).
+    from sail_fast.models import DiffusionStack
+
+    calls, encode = [], DiffusionStack.encode_prompts
+    monkeypatch.setattr(DiffusionStack, "encode_prompts", lambda self, prompts: calls.append(list(prompts)) or encode(self, prompts))
+    SailLoop(make_config(tmp_path, "sail.rounds=1")).run()
+    round_prompts = json.loads((tmp_path / "run/round-01/ranking.json").read_text())["prompts"]
+    assert [c for c in calls if set(c) & set(round_prompts)] == [round_prompts + [""]]
+
+
 def test_random_pairing_orders_two_random_candidates_by_reward(tmp_path):
     SailLoop(make_config(tmp_path, "sail.pairing=random", "sail.rounds=1")).run()
     stage = tmp_path / "run/round-01"

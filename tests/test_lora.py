@@ -15,6 +15,7 @@ from sail_fast.build import build_stack
 from sail_fast.config import LoraSettings, load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 from sail_fast.lora import (
     LORA_WEIGHTS,
     POLICY,
@@ -99,7 +100,7 @@ def _trainer(tmp_path, *overrides, kind="sd15", pairs=64, seed=0):
     config = load_config(TINY, [f"output_dir={tmp_path}", *LORA, *extra, *overrides])
     stack = build_stack(config.model, seed=0)
     data = _sdxl_planted_pairs(stack, pairs, seed) if kind == "sdxl" else planted_pairs(stack, pairs, seed)
-    return DPOTrainer(config, stack.unet, stack.scheduler, data), stack, config
+    return trainer_for(config, stack.unet, stack.scheduler, data), stack, config
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -15,7 +15,7 @@ from sail_fast.build import build_stack
 from sail_fast.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.optim import build_optimizer
-from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 from sail_fast.plan import (
     meta_unet,
     optimizer_state_bytes,
@@ -47,14 +47,14 @@ def toy_trainer(tmp_path, *overrides):
     pairs = LatentPairs(torch.randn(64, 1, 16, 16, generator=gen), torch.randn(64, 1, 16, 16, generator=gen),
                         torch.zeros(64, dtype=torch.int64), ["a handwritten 3", ""], embeds, None, None, None,
                         torch.ones(64), ["human"] * 64)
-    return config, DPOTrainer(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
+    return config, trainer_for(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, checkpointing):
     config, trainer = toy_trainer(tmp_path, f"train.gradient_checkpointing={checkpointing}")
     measured = measured_peak_bytes(trainer, tmp_path)
-    plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32",
+    plan = plan_memory(config.model, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32",
                        checkpointing=checkpointing, micro_batch_pairs=32, latent=16)
     assert plan.total == pytest.approx(measured, rel=0.2)
 
@@ -65,9 +65,9 @@ def test_plan_predicts_measured_lora_training_memory_within_20_percent(tmp_path)
     config, trainer = toy_trainer(tmp_path, "train.lora.rank=8")
     assert trainer.reference is None  # no reference UNet
     measured = measured_peak_bytes(trainer, tmp_path)
-    plan = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
+    plan = plan_memory(config.model, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
                        micro_batch_pairs=32, latent=16, lora=LoraSettings(rank=8))
-    full = plan_memory(config, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
+    full = plan_memory(config.model, 1, zero_stage=0, optimizer="adamw", mixed_precision="fp32", checkpointing=False,
                        micro_batch_pairs=32, latent=16)
     assert plan.total == pytest.approx(measured, rel=0.2)
     trainable = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)

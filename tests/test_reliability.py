@@ -23,7 +23,7 @@ from sail_fast.build import build_stack
 from sail_fast.cli import main
 from sail_fast.config import ConfigError, load_config
 from sail_fast.data.records import PairRecord, write_pairs_jsonl
-from sail_fast.dpo.trainer import DPOTrainer, NonFiniteError
+from sail_fast.dpo.trainer import NonFiniteError
 from sail_fast.images import decode_latents, image_grid
 from sail_fast.rundir import (
     LOCK,
@@ -34,7 +34,7 @@ from sail_fast.rundir import (
 )
 from sail_fast.sail.loop import SailLoop
 from sail_fast.sail.ranking import drop_non_finite, soft_labels
-from sail_fast.train import run_training
+from sail_fast.train import run_training, trainer_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_config  # noqa: E402
@@ -86,7 +86,7 @@ def test_toy_world_refuses_sail_prompts_it_would_ignore():
 def test_diverging_training_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config, stack = _tiny(tmp_path, "train.learning_rate=1e4", "train.steps=20", "train.checkpoint_every=1",
                           "train.keep_checkpoints=50")
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 64, 0))
+    trainer = trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 64, 0))
     with pytest.raises(NonFiniteError, match=r"training diverged at step \d+: loss .*last finite loss was .* at step"):
         trainer.train()
     run = tmp_path / "run"
@@ -270,16 +270,16 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     common = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=4"]
     config, stack = _tiny(tmp_path / "a", *common)
     pairs = planted_pairs(stack, 32, 0)
-    DPOTrainer(config, stack.unet, stack.scheduler, pairs).train()
+    trainer_for(config, stack.unet, stack.scheduler, pairs).train()
     expected = load_file(tmp_path / "a/run/final/unet/diffusion_pytorch_model.safetensors")
 
     config, stack = _tiny(tmp_path / "b", *common)
-    DPOTrainer(config, stack.unet, stack.scheduler, pairs).train(stop_after=3)
+    trainer_for(config, stack.unet, stack.scheduler, pairs).train(stop_after=3)
     weights = tmp_path / "b/run/checkpoints/step-000003/unet/diffusion_pytorch_model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     config, stack = _tiny(tmp_path / "b", *common)
-    DPOTrainer(config, stack.unet, stack.scheduler, pairs).train(resume=True)
+    trainer_for(config, stack.unet, stack.scheduler, pairs).train(resume=True)
     log = (tmp_path / "b/run/train.log").read_text()
     assert "skipping checkpoint" in log and "step-000003" in log and "truncated" in log
     assert "resumed from" in log and "step-000002 at step 2" in log

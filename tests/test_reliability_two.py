@@ -18,6 +18,7 @@ from sail_fast.build import build_stack
 from sail_fast.cli import main
 from sail_fast.config import load_config
 from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 from sail_fast.rundir import LOCK, WeightsChangedError
 from sail_fast.sail.loop import SailLoop
 
@@ -108,10 +109,10 @@ def test_a_checkpoint_with_zeroed_weights_is_skipped_on_resume(tmp_path):
               "train.micro_batch_pairs=4"]
     config, stack = _tiny(tmp_path, *common)
     pairs = planted_pairs(stack, 8, 0)
-    DPOTrainer(config, stack.unet, stack.scheduler, pairs).train(stop_after=2)
+    trainer_for(config, stack.unet, stack.scheduler, pairs).train(stop_after=2)
     zero_tensor_bytes(tmp_path / "run/checkpoints/step-000002" / WEIGHTS)
     config, stack = _tiny(tmp_path, *common)
-    DPOTrainer(config, stack.unet, stack.scheduler, pairs).train(resume=True)
+    trainer_for(config, stack.unet, stack.scheduler, pairs).train(resume=True)
     log = (tmp_path / "run/train.log").read_text()
     assert "skipping checkpoint" in log and "does not match the sha256" in log
     assert "step-000001 at step 1" in log

@@ -164,7 +164,7 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
 
     from sail_fast.config import load_config
     from sail_fast.data.latent_pairs import LatentPairs
-    from sail_fast.dpo.trainer import DPOTrainer
+    from sail_fast.train import trainer_for
 
     stack = load_toy_stack()
     images, labels = load_digits()
@@ -190,5 +190,5 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
 
     config = load_config(REPO_TOY, ["train.steps=30", "train.progress=false", "train.checkpoint_every=1000",
                                     f"output_dir={tmp_path}"])
-    trainer = DPOTrainer(config, copy.deepcopy(stack.unet).requires_grad_(True), stack.scheduler, pairs)
+    trainer = trainer_for(config, copy.deepcopy(stack.unet).requires_grad_(True), stack.scheduler, pairs)
     assert mean_width(trainer.train()) > mean_width(stack.unet) + 0.02

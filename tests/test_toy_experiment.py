@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from sail_fast.config import load_config
 from sail_fast.paired import clustered_mean, paired_difference
-from sail_fast.sail.evaluation import EVAL_SAMPLES
+from sail_fast.run_layout import EVAL_SAMPLES
 from sail_fast.toy.experiment import DPO_SHARES, condition_overrides, write_table
 from sail_fast.toy.labels import TERMS
 

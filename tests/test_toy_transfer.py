@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sail_fast.config import load_config
-from sail_fast.sail.evaluation import EVAL_SAMPLES
+from sail_fast.run_layout import EVAL_SAMPLES
 from sail_fast.toy.sampler_transfer import sampler_transfer
 
 REPO = Path(__file__).resolve().parents[1]

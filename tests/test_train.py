@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sail_fast.build import build_stack
 from sail_fast.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.dpo.trainer import DPOTrainer
+from sail_fast.train import trainer_for
 from sail_fast.reward import ImplicitRewardScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def _losses(path):
 def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
     config, stack = _setup(tmp_path, "train.steps=60", "train.pairs_per_step=16", "train.micro_batch_pairs=16",
                            "train.checkpoint_every=1000")
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 512, 0))
+    trainer = trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 512, 0))
     reference = trainer.reference
     scorer = ImplicitRewardScorer(trainer.policy, reference, stack.scheduler, beta=config.train.beta, num_draws=4)
     held_out = planted_pairs(stack, 64, 1)
@@ -65,7 +65,7 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
 def test_adamw8bit_keeps_uint8_state_and_lowers_the_loss(tmp_path):
     config, stack = _setup(tmp_path, "train.optimizer=adamw8bit", "train.steps=25", "train.pairs_per_step=16",
                            "train.micro_batch_pairs=16", "train.checkpoint_every=1000")
-    trainer = DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 256, 0))
+    trainer = trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 256, 0))
     trainer.train()
     states = [s for s in trainer.optimizer.state.values() if "state1" in s]
     assert states and any(s["state1"].dtype == torch.uint8 for s in states)
@@ -83,11 +83,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, extra):
     for name, stop_after in (("straight", None), ("resumed", 3)):
         config, stack = _setup(tmp_path / name, *args)
         seed, generated = planted_pairs(stack, 40, 0), planted_pairs(stack, 12, 5, source="sail")
-        DPOTrainer(config, stack.unet, stack.scheduler, seed, generated_pairs=generated).train(stop_after=stop_after)
+        trainer_for(config, stack.unet, stack.scheduler, seed, generated_pairs=generated).train(stop_after=stop_after)
         if stop_after:
             # A new process would start from the same base weights: rebuild everything.
             config, stack = _setup(tmp_path / name, *args)
-            trainer = DPOTrainer(config, stack.unet, stack.scheduler, seed, generated_pairs=generated)
+            trainer = trainer_for(config, stack.unet, stack.scheduler, seed, generated_pairs=generated)
             with pytest.raises(FileExistsError, match="--resume"):
                 trainer.train()
             trainer.train(resume=True)
@@ -129,7 +129,7 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
 def test_bad_batch_geometry(tmp_path):
     config, stack = _setup(tmp_path, "train.pairs_per_step=10", "train.micro_batch_pairs=4")
     with pytest.raises(ValueError, match="pairs_per_step=10 is not a multiple of micro_batch_pairs x ranks = 4 x 1"):
-        DPOTrainer(config, stack.unet, stack.scheduler, planted_pairs(stack, 8, 0))
+        trainer_for(config, stack.unet, stack.scheduler, planted_pairs(stack, 8, 0))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from ..config import RunConfig, SailConfig, round_config
 from ..distributed import DistInfo
 from ..images import decode_latents, enlarge
 from ..models import DiffusionStack
+from ..run_layout import RunLayout
 from .world import World
 
 
@@ -37,6 +38,11 @@ class RunContext:
     @property
     def sampling(self) -> dict:
         return self.config.sail.sampling()
+
+    @property
+    def layout(self) -> RunLayout:
+        """Every path in the run folder."""
+        return RunLayout(self.out, self.config.sail.iter0_from)
 
     @property
     def seed(self) -> int:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ..data.latent_pairs import LatentPairs
 from ..images import image_grid
 from ..paired import paired_difference
+from ..run_layout import RunLayout
 from ..rundir import atomic_save_tensors, read_json, write_json
 from ..sampling import generate_candidates
 from ..seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
@@ -21,7 +22,6 @@ from .context import RunContext
 from .label_quality import eval_label_quality
 from .ranking import implicit_scorer
 
-EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
 
 
 def sample_diversity(latents: torch.Tensor) -> float:
@@ -37,7 +37,7 @@ def sample_diversity(latents: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None) -> dict:
     """A stage's metrics: fixed-seed samples on the eval prompts, self-label agreement, the world's judgment."""
-    path = ctx.out / name / "eval.json"
+    path = ctx.layout.eval_json(name)
     if path.exists():
         return read_json(path)
     prompts = ctx.world.eval_prompts()
@@ -55,27 +55,27 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
         if samples is not None:  # how well the stage's reward ranks its own samples, by the judge (a diagnostic)
             metrics |= eval_label_quality(ctx, scorer, latents, prompts, samples)
     if samples is not None:
-        metrics |= ctx.world.summary(samples, prompts) | paired_with_earlier(ctx.out, name, samples)
+        metrics |= ctx.world.summary(samples, prompts) | paired_with_earlier(ctx.layout, name, samples)
     if ctx.dist.is_main:
         images = ctx.pictures(latents[: min(10, len(prompts))].flatten(0, 1))
         path.parent.mkdir(parents=True, exist_ok=True)
         if images is not None:
             shown = [f"{prompts[i // n]} ({name})" for i in range(len(images))]
-            image_grid(images, columns=n, captions=shown).save(path.with_name("samples.png"))
+            image_grid(images, columns=n, captions=shown).save(ctx.layout.samples_grid(name))
         if samples is not None:  # per-sample tables: later stages pair their scores with these
-            atomic_save_tensors({"latents": latents} | samples, path.with_name(EVAL_SAMPLES))
+            atomic_save_tensors({"latents": latents} | samples, ctx.layout.eval_samples(name))
         write_json(path, metrics)
     ctx.dist.barrier()
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     ctx.log(f"{name}: {shown}")
     return metrics
 
-def paired_with_earlier(out: Path, name: str, samples: dict[str, torch.Tensor]) -> dict:
+def paired_with_earlier(layout: RunLayout, name: str, samples: dict[str, torch.Tensor]) -> dict:
     """Paired differences (mean, prompt-clustered SE) of every term against the base and iter0,
     which were sampled on the same prompts with the same seeds."""
     paired = {}
-    for other in ("base", "iter0"):
-        file = out / other / EVAL_SAMPLES
+    for other in (RunLayout.BASE, RunLayout.ITER0):
+        file = layout.eval_samples(other)
         if other == name or not file.exists():
             continue
         theirs = load_file(file)
@@ -83,16 +83,15 @@ def paired_with_earlier(out: Path, name: str, samples: dict[str, torch.Tensor]) 
     return paired
 
 
-def metric_rows(out: Path, rounds: int) -> list[dict]:
+def metric_rows(layout: RunLayout, rounds: int) -> list[dict]:
     rows = []
-    stages = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, rounds + 1)]
-    for i, name in enumerate(stages):
-        file = out / name / "eval.json"
+    for i, name in enumerate(RunLayout.stage_names(rounds)):
+        file = layout.eval_json(name)
         if not file.exists():
             continue  # not finished, or not evaluated (sail.eval_each_round: false)
         row = {"stage": name, "round": i - 1} | read_json(file)
-        ranking = out / name / "ranking.json"
-        if ranking.exists():
+        ranking = layout.ranking(i - 1) if i > 1 else None
+        if ranking is not None and ranking.exists():
             info = read_json(ranking)
             row |= {k: info[k] for k in ("reward_spread_mean", "reward_std_within_prompt")}
             row |= {f"ranking_{k}": v for k, v in info.get("label_quality", {}).items()}  # the round's candidates
@@ -100,11 +99,11 @@ def metric_rows(out: Path, rounds: int) -> list[dict]:
         rows.append(row)
     return rows
 
-def write_metrics(out: Path, rounds: int) -> None:
+def write_metrics(layout: RunLayout, rounds: int) -> None:
     """``metrics.json`` (one row per evaluated stage) and ``curves.png``."""
-    rows = metric_rows(out, rounds)
-    write_json(out / "metrics.json", rows)
-    plot_curves(rows, out / "curves.png")
+    rows = metric_rows(layout, rounds)
+    write_json(layout.metrics, rows)
+    plot_curves(rows, layout.curves)
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

@@ -10,12 +10,11 @@ changes settings for single rounds (RealAlign's second stage), and ``sail.iter0_
 The run folder's layout is in ``sail_fast.rundir``; each stage writes ``done.json`` last, and ``--resume``
 skips finished stages and continues a half-trained one from its latest intact checkpoint.
 
-The loop only sequences the stages; each is a function of a ``RunContext`` (``context``): the world
-(``world``: prompts, human pairs, real images, a judge), ranking (``ranking``), pairing (``pairing``),
-RealAlign's pairs (``real_pairs``), training (``sail_fast.dpo``) and evaluation (``evaluation``).
-
-Under the DeepSpeed launcher each rank generates and ranks its slice of a round's prompts;
-the pairs are gathered on every rank before the data-parallel DPO stage.
+The loop only sequences the stages, and it is the one place past the entry points that reads the whole
+config; each stage is a function of a ``RunContext`` (``context``): the world (``world``: prompts, human
+pairs, real images, a judge), ranking, pairing, RealAlign's pairs (``real_pairs``), training
+(``sail_fast.dpo``, given its own section) and evaluation. Under the DeepSpeed launcher each rank generates
+and ranks its slice of a round's prompts; the pairs are gathered on every rank before the DPO stage.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from ..distributed import DistInfo
 from ..dpo.trainer import DPOTrainer
 from ..lora import PREVIOUS
 from ..outfolder import writable_folder
+from ..run_layout import RunLayout
 from ..rundir import RunLock, atomic_write_text, record_config, write_json
 from ..seeding import STAGE_TRAINING, derive_seed
 from ..yaml_files import dump_yaml
@@ -44,8 +44,8 @@ from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
 from .policies import Policies
 from .real_pairs import encoded_real_images
-from .reuse import DONE, reuse_iter0
-from .world import world_for
+from .reuse import reuse_iter0
+from .world import world_class
 
 
 class SailLoop:
@@ -60,15 +60,17 @@ class SailLoop:
         self.out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
         self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
-        self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out,
-                              world_for(config, self.out, self.log), self.log, config.train.progress and dist.is_main)
-        self.base = self.ctx.base
+        world = world_class(config.model.toy)(config.sail, config.data.seed_pairs, seed=config.seed, out=self.out,
+                                              log=self.log, toy=config.toy)
+        self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out, world, self.log,
+                              config.train.progress and dist.is_main)
+        self.base, self.layout = self.ctx.base, self.ctx.layout
 
     def log(self, text: str) -> None:
         if not self.dist.is_main:
             return
         (self._log or tqdm.write)(text)
-        with (self.out / "sail.log").open("a") as f:
+        with RunLayout(self.out).log.open("a") as f:
             f.write(text + "\n")
 
     def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
@@ -76,7 +78,7 @@ class SailLoop:
 
         The run folder is locked for the run's lifetime; ``resume`` refuses a config that differs from
         the one the run started with unless ``allow_config_change`` (see ``sail_fast.rundir``)."""
-        if not resume and (self.out / "base").exists():
+        if not resume and self.layout.stage(RunLayout.BASE).exists():
             raise FileExistsError(
                 f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
             )
@@ -88,7 +90,7 @@ class SailLoop:
 
     def _run_stages(self, rounds: list[list[str]]) -> Path:
         seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
-        pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.out / "cache",
+        pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.layout.cache,
                      "seed": self.config.seed, "dist": self.dist, "log": self.log}
         seed_pairs = load_pairs(seed_sources, self.ctx.stack, **pair_args) if seed_sources else None  # None: rounds alone
         heldout = load_pairs(heldout_sources, self.ctx.stack, **pair_args) if heldout_sources else None
@@ -96,7 +98,7 @@ class SailLoop:
         self.log(f"seed: {len(seed_pairs or [])} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
         real_set = encoded_real_images(self.ctx) if "real" in self.sail.pair_sources else None
 
-        evaluate_stage(self.ctx, "base", self.base, heldout)
+        evaluate_stage(self.ctx, RunLayout.BASE, self.base, heldout)
         policy = self.iter0_stage(seed_pairs, heldout)
         previous = self.base
         for r, prompts in enumerate(rounds, start=1):
@@ -105,19 +107,15 @@ class SailLoop:
             # previous) is read back from disk: the weights round r started from, as on --resume.
             previous = self.policies.load(self.policy_dir(r - 1), PREVIOUS) if self.sail.reference == "previous" else self.base
         self._write_metrics()
-        last = f"round-{self.sail.rounds:02d}" if self.sail.rounds else "iter0"
-        self.ctx.world.report(self.ctx, metric_rows(self.out, self.sail.rounds), last)
-        self.log(f"SAIL finished: final policy in {self.final_dir()}; metrics in {self.out / 'metrics.json'}")
-        return self.final_dir()
-
-    def final_dir(self) -> Path:
-        return self.policy_dir(self.sail.rounds)
+        last = RunLayout.stage_name(self.sail.rounds)
+        self.ctx.world.report(self.ctx, metric_rows(self.layout, self.sail.rounds), last)
+        final = self.policy_dir(self.sail.rounds)
+        self.log(f"SAIL finished: final policy in {final}; metrics in {self.layout.metrics}")
+        return final
 
     def policy_dir(self, r: int) -> Path:
         """The UNet (or LoRA) directory of the policy after round r (0: iter0, wherever it was trained)."""
-        if r == 0:
-            return Path(self.sail.iter0_from or self.out / "iter0") / "final" / self.policies.folder
-        return self.out / f"round-{r:02d}/train/final/{self.policies.folder}"
+        return self.layout.final(r) / self.policies.folder
 
     def _round_prompts(self) -> list[list[str]]:
         """Disjoint prompt sets, one per round."""
@@ -129,66 +127,70 @@ class SailLoop:
             )
         return [pool[r * per : (r + 1) * per] for r in range(rounds)]
 
-    def _stage_config(self, stage: int, steps: int | None, stage_dir: Path, config: RunConfig) -> RunConfig:
+    def _stage_config(self, stage: int, steps: int | None, config: RunConfig) -> RunConfig:
         """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
         train = config.train.model_copy(update={"steps": steps or config.train.steps})
         config = config.model_copy(update={"seed": derive_seed(config.seed, STAGE_TRAINING + stage) % 2**31, "train": train})
-        if self.dist.is_main and not (stage_dir / "config.yaml").exists():
-            atomic_write_text(stage_dir / "config.yaml", dump_yaml(config.model_dump(mode="json")))
+        if self.dist.is_main and not self.layout.stage_config(stage).exists():
+            atomic_write_text(self.layout.stage_config(stage), dump_yaml(config.model_dump(mode="json")))
         return config
+
+    def _trainer(self, config: RunConfig, policy, seed_pairs, **options) -> DPOTrainer:  # the stage config's section and seed
+        return DPOTrainer(config.train, policy, self.ctx.stack.scheduler, seed_pairs, seed=config.seed,
+                          caption_dropout=config.data.caption_dropout, dist=self.dist, device=self.ctx.device, **options)
 
     def _write_metrics(self) -> None:
         if self.dist.is_main:
-            write_metrics(self.out, self.sail.rounds)
+            write_metrics(self.layout, self.sail.rounds)
 
     def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
-        stage = self.out / "iter0"
+        layout, stage = self.layout, RunLayout.ITER0
         if self.sail.iter0_from:
-            reuse_iter0(Path(self.sail.iter0_from), stage, self.dist)
+            reuse_iter0(Path(self.sail.iter0_from), layout, self.dist)
             return self.policies.load(self.policy_dir(0))
-        if not (stage / DONE).exists():
+        if not layout.done(stage).exists():
             started = time.perf_counter()
             if self.sail.iter0_steps == 0:  # the rounds start from the base model
                 self.log("iter0: none (sail.iter0_steps: 0); the rounds start from the base model")
                 if self.dist.is_main:
-                    self.policies.save_fresh(stage / "final")
+                    self.policies.save_fresh(layout.final(0))
             else:
                 self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
-                trainer = DPOTrainer(self._stage_config(0, self.sail.iter0_steps, stage, self.config), self.policies.fresh(),
-                                     self.ctx.stack.scheduler, seed_pairs, output_dir=stage, dist=self.dist, device=self.ctx.device)
+                trainer = self._trainer(self._stage_config(0, self.sail.iter0_steps, self.config), self.policies.fresh(),
+                                        seed_pairs, output_dir=layout.training(0).root)
                 trainer.train(resume=True)
                 del trainer
             self.dist.barrier()
             policy = self.policies.load(self.policy_dir(0))
-            evaluate_stage(self.ctx, "iter0", policy, heldout)
+            evaluate_stage(self.ctx, stage, policy, heldout)
             if self.dist.is_main:
-                write_json(stage / DONE, {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])})
+                write_json(layout.done(stage), {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])})
             self.dist.barrier()
         self._write_metrics()
         return self.policies.load(self.policy_dir(0))
 
     def round_stage(self, r: int, prompts: list[str], policy, previous, seed_pairs: LatentPairs, heldout, real_set):
-        stage = self.out / f"round-{r:02d}"
-        if (stage / DONE).exists():
+        layout, stage = self.layout, RunLayout.stage_name(r)
+        if layout.done(stage).exists():
             return self.policies.load(self.policy_dir(r))
         started, ctx = time.perf_counter(), self.ctx.for_round(r)  # with sail.round_overrides[r]
-        stage.mkdir(parents=True, exist_ok=True)
-        pairs = round_pairs(ctx, real_set, stage, r, prompts, policy, self.base if ctx.sail.reference == "base" else previous)
+        layout.stage(stage).mkdir(parents=True, exist_ok=True)
+        pairs = round_pairs(ctx, real_set, r, prompts, policy, self.base if ctx.sail.reference == "base" else previous)
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
-            pairs.save(stage / "pairs.safetensors")
+            pairs.save(layout.pairs(r))
         mixed = f"mixed with {len(seed_pairs)} seed pairs" if seed_pairs and ctx.config.train.mixup_alpha < 1 else "alone"
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) {mixed}")
-        trainer = DPOTrainer(self._stage_config(r, ctx.sail.round_steps, stage, ctx.config), self.policies.trainable(policy),
-                             self.ctx.stack.scheduler, seed_pairs, generated_pairs=pairs, output_dir=stage / "train", dist=self.dist,
-                             device=self.ctx.device, reference=self.base if ctx.sail.round_reference == "base" else None)
+        trainer = self._trainer(self._stage_config(r, ctx.sail.round_steps, ctx.config), self.policies.trainable(policy),
+                                seed_pairs, generated_pairs=pairs, output_dir=layout.training(r).root,
+                                reference=self.base if ctx.sail.round_reference == "base" else None)
         trainer.train(resume=True)
         del trainer
         policy = self.policies.load(self.policy_dir(r))
         if self.sail.eval_each_round or r == self.sail.rounds:
-            evaluate_stage(self.ctx, f"round-{r:02d}", policy, heldout)
+            evaluate_stage(self.ctx, stage, policy, heldout)
         if self.dist.is_main:
-            write_json(stage / DONE, {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
+            write_json(layout.done(stage), {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
                                        "pairs_by_source": by_source, "human_pairs": len(seed_pairs or [])})
         self.dist.barrier()
         self._write_metrics()

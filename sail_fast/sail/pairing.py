@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ..data.latent_pairs import LatentPairs
 from ..images import image_grid
+from ..models import PromptEmbeds
 from ..rundir import atomic_save_tensors, write_json
 from ..sampling import generate_candidates
 from ..seeding import ROUND_CANDIDATES, derive_seed
@@ -23,9 +24,10 @@ from .ranking import Ranker, drop_non_finite, finite_mean_std, make_ranker, soft
 from .real_pairs import real_pairs
 
 
-def candidates(ctx: RunContext, stage: Path, r: int, prompts: list[str], policy) -> torch.Tensor:
-    """N latents per prompt from the current policy, saved so a resumed round skips sampling."""
-    file = stage / f"candidates.rank{ctx.dist.rank}.safetensors"
+def candidates(ctx: RunContext, r: int, prompts: list[str], policy, embeds: PromptEmbeds) -> torch.Tensor:
+    """N latents per prompt from the current policy (``embeds``: the prompts' own), saved so a resumed round
+    skips sampling."""
+    file = ctx.layout.candidates(r, ctx.dist.rank)
     if file.exists():
         return load_file(file)["latents"]
     # Each candidate's seed is a function of (seed, round, its prompt's place in the round):
@@ -34,16 +36,17 @@ def candidates(ctx: RunContext, stage: Path, r: int, prompts: list[str], policy)
     seeds = torch.tensor([[derive_seed(ctx.seed, ROUND_CANDIDATES + r, ctx.global_position(i), k) for k in range(n)]
                           for i in range(len(prompts))], dtype=torch.int64).view(len(prompts), n)
     latents = generate_candidates(ctx.stack_with(policy), prompts, n, seeds=seeds, batch_size=ctx.sail.generation_batch,
-                                  progress=ctx.progress, **ctx.sampling).latents
+                                  progress=ctx.progress, prompt_embeds=embeds, **ctx.sampling).latents
     atomic_save_tensors({"latents": latents}, file)
     return latents
 
 
-def chosen_pairs(ctx: RunContext, prompts: list[str], latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
-                 labels: torch.Tensor | None = None) -> LatentPairs:
-    """The (winner, loser) candidates of each prompt as LatentPairs, with the prompts' embeddings."""
+def chosen_pairs(ctx: RunContext, prompts: list[str], embeds: PromptEmbeds, latents: torch.Tensor, win: torch.Tensor,
+                 lose: torch.Tensor, labels: torch.Tensor | None = None) -> LatentPairs:
+    """The (winner, loser) candidates of each prompt as LatentPairs, with ``embeds``: the prompts' and the
+    empty prompt's embeddings (the last row, for caption dropout)."""
     rows = torch.arange(len(prompts))
-    embeds = ctx.stack.encode_prompts(list(prompts) + [""]).to("cpu", torch.float32)
+    embeds = embeds.to("cpu", torch.float32)
     added = ctx.stack.added_cond_kwargs(embeds.index(list(range(len(prompts)))), *latents.shape[-2:])  # SDXL only
     time_ids = None if added is None else added["time_ids"].float().cpu()
     return LatentPairs(
@@ -55,14 +58,18 @@ def chosen_pairs(ctx: RunContext, prompts: list[str], latents: torch.Tensor, win
     )
 
 
-def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: list[str], policy, reference) -> LatentPairs:
+def ranked_pairs(ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], policy, reference) -> LatentPairs:
     """SAIL's (or OnlineDPO's) pairs: candidates of the round's prompts, ranked, best against worst."""
     sail, dist = ctx.sail, ctx.dist
     mine = prompts[dist.rank :: dist.world_size]
     ctx.log(f"round {r}: {len(prompts)} prompts x {sail.candidates} candidates"
             + (f", dealt round-robin to {dist.world_size} ranks" if dist.enabled else ""))
-    latents = candidates(ctx, stage, r, mine, policy)
-    rewards, win, lose = ranker.rank(r, mine, latents, policy, reference)
+    # The round's one text-encoder call: its prompts and the empty one, carried with the candidates to
+    # sampling, ranking and the pairs.
+    embeds = ctx.stack.encode_prompts(list(mine) + [""])
+    own = embeds.index(list(range(len(mine))))
+    latents = candidates(ctx, r, mine, policy, own)
+    rewards, win, lose = ranker.rank(r, mine, own, latents, policy, reference)
     rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=sail.pairing == "best_worst")
     judged = ctx.world.judge(latents, mine)  # the toy's noiseless human: a diagnostic the pairs never see
     quality = None if judged is None else label_quality({k: v[keep] for k, v in judged.items()}, rewards[keep], win[keep],
@@ -71,7 +78,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
     if sail.soft_labels:
         labels = soft_labels(rewards, win, lose, sail.soft_label_temperature, sail.label_norm(),
                              sail.soft_label_range or ranker.score_range)
-    gathered, order = ctx.gather_in_order(chosen_pairs(ctx, mine, latents, win, lose, labels), mine, rewards, keep)
+    gathered, order = ctx.gather_in_order(chosen_pairs(ctx, mine, embeds, latents, win, lose, labels), mine, rewards, keep)
     all_rewards = torch.cat([g[2] for g in gathered])[order]
     all_keep = torch.cat([g[3] for g in gathered])[order]
     # Prompts left with fewer than two finite candidates give no pair (counted and logged).
@@ -96,8 +103,8 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, stage: Path, r: int, prompts: 
     if quality is not None:  # this rank's prompts (every prompt on a single process)
         ranking["label_quality"] = quality
     if dist.is_main:
-        write_json(stage / "ranking.json", ranking)
-        candidate_grid(ctx, stage / "candidates.png", mine, latents, rewards, win, lose)
+        write_json(ctx.layout.ranking(r), ranking)
+        candidate_grid(ctx, ctx.layout.candidate_grid(r), mine, latents, rewards, win, lose)
     ctx.log(f"round {r}: {len(pairs)} ranked pairs; reward spread {ranking['reward_spread_mean']:.3g} "
             f"(mean best - worst per prompt)")
     return pairs
@@ -119,11 +126,11 @@ def candidate_grid(ctx: RunContext, path: Path, prompts, latents, rewards, win, 
     image_grid(images, columns=latents.shape[1], captions=captions).save(path)
 
 
-def round_pairs(ctx: RunContext, real_set, stage: Path, r: int, prompts: list[str], policy, reference) -> LatentPairs:
+def round_pairs(ctx: RunContext, real_set, r: int, prompts: list[str], policy, reference) -> LatentPairs:
     """Every pair round r trains on (besides the seed), from each of ``sail.pair_sources``."""
     parts = []
     if "self" in ctx.sail.pair_sources:
-        parts.append(ranked_pairs(ctx, make_ranker(ctx), stage, r, prompts, policy, reference))
+        parts.append(ranked_pairs(ctx, make_ranker(ctx), r, prompts, policy, reference))
     if "real" in ctx.sail.pair_sources:
-        parts.append(real_pairs(ctx, real_set, stage, r, policy))
+        parts.append(real_pairs(ctx, real_set, r, policy))
     return parts[0] if len(parts) == 1 else LatentPairs.cat(parts)

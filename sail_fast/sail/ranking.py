@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..config import SailConfig
 from ..images import decode_latents
 from ..metrics import Metric
-from ..models import DiffusionStack
+from ..models import DiffusionStack, PromptEmbeds
 from ..reward import Draws, ImplicitRewardScorer
 from ..seeding import ROUND_RANDOM_PAIRS, ROUND_RANKING_DRAWS, derive_seed
 from .context import RunContext
@@ -106,8 +106,9 @@ def drop_non_finite(scores: torch.Tensor, latents: torch.Tensor, win: torch.Tens
 class Ranker(Protocol):
     score_range: tuple[float, float] | None  # the scores' published (lo, hi), for minmax soft labels
 
-    def rank(self, r: int, prompts: list[str], latents: torch.Tensor, policy, reference):
-        """Scores [P, N] of every candidate of latents [P, N, ...] and the (winner, loser) index per prompt."""
+    def rank(self, r: int, prompts: list[str], embeds: PromptEmbeds, latents: torch.Tensor, policy, reference):
+        """Scores [P, N] of every candidate of latents [P, N, ...] and the (winner, loser) index per prompt
+        (``embeds``: the prompts' text embeddings, one row each)."""
 
 
 class _Pairing:
@@ -143,7 +144,7 @@ class ExternalRanker(_Pairing):
         self.metric = load_metric(name, ctx.sail.ranker_weights, device=ctx.device, **ctx.world.metric_options(name))
         self.score_range = self.metric.soft_label_range
 
-    def rank(self, r, prompts, latents, policy, reference):
+    def rank(self, r, prompts, embeds, latents, policy, reference):
         scores = external_scores(self.metric, self.ctx.stack, prompts, latents, batch_size=self.ctx.sail.generation_batch)
         return scores, *self.choose(r, list(range(len(prompts))), scores)
 
@@ -151,10 +152,9 @@ class ExternalRanker(_Pairing):
 class ImplicitRanker(_Pairing):
     """SAIL: the policy's implicit reward against ``reference``, K shared draws per prompt."""
 
-    def rank(self, r, prompts, latents, policy, reference):
+    def rank(self, r, prompts, embeds, latents, policy, reference):
         ctx, sail = self.ctx, self.ctx.sail
         scorer = implicit_scorer(sail, ctx.config.train.beta, ctx.stack.scheduler, policy, reference)
-        embeds = ctx.stack.encode_prompts(prompts)
         height, width = latents.shape[-2:]
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
         rewards, win, lose = [], [], []

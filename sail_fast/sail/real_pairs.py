@@ -80,7 +80,7 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
     if "inpaint" in loser_kinds:
         settings |= {"mask": real.mask, "pipeline": real.inpaint_pipeline, "steps": real.inpaint_steps,
                      "strength": real.inpaint_strength}
-    cache = Path(config.data.cache_dir or ctx.out / "cache") / f"real-{fingerprint([Path(source)], settings)}.safetensors"
+    cache = Path(config.data.cache_dir or ctx.layout.cache) / f"real-{fingerprint([Path(source)], settings)}.safetensors"
     masks_file = cache.with_suffix(".masks.safetensors")
     policy_inpaints = "inpaint" in loser_kinds and real.inpaint_pipeline is None
     mask_fn = mask_source(real.mask, ctx.world.subject_masks) if "inpaint" in loser_kinds else None
@@ -115,7 +115,7 @@ def _latent_subject_masks(ctx: RunContext, items: list, mask_fn, latent_size) ->
     return torch.cat(out)
 
 
-def real_pairs(ctx: RunContext, real_set: RealSet, stage: Path, r: int, policy) -> LatentPairs:
+def real_pairs(ctx: RunContext, real_set: RealSet, r: int, policy) -> LatentPairs:
     """This round's slice of the real images, each against its loser (and past the margin filter, if set)."""
     real, per = ctx.sail.real, ctx.sail.real_per_round()
     first = (r - 1) * per if real.disjoint else 0
@@ -123,13 +123,13 @@ def real_pairs(ctx: RunContext, real_set: RealSet, stage: Path, r: int, policy) 
     part = real_set.pairs.subset(positions)
     if real.loser in PER_ROUND_LOSERS and not (real.loser == "inpaint" and real_set.masks is None):
         masks = None if real_set.masks is None else real_set.masks[positions]
-        part = dataclasses.replace(part, lose=_losers(ctx, stage, r, part, positions, policy, masks))
+        part = dataclasses.replace(part, lose=_losers(ctx, r, part, positions, policy, masks))
     keep = _past_margin(ctx, part) if real.min_margin is not None else torch.ones(len(part), dtype=torch.bool)
     gathered, order = ctx.gather_in_order(part, keep)
     kept = torch.cat([g[1] for g in gathered])[order]
     pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order[kept].tolist())
     if ctx.dist.is_main:
-        _grid(ctx, stage / "real_pairs.png", pairs)
+        _grid(ctx, ctx.layout.real_pairs_grid(r), pairs)
     dropped = f"; {int((~kept).sum())} of {len(kept)} dropped by the margin filter" if real.min_margin is not None else ""
     ctx.log(f"round {r}: {len(pairs)} real pairs (RealAlign, loser: {real.loser}{dropped})")
     if not len(pairs):
@@ -146,11 +146,11 @@ def _past_margin(ctx: RunContext, part: LatentPairs) -> torch.Tensor:
     return (real - loser) > ctx.sail.real.min_margin
 
 
-def _losers(ctx: RunContext, stage: Path, r: int, part: LatentPairs, positions: list[int], policy,
+def _losers(ctx: RunContext, r: int, part: LatentPairs, positions: list[int], policy,
             masks: torch.Tensor | None) -> torch.Tensor:
     """The round policy's losers (its own sample, or the real latent with a redrawn region or subject),
     seeded by (seed, round, position) and saved so a resumed round does not redraw them."""
-    file = stage / f"real_losers.rank{ctx.dist.rank}.safetensors"
+    file = ctx.layout.real_losers(r, ctx.dist.rank)
     if file.exists():
         return load_file(file)["latents"]
     real, sail = ctx.sail.real, ctx.sail

@@ -14,35 +14,39 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import SailConfig, ToyConfig
 from ..prompts import read_prompts
 
 WORLDS = {"toy": "sail_fast.toy.run:ToyWorld"}  # name -> "module:class"
 
 
 class World:
-    def __init__(self, config: RunConfig, out: Path, log=print) -> None:
-        self.config, self.out, self.log = config, Path(out), log
+    """``sail``: the run's sail section; ``seed_pairs``: ``data.seed_pairs``; ``seed``: the run's seed;
+    ``toy``: the toy world's own section (read by the toy world only)."""
+
+    def __init__(self, sail: SailConfig, seed_pairs: list[str], *, seed: int, out: Path, log=print,
+                 toy: ToyConfig | None = None) -> None:
+        self.sail, self.seed_pairs, self.seed, self.toy, self.out, self.log = sail, list(seed_pairs), seed, toy, Path(out), log
 
     def round_pool(self) -> list[str]:
         """Prompts the rounds draw from, in order (disjoint slices per round)."""
-        if self.config.sail.prompts is None:
+        if self.sail.prompts is None:
             raise ValueError("sail.prompts is not set: point it at a prompt file (.txt, .tsv, .json or .parquet)")
-        return list(dict.fromkeys(read_prompts(self.config.sail.prompts)))  # unique, file order
+        return list(dict.fromkeys(read_prompts(self.sail.prompts)))  # unique, file order
 
     def eval_prompts(self) -> list[str]:
         """Each stage's evaluation prompts: the first of the pool that no round uses."""
-        sail = self.config.sail
+        sail = self.sail
         pool = self.round_pool()
         return (pool[sail.prompts_per_round * sail.rounds :] or pool)[: sail.eval_prompts]
 
     def human_pairs(self, ctx) -> tuple[list[str], list[str]]:
         """(seed pair sources, held-out pair sources)."""
-        return list(self.config.data.seed_pairs), list(self.config.sail.heldout_pairs)
+        return list(self.seed_pairs), list(self.sail.heldout_pairs)
 
     def real_images(self, ctx, need: int) -> Path:
         """A folder or parquet of real images with captions, for RealAlign's pairs."""
-        return Path(self.config.sail.real.data)
+        return Path(self.sail.real.data)
 
     # The world's own subject masks for RealAlign's inpaint loser (pixels [B, C, H, W] in [-1, 1] ->
     # [B, 1, H, W] in [0, 1]); None: the config must name them (sail.real.mask).
@@ -67,9 +71,9 @@ class World:
         """Anything to show at the end of a run (a table, a comparison picture)."""
 
 
-def world_for(config: RunConfig, out: Path, log=print) -> World:
-    """The world ``config`` runs in: the toy world for ``model.toy``, else the plain one."""
-    if not config.model.toy:
-        return World(config, out, log)
+def world_class(toy: bool) -> type[World]:
+    """The world a run lives in: the toy world for ``model.toy``, else the plain one."""
+    if not toy:
+        return World
     module, _, name = WORLDS["toy"].partition(":")
-    return getattr(importlib.import_module(module), name)(config, out, log)
+    return getattr(importlib.import_module(module), name)

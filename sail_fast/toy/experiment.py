@@ -49,6 +49,7 @@ import math
 from pathlib import Path
 
 from ..config import load_config
+from ..run_layout import RunLayout
 from ..sail.loop import SailLoop
 
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
@@ -74,7 +75,7 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
     sail = config.sail
     common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}",
               f"data.cache_dir={seed_dir / 'cache'}"]
-    iter0 = f"sail.iter0_from={seed_dir / 'sail' / 'iter0'}"
+    iter0 = f"sail.iter0_from={RunLayout(seed_dir / 'sail').stage(RunLayout.ITER0)}"
     if name == "sail":
         return common
     if name in DPO_SHARES:  # as many optimizer steps as SAIL spends on iter0 plus all its rounds
@@ -123,7 +124,7 @@ def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], c
             # Every condition shares the seed's base evaluation (same prompts, seeds and weights); eval.json
             # goes last, as it marks the stage done.
             if name != "sail":
-                copy_finished(seed_dir / "sail", seed_dir / name, "base/eval_samples.safetensors", "base/eval.json")
+                copy_finished(seed_dir / "sail", seed_dir / name, *base_evaluation())
             extra = condition_overrides(name, seed, seed_dir, base, ablation_rounds)
             SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
     return write_table(out, seeds, base.sail.rounds, ablation_rounds or base.sail.rounds)
@@ -134,12 +135,10 @@ def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
     """(eval.json, per-sample tables) of one stage of one run, or None if it has not been evaluated."""
     from safetensors.torch import load_file
 
-    from ..sail.evaluation import EVAL_SAMPLES
-
-    stage_dir = run / stage
-    if not (stage_dir / "eval.json").exists() or not (stage_dir / EVAL_SAMPLES).exists():
+    layout = RunLayout(run)
+    if not layout.eval_json(stage).exists() or not layout.eval_samples(stage).exists():
         return None
-    return json.loads((stage_dir / "eval.json").read_text()), load_file(stage_dir / EVAL_SAMPLES)
+    return json.loads(layout.eval_json(stage).read_text()), load_file(layout.eval_samples(stage))
 
 
 def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, str, str]]:
@@ -147,16 +146,16 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
     labelled = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
     total, seed_pairs = labelled["labelled"], labelled["seed"]
     seed_share = f"{seed_pairs} ({100 * seed_pairs / total:.0f}%)"
-    last = f"round-{ablation_rounds:02d}"
-    lines = [("base model", "0", "sail", "base")]
+    last, iter0, stage = RunLayout.stage_name(ablation_rounds), RunLayout.ITER0, RunLayout.stage_name
+    lines = [("base model", "0", "sail", RunLayout.BASE)]
     for name, share in DPO_SHARES.items():
         pairs = max(1, round(total * share))
-        lines.append((f"Diffusion-DPO, {100 * share:.0f}% of labels", f"{pairs} ({100 * share:.0f}%)", name, "iter0"))
-    lines.append(("SAIL iter0 (seed only)", seed_share, "sail", "iter0"))
-    lines += [(f"SAIL round {r}", seed_share, "sail", f"round-{r:02d}") for r in range(1, rounds + 1)]
+        lines.append((f"Diffusion-DPO, {100 * share:.0f}% of labels", f"{pairs} ({100 * share:.0f}%)", name, iter0))
+    lines.append(("SAIL iter0 (seed only)", seed_share, "sail", iter0))
+    lines += [(f"SAIL round {r}", seed_share, "sail", stage(r)) for r in range(1, rounds + 1)]
     lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, "no-mixup", last),
               (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last)]
-    lines += [(f"SAIL round {r}, reward reference = previous round", seed_share, "ref-previous", f"round-{r:02d}")
+    lines += [(f"SAIL round {r}, reward reference = previous round", seed_share, "ref-previous", stage(r))
               for r in range(1, rounds + 1)]
     lines += [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
               (f"OnlineDPO round {ablation_rounds}, proxy ranker (stroke width)", seed_share, "online-dpo-proxy", last),
@@ -170,7 +169,7 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
                    "winner-preserving": "SDPO winner-preserving (mu 0.9)",
                    "plain-reward": "plain reward (mean of 6 uniform draws)"}
     every_round = {"plain-reward"}  # compared with SAIL round by round
-    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, f"round-{r:02d}") for name in LEVERS
+    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, stage(r)) for name in LEVERS
               for r in (range(1, rounds + 1) if name in every_round else sorted({ablation_rounds, rounds}))]
     return lines
 
@@ -198,8 +197,8 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int, vari
                     "self_label_agreement"):
             values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        against = {"base": ("sail", "base"), "dpo_6": ("dpo-6", "iter0"), "dpo_full": ("dpo-full", "iter0")}
-        if condition != "sail" and stage.startswith("round-"):  # an ablation against SAIL's same round, same seeds
+        against = {"base": ("sail", RunLayout.BASE), "dpo_6": ("dpo-6", RunLayout.ITER0), "dpo_full": ("dpo-full", RunLayout.ITER0)}
+        if condition != "sail" and RunLayout.round_of(stage) > 0:  # an ablation against SAIL's same round, same seeds
             against["sail"] = ("sail", stage)
         for other, (o_condition, o_stage) in against.items():
             pairs = {}
@@ -275,7 +274,13 @@ CALIBRATION_GRID = ((5000.0, 1e-5), (5000.0, 3e-5), (5000.0, 1e-4), (2000.0, 3e-
 CALIBRATION_STEPS = (100, 200)
 
 
-def copy_finished(source: Path, target: Path, *names: str) -> None:
+def base_evaluation() -> list[Path]:
+    """The base's evaluation files, relative to a run folder; eval.json last, as it marks the stage done."""
+    layout = RunLayout(".")
+    return [layout.eval_samples(RunLayout.BASE), layout.eval_json(RunLayout.BASE)]
+
+
+def copy_finished(source: Path, target: Path, *names: str | Path) -> None:
     """Copy finished parts of an earlier run (the base evaluation, training checkpoints) into ``target``."""
     import shutil
 
@@ -299,9 +304,9 @@ def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=C
         for s in steps:
             run = out / f"beta{beta:g}-lr{lr:g}-steps{s}"
             if first is not None:
-                copy_finished(first, run, "base/eval_samples.safetensors", "base/eval.json")  # eval.json last: the marker
+                copy_finished(first, run, *base_evaluation())
             if previous is not None:
-                copy_finished(previous, run, "iter0/checkpoints")
+                copy_finished(previous, run, RunLayout(run).training(0).checkpoints.relative_to(run))
             extra = [f"seed={seed}", f"output_dir={run}", f"toy.data_dir={out / 'human'}", f"data.cache_dir={out / 'cache'}",
                      "toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={s}", f"train.beta={beta}",
                      f"train.learning_rate={lr}", f"train.checkpoint_every={min(steps)}", "train.keep_checkpoints=1"]
@@ -318,11 +323,12 @@ def write_calibration(out: Path, grid=CALIBRATION_GRID, steps=CALIBRATION_STEPS)
     rows = []
     for beta, lr in grid:
         for s in steps:
-            file = out / f"beta{beta:g}-lr{lr:g}-steps{s}" / "iter0" / "eval.json"
+            layout = RunLayout(out / f"beta{beta:g}-lr{lr:g}-steps{s}")
+            file = layout.eval_json(RunLayout.ITER0)
             if not file.exists():
                 continue
             row = json.loads(file.read_text())
-            train_log = file.parent / "metrics.jsonl"
+            train_log = layout.training(0).metrics
             last = [json.loads(x) for x in train_log.read_text().splitlines()][-10:] if train_log.exists() else []
             rows.append({"beta": beta, "learning_rate": lr, "steps": s, "oracle_score": row["oracle_score"],
                          "digit_accuracy": row["digit_accuracy"], "diversity": row["diversity"],

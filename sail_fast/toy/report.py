@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from ..images import decode_latents, enlarge
+from ..run_layout import RunLayout
 
 
 # The stage's self-label quality on its own evaluation samples (sail_fast.sail.label_quality): columns and keys.
@@ -39,14 +40,14 @@ def stage_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: Path, *, per_prompt: int = 4,
+def compare_picture(base_samples: Path, final_samples: Path, prompts: list[str], path: Path, *, per_prompt: int = 4,
                     rows: int = 10) -> Path:
     """``path``: for ``rows`` prompts (one per digit first), ``per_prompt`` samples of the base beside
     the same seeds drawn by the final model, each row labelled with its prompt."""
     from .world import digit_of
 
-    base = load_file(base_dir / "eval_samples.safetensors")["latents"]
-    final = load_file(final_dir / "eval_samples.safetensors")["latents"]
+    base = load_file(base_samples)["latents"]
+    final = load_file(final_samples)["latents"]
     first_of_digit = list(dict.fromkeys(digit_of(p) for p in prompts))
     chosen = [next(i for i, p in enumerate(prompts) if digit_of(p) == d) for d in first_of_digit][:rows]
     n = min(per_prompt, base.shape[1])
@@ -57,7 +58,7 @@ def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: P
     picture = Image.new("RGB", (width, head + len(chosen) * (side + 4)), "white")
     draw = ImageDraw.Draw(picture)
     draw.text((label_w, 3), "base model", fill="black")
-    draw.text((label_w + n * side + gap, 3), f"final model ({final_dir.name}), same seeds", fill="black")
+    draw.text((label_w + n * side + gap, 3), f"final model ({final_samples.parent.name}), same seeds", fill="black")
     for r, i in enumerate(chosen):
         y = head + r * (side + 4)
         draw.text((4, y + side // 2 - 6), prompts[i][:30], fill="black")
@@ -68,11 +69,11 @@ def compare_picture(base_dir: Path, final_dir: Path, prompts: list[str], path: P
     return path
 
 
-def report(out: Path, rows: list[dict], final_stage: str, prompts: list[str]) -> str:
+def report(layout: RunLayout, rows: list[dict], final_stage: str, prompts: list[str]) -> str:
     """The table as text, and compare.png when the base and the final stage both have samples."""
     table = stage_table(rows)
-    if (out / "base" / "eval_samples.safetensors").exists() and (out / final_stage / "eval_samples.safetensors").exists():
-        compare_picture(out / "base", out / final_stage, prompts, out / "compare.png")
-    (out / "summary.md").write_text(table + "\n")
+    if layout.eval_samples(RunLayout.BASE).exists() and layout.eval_samples(final_stage).exists():
+        compare_picture(layout.eval_samples(RunLayout.BASE), layout.eval_samples(final_stage), prompts, layout.compare)
+    layout.summary.write_text(table + "\n")
     return table
 

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..reward import Draws, ImplicitRewardScorer
+from ..run_layout import RunLayout
 from ..reward_estimators import ESTIMATORS, combine_draws
 from ..sail.label_quality import rowwise_spearman
 from ..seeding import (AUDIT_CANDIDATES, AUDIT_DRAW_BANK, AUDIT_HELDOUT_BANK, AUDIT_HELDOUT_SUBSETS, AUDIT_SUBSETS,
@@ -247,8 +248,8 @@ def heldout_agreement(mse_pol, mse_ref, beta, k, estimator, band, timesteps, rep
 
 def policy_stages(run: Path, rounds: int, folder: str, iter0_from: str | None) -> list[tuple[str, Path]]:
     """(stage name, policy folder) for iter0 and every finished round."""
-    stages = [("iter0", Path(iter0_from or run / "iter0") / "final" / folder)]
-    stages += [(f"round-{r:02d}", run / f"round-{r:02d}/train/final/{folder}") for r in range(1, rounds + 1)]
+    layout = RunLayout(run, iter0_from)
+    stages = [(RunLayout.stage_name(r), layout.final(r) / folder) for r in range(rounds + 1)]
     return [(name, path) for name, path in stages if path.is_dir()]
 
 
@@ -265,9 +266,9 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     from .run import ToyWorld
 
     run = Path(run)
-    if not (run / "config.yaml").is_file():
+    if not RunLayout(run).config.is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a finished `sail-fast run`")
-    config = load_config(run / "config.yaml")
+    config = load_config(RunLayout(run).config)
     if not config.model.toy or config.sail is None:
         raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
     if draws < 2 or prompts < 2 or candidates < 2:
@@ -282,7 +283,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     stages = policy_stages(run, sail.rounds, policies.folder, sail.iter0_from)
     if not stages:
         raise FileNotFoundError(f"{run} has no trained policy yet (no iter0/final); let the run finish iter0 first")
-    world = ToyWorld(config, run, log=lambda _: None)
+    world = ToyWorld(sail, config.data.seed_pairs, seed=seed, out=run, log=lambda _: None, toy=config.toy)
     pool = world.round_pool()[sail.rounds * sail.prompts_per_round :]  # prompts no round trained on
     if len(pool) < prompts:
         raise ValueError(f"only {len(pool)} prompts are left unused by the run's rounds; ask for --prompts {len(pool)} or fewer")
@@ -297,9 +298,10 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     base_latents = sample(policies.base)
     bank = _bank(prompts, draws, tuple(base_latents.shape[2:]), seed, AUDIT_DRAW_BANK)
     heldout = None
-    heldout_file = run / "human" / "heldout.jsonl" if not (config.toy and config.toy.data_dir) else Path(config.toy.data_dir) / "heldout.jsonl"
+    human = Path(config.toy.data_dir) if config.toy and config.toy.data_dir else RunLayout(run).human
+    heldout_file = human / "heldout.jsonl"
     if heldout_draws > 0 and heldout_file.is_file():
-        heldout = load_pairs([str(heldout_file)], stack, model=config.model, data=config.data, cache_dir=run / "cache",
+        heldout = load_pairs([str(heldout_file)], stack, model=config.model, data=config.data, cache_dir=RunLayout(run).cache,
                              seed=seed, log=lambda _: None)
         heldout_latents = torch.stack([heldout.win, heldout.lose], 1).float()
         heldout_embeds = heldout.prompt_embeds[heldout.prompt_index.repeat_interleave(2)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..run_layout import DONE, RunLayout
 from ..rundir import claim_folder, read_json, release_folder, write_json
 from ..sail.world import World
 from ..seeding import TOY_ROUND_PROMPTS, derive_seed
@@ -16,40 +17,38 @@ from .labels import make_human_pairs, oracle_samples, oracle_summary
 from .report import report
 from .world import split_prompts, write_real_digits
 
-DONE = "done.json"
 REAL_DIGITS = 2000  # real digits written for RealAlign runs (enough for 20 rounds of 96)
 
 
 class ToyWorld(World):
-    def __init__(self, config, out, log=print) -> None:
-        super().__init__(config, out, log)
-        toy = config.toy
+    def __init__(self, sail, seed_pairs, *, seed, out, log=print, toy=None) -> None:
+        super().__init__(sail, seed_pairs, seed=seed, out=out, log=log, toy=toy)
         self.auto_temperature = toy is not None and toy.temperature == "auto"
         fixed = toy.temperature if toy is not None and not self.auto_temperature else None
         self.oracle = ToyOracle.load(temperature=fixed or TEMPERATURE, preference=toy and toy.preference)
 
     def round_pool(self) -> list[str]:
-        _, pool = split_prompts(self.config.seed)
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.config.seed, TOY_ROUND_PROMPTS)))
+        _, pool = split_prompts(self.seed)
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.seed, TOY_ROUND_PROMPTS)))
         return [pool[i] for i in order.tolist()]
 
     def eval_prompts(self) -> list[str]:
-        return split_prompts(self.config.seed, num_eval=100)[0][: self.config.sail.eval_prompts]
+        return split_prompts(self.seed, num_eval=100)[0][: self.sail.eval_prompts]
 
     def _human_dir(self) -> Path:
-        toy = self.config.toy
-        return Path(toy.data_dir) if toy and toy.data_dir else self.out / "human"
+        toy = self.toy
+        return Path(toy.data_dir) if toy and toy.data_dir else RunLayout(self.out).human
 
     def human_pairs(self, ctx) -> tuple[list[str], list[str]]:
         """Label pairs of base samples with the hidden human (once; runs that share ``toy.data_dir`` share them)."""
         seed_sources, heldout_sources = super().human_pairs(ctx)
-        toy = self.config.toy
+        toy = self.toy
         if toy is None:
             return seed_sources, heldout_sources
         human = self._human_dir()
         # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
         settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
-                    "heldout_pairs": toy.heldout_pairs, "seed": self.config.seed,
+                    "heldout_pairs": toy.heldout_pairs, "seed": self.seed,
                     "temperature": "auto" if self.auto_temperature else self.oracle.temperature,
                     "preference": toy.preference, "sampling": ctx.sampling}
         if (human / DONE).exists():
@@ -66,7 +65,7 @@ class ToyWorld(World):
             claim_folder(human, "toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
             summary = make_human_pairs(
                 ctx.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
-                heldout=toy.heldout_pairs, seed=self.config.seed, sampling=ctx.sampling, progress=ctx.progress,
+                heldout=toy.heldout_pairs, seed=self.seed, sampling=ctx.sampling, progress=ctx.progress,
                 auto_temperature=self.auto_temperature,
             )
             if self.auto_temperature:
@@ -79,11 +78,11 @@ class ToyWorld(World):
         return seed_sources or [str(seed)], heldout_sources or [str(human / "heldout.jsonl")]
 
     def real_images(self, ctx, need: int) -> Path:
-        if self.config.sail.real.data is not None:
+        if self.sail.real.data is not None:
             return super().real_images(ctx, need)
         source = self._human_dir().parent / "real-digits"
         if ctx.dist.is_main:
-            write_real_digits(source, max(need, REAL_DIGITS), seed=self.config.seed)
+            write_real_digits(source, max(need, REAL_DIGITS), seed=self.seed)
         ctx.dist.barrier()
         return source
 
@@ -107,6 +106,6 @@ class ToyWorld(World):
     def report(self, ctx, rows: list[dict], last: str) -> None:
         if not ctx.dist.is_main:
             return
-        self.log("\n" + report(self.out, rows, last, self.eval_prompts()))
-        if (self.out / "compare.png").exists():
-            self.log(f"base and final model, same prompts and seeds: {self.out / 'compare.png'}")
+        self.log("\n" + report(ctx.layout, rows, last, self.eval_prompts()))
+        if ctx.layout.compare.exists():
+            self.log(f"base and final model, same prompts and seeds: {ctx.layout.compare}")

@@ -13,27 +13,21 @@ import dataclasses
 from pathlib import Path
 
 from ..config import load_config
+from ..run_layout import RunLayout
 from ..sail.evaluation import evaluate_stage
 from ..sail.loop import SailLoop
-from .experiment import copy_finished, write_table
-
-
-def stages_of(run: Path) -> list[str]:
-    """The stages of a run that its own evaluation scored, in the loop's order."""
-    rounds = sorted(p.name for p in run.glob("round-*") if (p / "eval.json").exists())
-    return [s for s in ("base", "iter0") if (run / s / "eval.json").exists()] + rounds
+from .experiment import base_evaluation, copy_finished, write_table
 
 
 def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> None:
     """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``."""
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
-    loop = SailLoop(load_config(run / "config.yaml", here), log=log)  # the config it recorded, its human included
-    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_config(run / "config.yaml", here + overrides))
-    for stage in stages_of(run):
-        if stage == "base":
-            policy = loop.base
-        else:
-            policy = loop.policies.load(loop.policy_dir(0 if stage == "iter0" else int(stage.split("-")[1])))
+    recorded = RunLayout(run).config  # the config the run recorded, its human included
+    loop = SailLoop(load_config(recorded, here), log=log)
+    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_config(recorded, here + overrides))
+    for stage in RunLayout(run).evaluated_stages():
+        r = RunLayout.round_of(stage)
+        policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
         evaluate_stage(ctx, stage, policy, heldout=None)  # skips a stage already evaluated (its eval.json)
 
 
@@ -50,11 +44,11 @@ def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *
         seed_dir = out / f"seed-{seed}"
         for name in sorted(conditions, key=lambda c: c != "sail"):
             run = seed_dir / name
-            if not (run / "config.yaml").exists():
+            if not RunLayout(run).config.exists():
                 log(f"{run}: no finished run there, skipped")
                 continue
             if name != "sail":  # the same base samples as SAIL's (same prompts, seeds and weights)
-                copy_finished(seed_dir / "sail" / variant, run / variant, "base/eval_samples.safetensors", "base/eval.json")
-            rounds = max(rounds, load_config(run / "config.yaml").sail.rounds)
+                copy_finished(seed_dir / "sail" / variant, run / variant, *base_evaluation())
+            rounds = max(rounds, load_config(RunLayout(run).config).sail.rounds)
             evaluate_run_under(run, variant, overrides, log)
     return write_table(out, seeds, rounds, variant=variant)

@@ -1,0 +1,139 @@
+"""Where everything lives in a run folder: ``RunLayout`` (a SAIL run: stages, their evaluations, rankings,
+pairs and trained policies) and ``TrainingLayout`` (one DPO training folder: checkpoints, final weights,
+logs). These are the only places that spell a stage's path or file name; the layout as a tree is in
+``sail_fast.rundir``'s docstring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+DONE = "done.json"  # a stage's marker, written last
+EVAL_JSON = "eval.json"
+EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
+
+
+class TrainingLayout:
+    """One DPO training folder (``output_dir`` of a stage or of ``sail-fast train``): checkpoints, the final
+    weights for the next stage, and the logs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / "final"
+        self.log = self.root / "train.log"
+        self.metrics = self.root / "metrics.jsonl"
+
+    def metrics_of_rank(self, rank: int) -> Path:
+        """Rank ``rank``'s training metrics (the main rank's: ``metrics``)."""
+        return self.metrics if rank == 0 else self.root / f"metrics.rank{rank}.jsonl"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def written_checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first (a half-written one ends in .tmp)."""
+        return sorted(self.checkpoints.glob("step-[0-9]*[0-9]"))
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        return int(checkpoint.name[len("step-"):])
+
+
+class RunLayout:
+    """Every path in a SAIL run folder (the layout in this module's docstring), and the only place that names
+    them. Stages are named ``base``, ``iter0`` and ``round-01``...; ``iter0_from``: a finished iter0 of another
+    run (``sail.iter0_from``), whose trained policy is read in place."""
+
+    BASE, ITER0 = "base", "iter0"
+
+    def __init__(self, root: str | Path, iter0_from: str | Path | None = None) -> None:
+        self.root = Path(root)
+        self.iter0_from = None if iter0_from is None else Path(iter0_from)
+        self.config = self.root / "config.yaml"
+        self.log = self.root / "sail.log"
+        self.metrics = self.root / "metrics.json"
+        self.curves = self.root / "curves.png"
+        self.summary = self.root / "summary.md"
+        self.compare = self.root / "compare.png"
+        self.human = self.root / "human"  # toy world: the labelled pairs
+        self.cache = self.root / "cache"  # encoded pairs, unless data.cache_dir names another folder
+
+    def resumed_config(self, k: int) -> Path:
+        """The k-th config a run was resumed with under --allow-config-change (the first stays ``config``)."""
+        return self.root / f"config.resume-{k}.yaml"
+
+    @classmethod
+    def stage_name(cls, r: int) -> str:
+        """Round r's stage (0: iter0)."""
+        return cls.ITER0 if r == 0 else f"round-{r:02d}"
+
+    @classmethod
+    def round_of(cls, stage: str) -> int:
+        """The round a stage trained (iter0: 0; the base: -1)."""
+        known = {cls.BASE: -1, cls.ITER0: 0}
+        return known[stage] if stage in known else int(stage.removeprefix("round-"))
+
+    @classmethod
+    def stage_names(cls, rounds: int) -> list[str]:
+        return [cls.BASE] + [cls.stage_name(r) for r in range(rounds + 1)]
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def round_dir(self, r: int) -> Path:
+        return self.stage(self.stage_name(r))
+
+    def evaluated_stages(self) -> list[str]:
+        """The stages with an evaluation, in the loop's order."""
+        rounds = sorted(p.name for p in self.root.glob("round-[0-9]*") if (p / EVAL_JSON).exists())
+        return [s for s in (self.BASE, self.ITER0) if self.eval_json(s).exists()] + rounds
+
+    def eval_json(self, stage: str) -> Path:
+        return self.stage(stage) / EVAL_JSON
+
+    def eval_samples(self, stage: str) -> Path:
+        return self.stage(stage) / EVAL_SAMPLES
+
+    def samples_grid(self, stage: str) -> Path:
+        return self.stage(stage) / "samples.png"
+
+    def done(self, stage: str) -> Path:
+        return self.stage(stage) / DONE
+
+    def training(self, r: int) -> TrainingLayout:
+        """Where round r trained (0: iter0, in the stage folder; rounds in their train/ subfolder)."""
+        return TrainingLayout(self.round_dir(r) if r == 0 else self.round_dir(r) / "train")
+
+    def final(self, r: int) -> Path:
+        """The trained policy after round r (0: iter0, wherever it was trained)."""
+        if r == 0 and self.iter0_from is not None:
+            return TrainingLayout(self.iter0_from).final
+        return self.training(r).final
+
+    def stage_config(self, r: int) -> Path:
+        return self.round_dir(r) / "config.yaml"
+
+    def candidates(self, r: int, rank: int) -> Path:
+        return self.round_dir(r) / f"candidates.rank{rank}.safetensors"
+
+    def real_losers(self, r: int, rank: int) -> Path:
+        return self.round_dir(r) / f"real_losers.rank{rank}.safetensors"
+
+    def candidate_grid(self, r: int) -> Path:
+        return self.round_dir(r) / "candidates.png"
+
+    def real_pairs_grid(self, r: int) -> Path:
+        return self.round_dir(r) / "real_pairs.png"
+
+    def ranking(self, r: int) -> Path:
+        return self.round_dir(r) / "ranking.json"
+
+    def pairs(self, r: int) -> Path:
+        return self.round_dir(r) / "pairs.safetensors"
+
+    def finals(self) -> list[Path]:
+        """Every stage's final folder that exists, newest first: the rounds, iter0, then a plain training run's."""
+        rounds = sorted(self.root.glob("round-[0-9]*"), reverse=True)
+        found = [TrainingLayout(p / "train").final for p in rounds] + [self.training(0).final, TrainingLayout(self.root).final]
+        return [f for f in found if f.exists()]
