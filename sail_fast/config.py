@@ -32,10 +32,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is not None) + (self.tiny is not None) + self.toy != 1:
-            raise ValueError(
-                "set exactly one of model.path (a diffusers directory or hub id), model.tiny (sd15 or sdxl) "
-                "and model.toy (true)"
-            )
+            raise ValueError("set exactly one of model.path (a diffusers directory or hub id), model.tiny (sd15 or sdxl) "
+                             "and model.toy (true)")
         return self
 
 
@@ -187,7 +185,7 @@ class SailConfig(Section):
     prompts_per_round: int = Field(10000, ge=1)  # disjoint across rounds
     candidates: int = Field(8, ge=2)  # N per prompt (a pair needs a best and a worst)
     num_draws: int = Field(10, ge=1)  # K shared (t, eps) draws per prompt for the implicit reward
-    reference: Literal["base", "previous"] = "base"  # the reward's reference model
+    ranking_reference: Literal["base", "previous"] = "base"  # what the implicit reward ranks against
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
     # How per-draw errors become the reward (sail_fast.reward_estimators): mean (the paper's), standardised,
@@ -229,9 +227,9 @@ class SailConfig(Section):
     # external ranker) and/or "real" (RealAlign: real images beat losers made for their captions).
     pair_sources: list[Literal["self", "real"]] = ["self"]
     real: RealAlignConfig = RealAlignConfig()
-    # What each round's training is held to: the policy as the round starts (SAIL), or the base model
+    # What each round's DPO is held to: the policy as the round starts (SAIL), or the base model
     # (RealAlign's Diffusion-DRO stage, whose replay buffer of the policy's own samples each round refreshes).
-    round_reference: Literal["round_start", "base"] = "round_start"
+    training_reference: Literal["round_start", "base"] = "round_start"
     # Rounds that differ, as --set overrides of train.* and sail.* keys: {round: ["train.loss=sigmoid", ...]}
     # (RealAlign's stage 2 is a last round of Diffusion-DPO on inpainted losers; configs/realalign-sd15.yaml).
     round_overrides: dict[int, list[str]] = {}
@@ -358,6 +356,10 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# Refused in a config one writes; a config a run recorded before the rename reads under the new name (rundir).
+RENAMED = {"sail.reference": "sail.ranking_reference", "sail.round_reference": "sail.training_reference"}
+
+
 class ConfigError(ValueError):
     """A config that cannot run: the message names the file, the key, the value and the fix."""
 
@@ -367,7 +369,9 @@ def _explain(error: ValidationError, source: str) -> str:
     lines = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key in RENAMED:
+            lines.append(f"config key '{key}' was renamed '{RENAMED[key]}'; use that")
+        elif err["type"] == "extra_forbidden":
             section = key.rpartition(".")[0]
             siblings = [k for k in valid if k.rpartition(".")[0] == section]
             if not section:  # a top-level name: the sections are what one usually meant
@@ -397,10 +401,12 @@ def _apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)  # YAML typing: 10 -> int, true -> bool, [a, b] -> list
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start empty), apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start empty, or from a mapping read already), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, dict):
+        data, path = path, None
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist; the configs/ directory has the shipped ones")

@@ -12,14 +12,13 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from .build import build_stack
-from .config import load_config
 from .images import decode_latents, enlarge, image_grid, is_finite
 from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
 from .outfolder import OutputFolder
 from .prompts import read_prompts
 from .run_layout import RunLayout
-from .rundir import check_weights
+from .rundir import check_weights, load_recorded_config
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
 
 
@@ -67,7 +66,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
         )
     weights = _weights_dir(path)
     check_weights(weights)
-    config = load_config(RunLayout(run).config)
+    config = load_recorded_config(run)
     stack = build_stack(config.model, seed=config.seed)
     if (weights / LORA_WEIGHTS).is_file():
         # The base UNet with the adapter loaded by diffusers itself, as a user's pipeline would.

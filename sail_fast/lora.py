@@ -6,7 +6,7 @@ The adapters a run puts on its UNet:
 - ``policy``: the adapter being trained (a stage's output);
 - ``reference``: a frozen copy of the policy as a training stage started (a SAIL round's DPO
   reference); not made when the policy starts as the base, whose reference is every adapter off;
-- ``previous``: a frozen earlier policy (``sail.reference: previous``, the ranking's reference).
+- ``previous``: a frozen earlier policy (``sail.ranking_reference: previous``).
 
 ``None`` (every adapter off) is the base model. ``AdapterView`` runs the UNet in one of these states
 and looks like a UNet, so the sampler, the scorer and the evaluation take it unchanged.

@@ -12,6 +12,8 @@ and a resume that cannot silently mix configurations.
   file) wherever they are loaded: the next stage, --resume, generate, eval and export.
 - ``config_changes``: the keys that differ between the config a run started with and the one it
   is resumed with, less those that cannot change a result (``RESULT_NEUTRAL_KEYS``).
+- ``load_recorded_config``: a run's own config.yaml, read with keys renamed since it was written
+  (``config.RENAMED``) under their new names, so old runs resume, generate and export.
 
 A SAIL run's folder (each stage writes ``done.json`` last; ``--resume`` skips finished stages and
 continues a half-trained one from its latest intact checkpoint)::
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 from .run_layout import RunLayout, TrainingLayout
-from .yaml_files import dump_yaml
+from .yaml_files import dump_yaml, read_yaml
 
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
@@ -270,6 +272,31 @@ class ConfigChangedError(ValueError):
     """--resume with a config that differs from the one the run started with."""
 
 
+def current_names(recorded: dict) -> dict:
+    """A config a run recorded, with keys renamed since (``config.RENAMED``) under their new names, also in
+    ``sail.round_overrides``; values unchanged."""
+    from .config import RENAMED
+
+    for old, new in RENAMED.items():
+        (section, key), renamed = old.split("."), new.split(".")[1]
+        part = recorded.get(section) or {}
+        if key in part:
+            part[renamed] = part.pop(key)
+        for r, items in (part.get("round_overrides") or {}).items():
+            part["round_overrides"][r] = [new + item[len(old):] if item.split("=")[0].strip() == old else item for item in items]
+    return recorded
+
+
+def load_recorded_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """The RunConfig a run folder recorded (its config.yaml), under today's key names, with ``overrides``."""
+    from .config import load_config
+
+    path = RunLayout(run_dir).config
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
+    return load_config(current_names(read_yaml(path) or {}), overrides)
+
+
 def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_change: bool = False, log=None,
                   write: bool = True) -> None:
     """Write ``config.yaml`` for a new run; on resume, refuse a changed config (the keys and values
@@ -284,7 +311,7 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
         if write:
             atomic_write_text(path, dump_yaml(config))
         return
-    changes = config_changes(yaml.safe_load(path.read_text()) or {}, config)
+    changes = config_changes(current_names(yaml.safe_load(path.read_text()) or {}), config)
     if not changes:
         return
     if not allow_change:

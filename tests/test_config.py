@@ -50,3 +50,38 @@ def test_bad_values_and_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="mixup_alpha must be in"):
         load_config(CONFIGS / "tiny.yaml", ["train.mixup_alpha=1.5"])
+
+
+def test_renamed_reference_keys_are_refused_in_one_line_naming_the_new_key(tmp_path):
+    renamed = {"sail.reference": ("sail.ranking_reference", "previous"),
+               "sail.round_reference": ("sail.training_reference", "base")}
+    for old, (new, value) in renamed.items():
+        with pytest.raises(ValueError) as err:
+            load_config(CONFIGS / "toy.yaml", [f"{old}={value}"])
+        assert f"config key '{old}' was renamed '{new}'" in str(err.value) and "\n" not in str(err.value)
+        assert getattr(load_config(CONFIGS / "toy.yaml", [f"{new}={value}"]).sail, new.split(".")[1]) == value
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text((CONFIGS / "toy.yaml").read_text().replace("  ranking_reference: base\n", "  reference: base\n"))
+    with pytest.raises(ValueError, match=r"'sail.reference' was renamed 'sail.ranking_reference'"):
+        load_config(old_file)
+    # a round's overrides are read the same way
+    with pytest.raises(ValueError, match=r"'sail.round_reference' was renamed 'sail.training_reference'"):
+        load_config(CONFIGS / "toy.yaml", ["sail.round_overrides={1: [sail.round_reference=base]}"])
+
+
+def test_a_run_recorded_before_the_rename_still_loads_and_resumes(tmp_path):
+    # Its config.yaml holds the old keys: read under the new names, and --resume sees no change.
+    from sail_fast.rundir import load_recorded_config, record_config
+
+    current = load_config(CONFIGS / "toy.yaml", ["sail.ranking_reference=previous",
+                                                 "sail.round_overrides={2: [sail.training_reference=base]}"])
+    old = (dump_yaml(current.model_dump(mode="json")).replace("ranking_reference:", "reference:")
+           .replace("sail.training_reference=", "sail.round_reference="))
+    assert "  reference: previous" in old and "sail.round_reference=base" in old
+    (tmp_path / "config.yaml").write_text(old)
+    loaded = load_recorded_config(tmp_path)
+    assert loaded == current and loaded.sail.round_overrides == {2: ["sail.training_reference=base"]}
+    record_config(tmp_path, current.model_dump(mode="json"), resume=True)  # no ConfigChangedError
+    assert (tmp_path / "config.yaml").read_text() == old and not list(tmp_path.glob("config.resume-*"))
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        load_recorded_config(tmp_path / "elsewhere")

@@ -26,7 +26,7 @@ def test_shipped_config_reproduces_the_published_hyperparameters():
     assert (train.loss, train.dro_margin, train.learning_rate, train.warmup_steps) == ("dro", 0.001, 1e-4, 0)
     assert (train.lora.rank, train.lora.alpha, train.lora.target_modules) == (4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
     assert (train.pairs_per_step, config.data.caption_dropout, train.mixed_precision) == (256, 0.2, "fp16")
-    assert (sail.iter0_steps, sail.round_reference, sail.rounds - 1, sail.round_steps) == (0, "base", 8, 200)
+    assert (sail.iter0_steps, sail.training_reference, sail.rounds - 1, sail.round_steps) == (0, "base", 8, 200)
     # the replay buffer: the policy's own samples, DPM-Solver++ 20 steps, CFG 1
     assert (sail.real.loser, sail.real.sampler, sail.real.sampling_steps, sail.real.guidance_scale) == (
         "own_sample", "dpmsolver", 20, 1.0)
@@ -34,7 +34,7 @@ def test_shipped_config_reproduces_the_published_hyperparameters():
     # stage 2 (lora_init.sh): Diffusion-DPO beta 2000 from the stage-1 adapter, held to it, inpainted losers
     stage2 = round_config(config, sail.rounds)
     assert (stage2.train.loss, stage2.train.beta, stage2.sail.round_steps, stage2.train.warmup_steps) == ("sigmoid", 2000, 1000, 125)
-    assert (stage2.sail.round_reference, stage2.sail.real.loser, stage2.sail.real.min_margin) == ("round_start", "inpaint", 0.02)
+    assert (stage2.sail.training_reference, stage2.sail.real.loser, stage2.sail.real.min_margin) == ("round_start", "inpaint", 0.02)
     assert stage2.sail.real.inpaint_steps == 50
     assert round_config(config, 1) is config  # rounds without overrides run the config itself
 
@@ -176,8 +176,8 @@ def test_realalign_two_stage_recipe_runs_in_the_toy_world(tmp_path):
         "sail.real.per_round=12", "sail.real.disjoint=false", "sail.real.top_k=20", "sail.real.filter_metric=toy_oracle",
         "sail.real.sampler=dpmsolver", "sail.real.sampling_steps=5", "sail.real.guidance_scale=1.0",
         "train.loss=dro", "train.lora={rank: 4}", "train.learning_rate=1e-3", "train.mixup_alpha=1.0",
-        "sail.round_reference=base", "sail.eval_each_round=false",
-        "sail.round_overrides={3: [train.loss=sigmoid, sail.round_reference=round_start, sail.real.loser=inpaint, "
+        "sail.training_reference=base", "sail.eval_each_round=false",
+        "sail.round_overrides={3: [train.loss=sigmoid, sail.training_reference=round_start, sail.real.loser=inpaint, "
         "sail.real.min_margin=0.0]}"])
     run_sail(config)
     out = Path(config.output_dir)
@@ -238,7 +238,7 @@ def test_realalign_with_no_human_pairs_and_pipeline_inpainted_losers_on_an_sd_st
                                "sail.iter0_steps=0", "train.mixup_alpha=1.0", "sail.rounds=1", "sail.pair_sources=[real]",
                                f"sail.real.data={real}", "sail.real.per_round=4", "sail.real.loser=inpaint",
                                f"sail.real.mask={masks}", f"sail.real.inpaint_pipeline={tmp_path / 'inpaint'}",
-                               "sail.real.inpaint_steps=2", "train.loss=dro", "sail.round_reference=base")
+                               "sail.real.inpaint_steps=2", "train.loss=dro", "sail.training_reference=base")
     SailLoop(load_config(TINY, overrides)).run()
     run = tmp_path / "run"
     assert json.loads((run / "iter0/done.json").read_text())["human_pairs"] == 0

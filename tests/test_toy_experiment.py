@@ -89,7 +89,7 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
         load_config(TOY, overrides)  # valid as a whole
         assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in overrides
     ref = condition_overrides("ref-previous", 3, tmp_path / "seed-3", config)
-    assert "sail.reference=previous" in ref and not any(o.startswith("sail.rounds=") for o in ref)
+    assert "sail.ranking_reference=previous" in ref and not any(o.startswith("sail.rounds=") for o in ref)
     assert "sail.ranker_metric=toy_width" in condition_overrides("online-dpo-proxy", 3, tmp_path / "seed-3", config)
     smpo = condition_overrides("smpo", 3, tmp_path / "seed-3", config)
     assert {"sail.ranker_metric=toy_oracle", "sail.soft_labels=true", "train.noising=ddim_inversion"} <= set(smpo)

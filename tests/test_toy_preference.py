@@ -87,12 +87,12 @@ def test_width_proxy_always_prefers_bolder_where_the_human_stops():
 
 
 def test_reference_previous_ranks_against_the_weights_the_round_started_from(tmp_path):
-    """sail.reference: previous. Round 2 ranks round 1's policy against iter0's: once, the previous
+    """sail.ranking_reference: previous. Round 2 ranks round 1's policy against iter0's: once, the previous
     policy was the object round 1 had trained in place, so every reward was exactly 0."""
     from sail_fast.train import run_sail
 
     run_sail(load_config(REPO / "configs/toy-quick.yaml", [
-        f"output_dir={tmp_path}", "sail.reference=previous", "sail.eval_each_round=false", "train.progress=false"]))
+        f"output_dir={tmp_path}", "sail.ranking_reference=previous", "sail.eval_each_round=false", "train.progress=false"]))
     ranking = json.loads((tmp_path / "round-02/ranking.json").read_text())
     rewards = torch.tensor(ranking["rewards"])
     assert ranking["reference"] == "previous" and ranking["reward_spread_mean"] > 0

@@ -103,9 +103,9 @@ class SailLoop:
         previous = self.base
         for r, prompts in enumerate(rounds, start=1):
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
-            # Round r trains its input policy in place, so the next round's reference (sail.reference:
+            # Round r trains its input policy in place, so the next round's reference (sail.ranking_reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.
-            previous = self.policies.load(self.policy_dir(r - 1), PREVIOUS) if self.sail.reference == "previous" else self.base
+            previous = self.policies.load(self.policy_dir(r - 1), PREVIOUS) if self.sail.ranking_reference == "previous" else self.base
         self._write_metrics()
         last = RunLayout.stage_name(self.sail.rounds)
         self.ctx.world.report(self.ctx, metric_rows(self.layout, self.sail.rounds), last)
@@ -175,7 +175,7 @@ class SailLoop:
             return self.policies.load(self.policy_dir(r))
         started, ctx = time.perf_counter(), self.ctx.for_round(r)  # with sail.round_overrides[r]
         layout.stage(stage).mkdir(parents=True, exist_ok=True)
-        pairs = round_pairs(ctx, real_set, r, prompts, policy, self.base if ctx.sail.reference == "base" else previous)
+        pairs = round_pairs(ctx, real_set, r, prompts, policy, self.base if ctx.sail.ranking_reference == "base" else previous)
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
             pairs.save(layout.pairs(r))
@@ -183,7 +183,7 @@ class SailLoop:
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) {mixed}")
         trainer = self._trainer(self._stage_config(r, ctx.sail.round_steps, ctx.config), self.policies.trainable(policy),
                                 seed_pairs, generated_pairs=pairs, output_dir=layout.training(r).root,
-                                reference=self.base if ctx.sail.round_reference == "base" else None)
+                                reference=self.base if ctx.sail.training_reference == "base" else None)
         trainer.train(resume=True)
         del trainer
         policy = self.policies.load(self.policy_dir(r))

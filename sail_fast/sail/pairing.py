@@ -96,7 +96,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], po
         "dropped_candidates": dropped, "prompts_without_pair": int((~all_keep).sum()),
         "reward_spread_mean": float(spread.mean()), "reward_spread_std": float(spread.std()) if len(spread) > 1 else 0.0,
         "reward_std_within_prompt": float(finite_mean_std(finite.double())[1].mean()) if len(finite) else float("nan"),
-        "diversity": sample_diversity(latents), "reference": sail.reference, "pairing": sail.pairing,
+        "diversity": sample_diversity(latents), "reference": sail.ranking_reference, "pairing": sail.pairing,
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
         "labels": pairs.label.tolist(), "label_norm": sail.label_norm() if sail.soft_labels else None,
     }

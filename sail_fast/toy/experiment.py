@@ -83,17 +83,17 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
         pairs = max(1, round(config.toy.labelled_pairs * DPO_SHARES[name]))
         return common + ["toy.train_on=all", f"data.max_seed_pairs={pairs}", "sail.rounds=0", f"sail.iter0_steps={steps}"]
     if name == "ref-previous":  # the paper's reference lever: every round, each evaluated, from the same iter0
-        return common + [iter0, "sail.reference=previous"]
+        return common + [iter0, "sail.ranking_reference=previous"]
     if name in LEVERS:  # as ref-previous: every round, each evaluated, from the same iter0
         return common + [iter0] + LEVERS[name]
     if name == "realalign-recipe":  # no iter0 and no human pairs: its own base-model start
         last = ablation_rounds or sail.rounds
         return common + [
             "sail.iter0_steps=0", f"sail.rounds={last}", "sail.eval_each_round=false", "sail.pair_sources=[real]",
-            "train.mixup_alpha=1.0", "train.loss=dro", "sail.round_reference=base", "sail.real.disjoint=false",
+            "train.mixup_alpha=1.0", "train.loss=dro", "sail.training_reference=base", "sail.real.disjoint=false",
             "sail.real.filter_metric=toy_oracle", f"sail.real.top_k={sail.prompts_per_round}",
             "sail.real.sampler=dpmsolver", "sail.real.sampling_steps=20", "sail.real.guidance_scale=1.0",
-            f"sail.round_overrides={{{last}: [train.loss=sigmoid, sail.round_reference=round_start, "
+            f"sail.round_overrides={{{last}: [train.loss=sigmoid, sail.training_reference=round_start, "
             "sail.real.loser=inpaint, sail.real.min_margin=0.0]}"]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]

@@ -258,7 +258,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
                  repeats: int = 20, heldout_draws: int = 40, progress: bool = True) -> Path:
     """Measure the run's implicit reward (see the module docstring); returns the report's path."""
     from ..build import build_stack
-    from ..config import load_config
+    from ..rundir import load_recorded_config
     from ..data.sources import load_pairs
     from ..sail.policies import Policies
     from ..sampling import generate_candidates
@@ -268,7 +268,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     run = Path(run)
     if not RunLayout(run).config.is_file():
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a finished `sail-fast run`")
-    config = load_config(RunLayout(run).config)
+    config = load_recorded_config(run)
     if not config.model.toy or config.sail is None:
         raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
     if draws < 2 or prompts < 2 or candidates < 2:

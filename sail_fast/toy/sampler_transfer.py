@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import load_config
 from ..run_layout import RunLayout
+from ..rundir import load_recorded_config
 from ..sail.evaluation import evaluate_stage
 from ..sail.loop import SailLoop
 from .experiment import base_evaluation, copy_finished, write_table
@@ -22,9 +22,8 @@ from .experiment import base_evaluation, copy_finished, write_table
 def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> None:
     """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``."""
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
-    recorded = RunLayout(run).config  # the config the run recorded, its human included
-    loop = SailLoop(load_config(recorded, here), log=log)
-    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_config(recorded, here + overrides))
+    loop = SailLoop(load_recorded_config(run, here), log=log)  # the config the run recorded, its human included
+    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_recorded_config(run, here + overrides))
     for stage in RunLayout(run).evaluated_stages():
         r = RunLayout.round_of(stage)
         policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
@@ -49,6 +48,6 @@ def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *
                 continue
             if name != "sail":  # the same base samples as SAIL's (same prompts, seeds and weights)
                 copy_finished(seed_dir / "sail" / variant, run / variant, *base_evaluation())
-            rounds = max(rounds, load_config(RunLayout(run).config).sail.rounds)
+            rounds = max(rounds, load_recorded_config(run).sail.rounds)
             evaluate_run_under(run, variant, overrides, log)
     return write_table(out, seeds, rounds, variant=variant)
