@@ -69,7 +69,7 @@ class RunContext:
     def gather_in_order(self, *parts):
         """Every rank's ``parts`` and the permutation that puts their concatenation back into round
         order (rank k holds items k, k + W, ...), so training sees the same data whatever the rank count."""
-        gathered = self.dist.gather_objects(parts)
+        gathered = self.dist.gather(parts)  # tensors as tensors; only the prompt strings are pickled
         world = self.dist.world_size
         order = torch.tensor([k + i * world for k, g in enumerate(gathered) for i in range(len(g[0]))]).argsort()
         return gathered, order
