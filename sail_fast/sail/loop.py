@@ -58,19 +58,20 @@ class SailLoop:
         self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
         check_model_available(config.model)
         self.out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
+        self.layout = RunLayout(self.out, config.sail.iter0_from)  # before anything can log
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
         self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
         world = world_class(config.model.toy)(config.sail, config.data.seed_pairs, seed=config.seed, out=self.out,
                                               log=self.log, toy=config.toy)
         self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out, world, self.log,
                               config.train.progress and dist.is_main)
-        self.base, self.layout = self.ctx.base, self.ctx.layout
+        self.base = self.ctx.base
 
     def log(self, text: str) -> None:
         if not self.dist.is_main:
             return
         (self._log or tqdm.write)(text)
-        with RunLayout(self.out).log.open("a") as f:
+        with self.layout.log.open("a") as f:
             f.write(text + "\n")
 
     def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:

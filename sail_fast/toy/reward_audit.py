@@ -266,9 +266,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     from .run import ToyWorld
 
     run = Path(run)
-    if not RunLayout(run).config.is_file():
-        raise FileNotFoundError(f"{run} is not a run folder (no config.yaml); pass the output_dir of a finished `sail-fast run`")
-    config = load_recorded_config(run)
+    config = load_recorded_config(run)  # a folder without config.yaml is refused there, by name
     if not config.model.toy or config.sail is None:
         raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
     if draws < 2 or prompts < 2 or candidates < 2:

@@ -19,8 +19,9 @@ from ..sail.loop import SailLoop
 from .experiment import base_evaluation, copy_finished, write_table
 
 
-def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> None:
-    """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``."""
+def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> int:
+    """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``;
+    returns the run's round count."""
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
     loop = SailLoop(load_recorded_config(run, here), log=log)  # the config the run recorded, its human included
     ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_recorded_config(run, here + overrides))
@@ -28,6 +29,7 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print)
         r = RunLayout.round_of(stage)
         policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
         evaluate_stage(ctx, stage, policy, heldout=None)  # skips a stage already evaluated (its eval.json)
+    return loop.sail.rounds
 
 
 def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *, sampler: str = "ddpm",
@@ -48,6 +50,5 @@ def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *
                 continue
             if name != "sail":  # the same base samples as SAIL's (same prompts, seeds and weights)
                 copy_finished(seed_dir / "sail" / variant, run / variant, *base_evaluation())
-            rounds = max(rounds, load_recorded_config(run).sail.rounds)
-            evaluate_run_under(run, variant, overrides, log)
+            rounds = max(rounds, evaluate_run_under(run, variant, overrides, log))
     return write_table(out, seeds, rounds, variant=variant)
