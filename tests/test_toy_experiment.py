@@ -55,6 +55,7 @@ def test_table_lines_and_paired_changes(tmp_path):
         fake_stage(root / "dpo-full/iter0", base + 0.5)
         fake_stage(root / "no-mixup/round-02", base - 0.1)
         fake_stage(root / "plain-reward/round-01", base + 0.15)
+        fake_stage(root / "anchored/round-02", base + 0.45)
         (root / "human").mkdir()
         (root / "human/summary.json").write_text(json.dumps({"seed": 96, "labelled": 1600}))
     table = write_table(tmp_path, [0, 1], rounds=2).read_text().splitlines()
@@ -64,6 +65,7 @@ def test_table_lines_and_paired_changes(tmp_path):
     assert cell["SAIL round 2"][3] == "+0.100 ± 0.000"  # against DPO on the same 96 labels, same seed
     assert cell["SAIL round 2"][4] == "-0.150 ± 0.000"  # against full-label DPO of the same seed
     assert cell["SAIL round 1, plain reward (mean of 6 uniform draws)"][5] == "-0.050 ± 0.000"  # vs SAIL round 1
+    assert cell["SAIL round 2, every round's DPO held to the base"][5] == "+0.100 ± 0.000"  # (0.15 + 0.05) / 2
     assert cell["Diffusion-DPO, 100% of labels"][0] == "1600 (100%)"
     assert cell["SAIL round 2, no mixup (alpha = 1)"][2] == "-0.100 ± 0.000"
     assert cell["base model"][2] == "+0.000 ± 0.000" and cell["base model"][-1] == "2"
@@ -98,5 +100,8 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
     plain = load_config(TOY, condition_overrides("plain-reward", 3, tmp_path / "seed-3", config)).sail
     assert (plain.reward_estimator, plain.num_draws, plain.reward_timesteps) == ("mean", 6, None)
     assert (config.sail.reward_estimator, config.sail.num_draws) == ("standardised", 10)  # the audit's choice
+    anchored = condition_overrides("anchored", 3, tmp_path / "seed-3", config)
+    assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in anchored
+    assert load_config(TOY, anchored).sail.training_reference == "base" and config.sail.training_reference == "round_start"
     with pytest.raises(ValueError, match="unknown condition"):
         condition_overrides("sft", 3, tmp_path, config)

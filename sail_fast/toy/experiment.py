@@ -39,6 +39,10 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
 - ``plain-reward``: every round ranked by the implicit reward as the paper computes it (the mean gap
   over 6 uniform-t draws, the default before the reward audit), from the same iter0, every round
   evaluated: the configs' debiased reward (sail.reward_estimator) against the one it replaced.
+- ``anchored``: every round's DPO held to the base model (``sail.training_reference: base``) instead of
+  the policy the round starts from, from the same iter0, every round evaluated: the rounds' moves add up
+  under one reference, the one the implicit reward already ranks against, so the loss saturates once
+  the policy has moved as far from the base as the pairs support.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo
 # plain-reward: the implicit reward as the paper computes it (mean over K=6 uniform draws, the old default).
 LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
           "draws-12": ["sail.num_draws=12"], "winner-preserving": ["train.winner_preserving_mu=0.9"],
-          "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"]}
+          "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"],
+          "anchored": ["sail.training_reference=base"]}
 CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
               "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS, "smpo-published", "realalign-recipe")
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
@@ -167,8 +172,9 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
               (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last)]
     lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws",
                    "winner-preserving": "SDPO winner-preserving (mu 0.9)",
-                   "plain-reward": "plain reward (mean of 6 uniform draws)"}
-    every_round = {"plain-reward"}  # compared with SAIL round by round
+                   "plain-reward": "plain reward (mean of 6 uniform draws)",
+                   "anchored": "every round's DPO held to the base"}
+    every_round = {"plain-reward", "anchored"}  # compared with SAIL round by round
     lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, stage(r)) for name in LEVERS
               for r in (range(1, rounds + 1) if name in every_round else sorted({ablation_rounds, rounds}))]
     return lines
