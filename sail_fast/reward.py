@@ -123,6 +123,7 @@ class ImplicitRewardScorer:
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = next(policy_unet.parameters()).device
         self._unets = (policy_unet, reference_unet)  # as the caller gave them (the compiled wrappers share their weights)
+        self._layout_depth = 0  # > 0 inside scoring_layout(): the weights are channels_last already
         self.policy_unet = torch.compile(policy_unet) if compile else policy_unet
         self.reference_unet = torch.compile(reference_unet) if compile else reference_unet
 
@@ -163,7 +164,7 @@ class ImplicitRewardScorer:
         rows = num_prompts * num_cands * k
         mse_policy = torch.empty(rows, device=self.device, dtype=torch.float32)
         mse_ref = torch.empty(rows, device=self.device, dtype=torch.float32)
-        with _channels_last(*self._unets) if self.channels_last else contextlib.nullcontext():
+        with self.scoring_layout():
             self._score_rows(latents, prompt_embeds, added_cond_kwargs, draws, per_candidate, mse_policy, mse_ref)
         shape = (num_prompts, num_cands, k)
         return mse_policy.view(shape), mse_ref.view(shape)
@@ -276,6 +277,25 @@ class ImplicitRewardScorer:
             forwards += f
         return BestWorst(torch.tensor(best), torch.tensor(worst), torch.stack(rewards), forwards, full)
 
+    @contextlib.contextmanager
+    def scoring_layout(self):
+        """The UNets' 4-D weights channels_last for the block (with ``channels_last``; else nothing changes),
+        and the caller's own tensors back afterwards. Every scoring call enters it; a caller that scores many
+        chunks enters it once around them, so the weights are copied once, not per chunk. Re-entrant."""
+        if not self.channels_last or self._layout_depth:
+            self._layout_depth += 1
+            try:
+                yield
+            finally:
+                self._layout_depth -= 1
+            return
+        with _channels_last(*self._unets):
+            self._layout_depth += 1
+            try:
+                yield
+            finally:
+                self._layout_depth -= 1
+
     def pair_accuracy(self, pairs, *, generator: torch.Generator | None = None, chunk: int = 64) -> float:
         """Fraction of labelled pairs whose winner gets the higher implicit reward.
 
@@ -283,6 +303,12 @@ class ImplicitRewardScorer:
         shared by its winner and loser. This is the self-label agreement with held-out
         human pairs (0.5 is chance).
         """
+        correct = 0
+        with self.scoring_layout():
+            correct = self._pair_hits(pairs, generator, chunk)
+        return correct / len(pairs)
+
+    def _pair_hits(self, pairs, generator, chunk) -> int:
         correct = 0
         for start in range(0, len(pairs), chunk):
             idx = torch.arange(start, min(start + chunk, len(pairs)))
@@ -295,7 +321,7 @@ class ImplicitRewardScorer:
                 added = {"text_embeds": pairs.pooled_prompt_embeds[rows], "time_ids": time_ids}
             rewards = self.score_many(latents, embeds, added_cond_kwargs=added, generator=generator)
             correct += int((rewards[:, 0] > rewards[:, 1]).sum())
-        return correct / len(pairs)
+        return correct
 
     # -------------------------------------------------------------- internals
     def _draws(self, latents, timesteps, noise, generator) -> Draws:

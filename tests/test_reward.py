@@ -235,3 +235,25 @@ def test_scorer_leaves_its_callers_unets_as_they_were(setup):
     assert all(p.is_contiguous() for net in (policy, reference) for p in net.parameters())
     plain = ImplicitRewardScorer(policy, reference, stack.scheduler, beta=BETA, num_draws=3, channels_last=False)
     torch.testing.assert_close(plain.score_many(latents[:, :3], embeds.prompt_embeds, **kw), rewards, rtol=1e-4, atol=5e-2)
+
+
+def test_a_scoring_layout_block_converts_the_weights_once_for_all_its_calls(setup):
+    """Inside scoring_layout() the 4-D weights stay channels_last across calls (each call finds them converted and
+    leaves them, the same tensors); the rewards are those of calls made one by one; afterwards the caller's own
+    tensors are back."""
+    stack, policy, reference, embeds, latents, timesteps, noise = setup
+    policy, reference = copy.deepcopy(policy), copy.deepcopy(reference)
+    convs = [p for net in (policy, reference) for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs
+    own = [p.data_ptr() for p in convs]
+    kw = dict(added_cond_kwargs=_added(stack, embeds, [0, 1]), timesteps=timesteps[:, :3], noise=noise[:, :3])
+    scorer = ImplicitRewardScorer(policy, reference, stack.scheduler, beta=BETA, num_draws=3, channels_last=True)
+    one_by_one = [scorer.score_many(latents[:, :3], embeds.prompt_embeds, **kw) for _ in range(2)]
+    with scorer.scoring_layout():
+        held = [p.data_ptr() for p in convs]
+        assert held != own and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        in_block = [scorer.score_many(latents[:, :3], embeds.prompt_embeds, **kw) for _ in range(2)]
+        assert [p.data_ptr() for p in convs] == held  # no call converted again, none put the old tensors back
+    assert [p.data_ptr() for p in convs] == own
+    for a, b in zip(one_by_one, in_block):
+        assert torch.equal(a, b)

@@ -158,23 +158,24 @@ class ImplicitRanker(_Pairing):
         height, width = latents.shape[-2:]
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
         rewards, win, lose = [], [], []
-        for start in tqdm(range(0, len(prompts), chunk), desc=f"round {r} rank", unit="chunk", disable=not ctx.progress):
-            idx = list(range(start, min(start + chunk, len(prompts))))
-            draws = self.draws(r, idx, latents.shape[2:], scorer)
-            part = embeds.index(idx).to(ctx.device, scorer.dtype)
-            added = ctx.stack.added_cond_kwargs(part, height, width)
-            chosen = scorer.best_worst(latents[idx].to(ctx.device), part.prompt_embeds, added_cond_kwargs=added,
-                                       timesteps=draws.timesteps, noise=draws.noise,
-                                       adaptive=sail.adaptive and sail.pairing == "best_worst")
-            scores = chosen.rewards.float().cpu()
-            rewards.append(scores)
-            if sail.pairing == "best_worst":
-                win.append(chosen.best.cpu())
-                lose.append(chosen.worst.cpu())
-            else:
-                w, lo = self.choose(r, idx, scores)
-                win.append(w)
-                lose.append(lo)
+        with scorer.scoring_layout():  # the weights copied to channels_last once for all chunks, not per chunk
+            for start in tqdm(range(0, len(prompts), chunk), desc=f"round {r} rank", unit="chunk", disable=not ctx.progress):
+                idx = list(range(start, min(start + chunk, len(prompts))))
+                draws = self.draws(r, idx, latents.shape[2:], scorer)
+                part = embeds.index(idx).to(ctx.device, scorer.dtype)
+                added = ctx.stack.added_cond_kwargs(part, height, width)
+                chosen = scorer.best_worst(latents[idx].to(ctx.device), part.prompt_embeds, added_cond_kwargs=added,
+                                           timesteps=draws.timesteps, noise=draws.noise,
+                                           adaptive=sail.adaptive and sail.pairing == "best_worst")
+                scores = chosen.rewards.float().cpu()
+                rewards.append(scores)
+                if sail.pairing == "best_worst":
+                    win.append(chosen.best.cpu())
+                    lose.append(chosen.worst.cpu())
+                else:
+                    w, lo = self.choose(r, idx, scores)
+                    win.append(w)
+                    lose.append(lo)
         return torch.cat(rewards), torch.cat(win), torch.cat(lose)
 
     def draws(self, r: int, idx: list[int], latent_shape, scorer: ImplicitRewardScorer) -> Draws:
