@@ -282,14 +282,8 @@ class ImplicitRewardScorer:
         """The UNets' 4-D weights channels_last for the block (with ``channels_last``; else nothing changes),
         and the caller's own tensors back afterwards. Every scoring call enters it; a caller that scores many
         chunks enters it once around them, so the weights are copied once, not per chunk. Re-entrant."""
-        if not self.channels_last or self._layout_depth:
-            self._layout_depth += 1
-            try:
-                yield
-            finally:
-                self._layout_depth -= 1
-            return
-        with _channels_last(*self._unets):
+        convert = self.channels_last and not self._layout_depth
+        with _channels_last(*self._unets) if convert else contextlib.nullcontext():
             self._layout_depth += 1
             try:
                 yield
@@ -303,10 +297,8 @@ class ImplicitRewardScorer:
         shared by its winner and loser. This is the self-label agreement with held-out
         human pairs (0.5 is chance).
         """
-        correct = 0
         with self.scoring_layout():
-            correct = self._pair_hits(pairs, generator, chunk)
-        return correct / len(pairs)
+            return self._pair_hits(pairs, generator, chunk) / len(pairs)
 
     def _pair_hits(self, pairs, generator, chunk) -> int:
         correct = 0
