@@ -297,23 +297,20 @@ class ImplicitRewardScorer:
         shared by its winner and loser. This is the self-label agreement with held-out
         human pairs (0.5 is chance).
         """
-        with self.scoring_layout():
-            return self._pair_hits(pairs, generator, chunk) / len(pairs)
-
-    def _pair_hits(self, pairs, generator, chunk) -> int:
         correct = 0
-        for start in range(0, len(pairs), chunk):
-            idx = torch.arange(start, min(start + chunk, len(pairs)))
-            latents = torch.stack([pairs.win[idx], pairs.lose[idx]], dim=1).float()
-            rows = pairs.prompt_index[idx].repeat_interleave(2)  # one row per candidate
-            embeds = pairs.prompt_embeds[rows]
-            added = None
-            if pairs.pooled_prompt_embeds is not None:
-                time_ids = torch.stack([pairs.time_ids_win[idx], pairs.time_ids_lose[idx]], dim=1).flatten(0, 1)
-                added = {"text_embeds": pairs.pooled_prompt_embeds[rows], "time_ids": time_ids}
-            rewards = self.score_many(latents, embeds, added_cond_kwargs=added, generator=generator)
-            correct += int((rewards[:, 0] > rewards[:, 1]).sum())
-        return correct
+        with self.scoring_layout():  # the weights copied to channels_last once for all chunks
+            for start in range(0, len(pairs), chunk):
+                idx = torch.arange(start, min(start + chunk, len(pairs)))
+                latents = torch.stack([pairs.win[idx], pairs.lose[idx]], dim=1).float()
+                rows = pairs.prompt_index[idx].repeat_interleave(2)  # one row per candidate
+                embeds = pairs.prompt_embeds[rows]
+                added = None
+                if pairs.pooled_prompt_embeds is not None:
+                    time_ids = torch.stack([pairs.time_ids_win[idx], pairs.time_ids_lose[idx]], dim=1).flatten(0, 1)
+                    added = {"text_embeds": pairs.pooled_prompt_embeds[rows], "time_ids": time_ids}
+                rewards = self.score_many(latents, embeds, added_cond_kwargs=added, generator=generator)
+                correct += int((rewards[:, 0] > rewards[:, 1]).sum())
+        return correct / len(pairs)
 
     # -------------------------------------------------------------- internals
     def _draws(self, latents, timesteps, noise, generator) -> Draws:
