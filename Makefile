@@ -1,10 +1,25 @@
 # Set-up and the two jobs. Every target installs what it needs first, so each one works
 # on a fresh machine; pip skips what is already installed.
-PYTHON ?= python
+#
+# Packages go into the active venv if there is one, else into .venv/ (made here with
+# python3 -m venv): a system Python such as Debian's refuses pip installs (PEP 668), and
+# many systems have no `python` command at all.
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PYTHON := $(VENV)/bin/python
+# Recipes run the venv's commands (sail-fast, pytest, deepspeed) without activating it.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install install-latest constraints run test test-latest bench gpu-check
 
-install:
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+install: $(PYTHON)
+	@echo "make: installing into $(VENV)/$(if $(VIRTUAL_ENV), (the active venv), (no venv is active: a venv of its own))"
 	# torch first: 2.13.0 is the local CPU wheel on the development machines, and
 	# deepspeed builds against the installed torch (hence --no-build-isolation).
 	# Every package is pinned by constraints.txt, the set that last passed the tests.
@@ -14,7 +29,7 @@ install:
 
 # The newest releases pyproject.toml's ranges allow (torch stays at the local wheel: an
 # unpinned torch pulls several GB of CUDA packages). Use a fresh venv: it upgrades in place.
-install-latest:
+install-latest: $(PYTHON)
 	$(PYTHON) -m pip install -q "torch==2.13.0"
 	$(PYTHON) -m pip install -q -U --no-build-isolation "deepspeed>=0.15" "torch==2.13.0"
 	$(PYTHON) -m pip install -q -U --upgrade-strategy eager -e ".[dev]" "torch==2.13.0"
@@ -23,8 +38,8 @@ install-latest:
 # (then run `make test` on it before committing the new file).
 constraints:
 	rm -rf .venv-constraints
-	$(PYTHON) -m venv .venv-constraints
-	$(MAKE) install-latest PYTHON=.venv-constraints/bin/python
+	python3 -m venv .venv-constraints
+	$(MAKE) install-latest VIRTUAL_ENV=$(CURDIR)/.venv-constraints
 	{ echo "# Every package make install resolved, pinned; regenerate with make constraints."; \
 	  echo "# The ranges for library users stay in pyproject.toml."; \
 	  .venv-constraints/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; \
