@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .arguments import add_config_arguments, add_run_arguments, user_errors
+from .arguments import (
+    OneLineParser,
+    add_config_arguments,
+    add_run_arguments,
+    finite_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    user_errors,
+)
 from .quiet import silence_third_party_noise
 from .toy import PRETRAIN_STEPS
 
 
 def _check(args: argparse.Namespace) -> None:
     """Run paired_mse on SD-shaped rows through every backend this machine has."""
+    import torch
+
     from sail_fast.kernels import paired_mse, paired_mse_reference, resolve_backend
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -101,9 +112,15 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _label(args: argparse.Namespace) -> None:
+    import torch
+
     from .relabel import label_pairs
     from .metrics import load_metric
 
+    # LO >= HI would invert (or flatten) every label without a word: refused before the metric loads.
+    if args.range and not args.range[0] < args.range[1]:
+        raise ValueError(f"--range: LO must be below HI (the metric's lowest and highest score), got {args.range[0]:g} "
+                         f"{args.range[1]:g}")
     metric = load_metric(args.metric, args.weights, **({"device": torch.device(args.device)} if args.device else {}))
     out = label_pairs(args.pairs, metric, args.out, score_range=tuple(args.range) if args.range else None,
                       temperature=args.temperature, batch_size=args.batch_size)
@@ -114,7 +131,8 @@ def _toy_pretrain(args: argparse.Namespace) -> None:
     from .models import TOY_MODEL_DIR
     from .toy.pretrain import pretrain
 
-    report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                      shipped=args.out is None)
     print(json.dumps(report, indent=2))
 
 
@@ -137,7 +155,7 @@ def _toy_transfer(args: argparse.Namespace) -> None:
     from .toy.sampler_transfer import sampler_transfer
 
     print(sampler_transfer(args.out, args.seeds, args.conditions, sampler=args.sampler, steps=args.steps,
-                           images_per_prompt=args.images_per_prompt).read_text())
+                           images_per_prompt=args.images_per_prompt, trust_code=args.trust_code).read_text())
 
 
 def _toy_calibrate(args: argparse.Namespace) -> None:
@@ -150,7 +168,8 @@ def _toy_reward_audit(args: argparse.Namespace) -> None:
     from .toy.reward_audit import reward_audit
 
     out = reward_audit(args.run, out=args.out, prompts=args.prompts, candidates=args.candidates, draws=args.draws,
-                       ks=tuple(args.ks), band_k=args.band_k, repeats=args.repeats, heldout_draws=args.heldout_draws)
+                       ks=tuple(args.ks), band_k=args.band_k, repeats=args.repeats, heldout_draws=args.heldout_draws,
+                       trust_code=args.trust_code)
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
@@ -163,15 +182,15 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sail-fast", description=__doc__,
+    parser = OneLineParser(prog="sail-fast", description=__doc__,
                                      epilog="Errors print one line; add --debug anywhere to see the traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check and time the fused paired_mse kernel on SD-shaped latents")
-    check.add_argument("--rows", type=int, default=80, help="rows: candidates x draws (default 8 x 10)")
-    check.add_argument("--latent", type=int, nargs=3, default=[4, 64, 64], metavar=("C", "H", "W"))
+    check.add_argument("--rows", type=positive_int, default=80, help="rows: candidates x draws (default 8 x 10)")
+    check.add_argument("--latent", type=positive_int, nargs=3, default=[4, 64, 64], metavar=("C", "H", "W"))
     check.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    check.add_argument("--repeats", type=int, default=10)
+    check.add_argument("--repeats", type=positive_int, default=10)
     check.set_defaults(func=_check)
     train = sub.add_parser("train", help="SAIL (a config with a sail: section) or one Diffusion-DPO stage, "
                                          "as sail_fast/train.py (which `deepspeed` launches)")
@@ -186,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", required=True,
                      help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory")
     gen.add_argument("--prompts", required=True, help="prompt file: .txt, .tsv, .json or .parquet")
-    gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     gen.add_argument("--out", required=True, help="directory for the PNGs (and prompts.json)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=seed_int, default=0)
     gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--guidance-scale", type=finite_float, default=None)
     gen.add_argument("--compile", action="store_true",
                      help="sample with a torch.compile'd UNet (pays off for many images at SD sizes)")
     gen.set_defaults(func=_generate)
@@ -214,13 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights-dir", default=None, help="a folder with one subfolder per metric, named as the metric")
     ev.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help="one metric's weights (repeatable)")
     ev.add_argument("--out", required=True, help="directory for eval.json, eval.md, sample grids and per-image scores")
-    ev.add_argument("--images-per-prompt", type=int, default=1)
-    ev.add_argument("--limit", type=int, default=None, help="first N prompts (of each group, for grouped sets)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--images-per-prompt", type=positive_int, default=1)
+    ev.add_argument("--limit", type=positive_int, default=None, help="first N prompts (of each group, for grouped sets)")
+    ev.add_argument("--seed", type=seed_int, default=0)
     ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None, help="default: the run's, else the paper's")
     ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--guidance-scale", type=float, default=None)
-    ev.add_argument("--batch-size", type=int, default=16, help="prompts sampled and scored at a time")
+    ev.add_argument("--guidance-scale", type=finite_float, default=None)
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="prompts sampled and scored at a time")
     ev.add_argument("--device", default=None, help="device for the metric models (default: cuda when present)")
     ev.add_argument("--save-images", action="store_true", help="also write every picture as PNG")
     ev.set_defaults(func=_eval)
@@ -230,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("pairs", nargs="+", help="pairs.jsonl files or Pick-a-Pic parquet (files or folders)")
     label.add_argument("--metric", default="pickscore", help="a sail_fast.metrics name (default: pickscore)")
     label.add_argument("--weights", default=None, help="the metric's local weights")
-    label.add_argument("--range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+    label.add_argument("--range", type=finite_float, nargs=2, metavar=("LO", "HI"), default=None,
                        help="min-max range of the metric's score (default: its published one; PickScore's ships)")
-    label.add_argument("--temperature", type=float, default=1.0)
-    label.add_argument("--batch-size", type=int, default=16)
+    label.add_argument("--temperature", type=positive_float, default=1.0)
+    label.add_argument("--batch-size", type=positive_int, default=16)
     label.add_argument("--device", default=None)
     label.add_argument("--out", required=True, help="the pairs.jsonl to write (images beside it in images/)")
     label.set_defaults(func=_label)
@@ -241,64 +260,88 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-GPU training memory by optimizer, ZeRO stage and checkpointing")
     add_config_arguments(plan)
     plan.add_argument("--gpus", type=int, default=8)
-    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    plan.add_argument("--gpu-memory", type=finite_float, default=80.0, help="GB per GPU (default 80)")
     plan.set_defaults(func=_plan)
 
     toy = sub.add_parser("toy", help="the toy digits world")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="train the toy base model and the oracle's classifier")
     pre.add_argument("--out", default=None, help="where to write them (default: the package's shipped toy_model/)")
-    pre.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}, as the shipped model")
-    pre.add_argument("--batch-size", type=int, default=64)
-    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--steps", type=positive_int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}, as the shipped model")
+    pre.add_argument("--batch-size", type=positive_int, default=64)
+    pre.add_argument("--seed", type=seed_int, default=0)
     pre.set_defaults(func=_toy_pretrain)
     exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the table in docs/toy_results.md")
     add_config_arguments(exp, config_default="configs/toy.yaml")
     exp.add_argument("--out", default="runs/toy-experiment")
-    exp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    exp.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     exp.add_argument("--conditions", nargs="+", default=None,
                      help="default: all of them (sail dpo-6 dpo-12 dpo-25 dpo-50 dpo-full no-mixup random-pairs smoothed-self "
                           "online-dpo-proxy online-dpo smpo realalign sail-realalign); sail first, the others reuse its iter0")
-    exp.add_argument("--ablation-rounds", type=int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
+    exp.add_argument("--ablation-rounds", type=positive_int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
     tr = toy_sub.add_parser("transfer", help="evaluate a finished toy experiment's stages again under another sampler "
                                              "(same prompts and seeds): does the gain carry over?")
     tr.add_argument("out", help="the experiment folder (toy experiment --out)")
-    tr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tr.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--conditions", nargs="+", default=["sail", "dpo-6", "dpo-full"])
     tr.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default="ddpm")
-    tr.add_argument("--steps", type=int, default=50)
-    tr.add_argument("--images-per-prompt", type=int, default=None, help="default: as the run evaluated (toy: 10)")
+    tr.add_argument("--steps", type=positive_int, default=50)
+    tr.add_argument("--images-per-prompt", type=positive_int, default=None, help="default: as the run evaluated (toy: 10)")
+    add_trust_code_argument(tr)
     tr.set_defaults(func=_toy_transfer)
     cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "
                                               "the toy world's calibration table")
     add_config_arguments(cal, config_default="configs/toy.yaml")
     cal.add_argument("--out", default="runs/toy-calibration")
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--seed", type=seed_int, default=0)
     cal.set_defaults(func=_toy_calibrate)
     audit = toy_sub.add_parser("reward-audit", help="what a finished toy run's implicit reward measures, policy by policy: "
                                                     "estimators by K and t band, test-retest, ink, legibility, cost")
     audit.add_argument("run", help="the run folder (output_dir of a finished toy `sail-fast run`)")
     audit.add_argument("--out", default="bench/results/toy_reward_audit.md", help="the report (its numbers go beside it as .json)")
-    audit.add_argument("--prompts", type=int, default=48, help="prompts no round used (default 48)")
+    audit.add_argument("--prompts", type=positive_int, default=48, help="prompts no round used (default 48)")
     audit.add_argument("--candidates", type=int, default=8, help="candidates per prompt (default 8)")
-    audit.add_argument("--draws", type=int, default=140, help="the fixed bank of (t, eps) draws per prompt (default 140)")
-    audit.add_argument("--ks", type=int, nargs="+", default=[6, 10, 20, 40, 80], help="draw counts K to compare")
-    audit.add_argument("--band-k", type=int, default=10, help="K for the timestep bands and the estimators (default 10)")
-    audit.add_argument("--repeats", type=int, default=20, help="fresh draw subsets per estimate (default 20)")
-    audit.add_argument("--heldout-draws", type=int, default=40, help="draws per held-out human pair (0: skip them)")
+    audit.add_argument("--draws", type=positive_int, default=140, help="the fixed bank of (t, eps) draws per prompt (default 140)")
+    audit.add_argument("--ks", type=positive_int, nargs="+", default=[6, 10, 20, 40, 80], help="draw counts K to compare")
+    audit.add_argument("--band-k", type=positive_int, default=10, help="K for the timestep bands and the estimators (default 10)")
+    audit.add_argument("--repeats", type=positive_int, default=20, help="fresh draw subsets per estimate (default 20)")
+    audit.add_argument("--heldout-draws", type=nonnegative_int, default=40, help="draws per held-out human pair (0: skip them)")
+    add_trust_code_argument(audit)
     audit.set_defaults(func=_toy_reward_audit)
     return parser
 
 
+def add_trust_code_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="run the code a run folder's config.yaml names (toy.preference); only for folders you trust")
+
+
 def main(argv: list[str] | None = None) -> None:
-    # --debug may come anywhere on the line: show the full traceback of an error.
+    """The console entry point. Ctrl-C at any moment, the heavy imports at start-up included, ends it with
+    one line and exit status 130 (``--debug``: the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    silence_third_party_noise()
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # before user_errors took over: start-up, parsing
+        if "--debug" in argv:
+            raise
+        sys.stderr.write("\nsail-fast: interrupted (Ctrl-C)\n")
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command's name as typed: ``generate``, ``toy experiment``."""
+    return f"{args.command} {args.toy_command}" if args.command == "toy" else args.command
+
+
+def _main(argv: list[str]) -> None:
+    # --debug may come anywhere on the line: show the full traceback of an error.
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args([a for a in argv if a != "--debug"])
+    silence_third_party_noise()  # after parsing (--help needs no heavy import), before any model loads
     if debug:
         from .interrupts import install
 
@@ -306,9 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
         return
     resumable = ["sail-fast", *argv] if hasattr(args, "resume") else None  # the commands that train
-    with user_errors(parser.prog, resume_command=resumable):
+    with user_errors(parser.prog, resume_command=resumable, command=_command(args)):
         args.func(args)
-
 
 if __name__ == "__main__":
     main()

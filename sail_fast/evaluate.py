@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generate import (
+    check_checkpoint,
     check_picturable,
     resolve_checkpoint,
     sample_pictures,
@@ -28,6 +29,7 @@ from .images import enlarge, image_grid
 from .metrics import METRICS, Metric, load_metric
 from .outfolder import OutputFolder
 from .prompts import PromptSet
+from .readback import read_json_file
 from .sampling import candidate_seeds
 
 GRID_PROMPTS = 8
@@ -99,7 +101,8 @@ def score_checkpoint(checkpoint, prompt_set: PromptSet, metrics: dict[str, Metri
             scores[name].append(scored.view(len(chunk), n))
         if image_file is not None:
             for i, picture in enumerate(pictures):
-                picture.save(image_file(f"{start + i // n:04d}-{i % n:02d}.png"))
+                with image_file(f"{start + i // n:04d}-{i % n:02d}.png") as tmp:  # a path to write, then moved in place
+                    picture.save(tmp)
         if len(shown) < GRID_PROMPTS * n:
             shown += pictures[: GRID_PROMPTS * n - len(shown)]
     return {name: torch.cat(parts) for name, parts in scores.items()}, sampling, shown
@@ -121,6 +124,19 @@ def load_metrics(names: list[str], weights_dir: str | Path | None = None, weight
     return loaded
 
 
+SCORES_KEYS = ("checkpoint", "settings", "sampling", "scores")
+
+
+def read_scores(file: Path) -> dict:
+    """A checkpoint's stored scores (``scores/<label>.json``); a damaged or edited one is named, with its fix."""
+    record = read_json_file(file, "delete it to score that checkpoint again")
+    missing = [k for k in SCORES_KEYS if k not in record] if isinstance(record, dict) else list(SCORES_KEYS)
+    if missing:
+        raise ValueError(f"{file}: a scores file needs the keys {', '.join(SCORES_KEYS)}, missing {', '.join(missing)}; "
+                         "delete it to score that checkpoint again")
+    return record
+
+
 def _settings(prompt_set: PromptSet, metrics: dict[str, Metric], images_per_prompt: int, seed: int, sampling_args: dict):
     """What a checkpoint's stored scores depend on, besides its weights: reuse them only when this matches."""
     return {"prompt_set": prompt_set.name, "prompts": prompt_set.prompts,
@@ -136,30 +152,35 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
         raise ValueError("give at least one --checkpoint")
     if images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+    for checkpoint in checkpoints:  # a damaged or unrecorded checkpoint is refused before any is sampled
+        check_checkpoint(checkpoint)
     out = OutputFolder(out_dir, "eval")
     labels = checkpoint_labels(checkpoints)
     sampling_args = {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance_scale}
     settings = _settings(prompt_set, metrics, images_per_prompt, seed, sampling_args)
+    files = [out.path / f"scores/{label.replace('/', '__').replace(':', '_')}.json" for label in labels]
+    # Every stored score is read before any sampling too; only files this command wrote are read.
+    records = [read_scores(f) if f.relative_to(out.path).as_posix() in out.files else None for f in files]
     per_image, sampling_used = {}, {}
     fixed = None  # the sampling settings, resolved on the first checkpoint and kept for all
-    for label, checkpoint in zip(labels, checkpoints):
-        file = out.file(f"scores/{label.replace('/', '__').replace(':', '_')}.json")
-        record = json.loads(file.read_text()) if file.is_file() else None
+    for label, checkpoint, file, record in zip(labels, checkpoints, files, records):
+        scores_name = file.relative_to(out.path).as_posix()
         if (record is not None and record["settings"] == settings and record["checkpoint"] == str(checkpoint)
                 and record["sampling"] == (fixed or record["sampling"])):
             per_image[label] = {k: torch.tensor(v) for k, v in record["scores"].items()}
             sampling_used[label] = fixed = record["sampling"]
             continue
-        image_file = (lambda name, stem=file.stem: out.file(f"images/{stem}/{name}")) if save_images else None
+        image_file = (lambda name, stem=file.stem: out.write(f"images/{stem}/{name}")) if save_images else None
         scores, sampling, grid = score_checkpoint(checkpoint, prompt_set, metrics, images_per_prompt=images_per_prompt,
                                                   seed=seed, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                                   sampling=fixed, batch_size=batch_size, image_file=image_file)
         fixed = sampling
         shown = [f"{prompt_set.prompts[i // images_per_prompt][:40]} | {label}" for i in range(len(grid))]
-        image_grid(enlarge(grid), columns=images_per_prompt, captions=shown).save(out.file(f"samples-{file.stem}.png"))
+        with out.write(f"samples-{file.stem}.png") as tmp:
+            image_grid(enlarge(grid), columns=images_per_prompt, captions=shown).save(tmp)
         per_image[label], sampling_used[label] = scores, sampling
-        file.write_text(json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,
-                                    "scores": {k: v.tolist() for k, v in scores.items()}}) + "\n")
+        out.write_text(scores_name, json.dumps({"checkpoint": str(checkpoint), "settings": settings, "sampling": sampling,
+                                                "scores": {k: v.tolist() for k, v in scores.items()}}) + "\n")
 
     result = {
         "prompt_set": {"name": prompt_set.name, "prompts": len(prompt_set.prompts),
@@ -173,8 +194,8 @@ def evaluate(checkpoints: list[str | Path], prompt_set: PromptSet, metrics: dict
         "win_rates": {f"{label} vs {labels[0]}": {m: win_rate(per_image[label][m], per_image[labels[0]][m]) for m in metrics}
                       for label in labels[1:]},
     }
-    out.file("eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    out.file("eval.md").write_text(markdown_report(result))
+    out.write_text("eval.json", json.dumps(result, indent=2) + "\n")
+    out.write_text("eval.md", markdown_report(result))
     return result
 
 

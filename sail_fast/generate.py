@@ -12,22 +12,16 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from .build import build_stack
+from .config import RunConfig
 from .images import decode_latents, enlarge, image_grid, is_finite
 from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
 from .models import DiffusionStack, load_stack
 from .outfolder import OutputFolder
 from .prompts import read_prompts
+from .readback import check_run_weights, run_root
 from .run_layout import RunLayout
-from .rundir import check_weights, load_recorded_config
+from .rundir import load_recorded_config
 from .sampling import DEFAULTS, candidate_seeds, generate_candidates
-
-
-def _run_root(path: Path) -> Path | None:
-    """The run directory (the one with config.yaml) that holds ``path``, if any."""
-    for candidate in (path, *path.parents):
-        if RunLayout(candidate).config.is_file():
-            return candidate
-    return None
 
 
 def _final_unet(run: Path) -> Path:
@@ -46,6 +40,26 @@ def _weights_dir(path: Path) -> Path:
     return path if (path / "config.json").is_file() or (path / LORA_WEIGHTS).is_file() else _final_unet(path)
 
 
+def check_checkpoint(checkpoint: str | Path) -> tuple[Path, RunConfig] | None:
+    """The weights folder ``checkpoint`` names and its run's config, checked (the weights against their
+    manifest) without loading a model, so a command checks all its checkpoints before sampling any. None for a
+    diffusers pipeline directory, which carries no record to check."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a directory")
+    if (path / "model_index.json").is_file():
+        return None
+    run = run_root(path)
+    if run is None:
+        raise FileNotFoundError(
+            f"{path} is neither a diffusers pipeline directory (model_index.json) nor inside a sail-fast run "
+            "(no config.yaml here or above)"
+        )
+    weights = _weights_dir(path)
+    check_run_weights(weights)
+    return weights, load_recorded_config(run, code="drop")  # only the model and sampler are read: no code runs
+
+
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     """The stack to sample from, and the sampling settings its run used (empty when unknown).
 
@@ -53,20 +67,11 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
     folder (``pytorch_lora_weights.safetensors``) written by a run (its run's config.yaml supplies the
     rest of the stack), or a run directory (its latest trained UNet or LoRA).
     """
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a directory")
-    if (path / "model_index.json").is_file():
+    checked = check_checkpoint(checkpoint)
+    if checked is None:
+        path = Path(checkpoint)
         return load_stack(path, with_vae=(path / "vae").is_dir()), {}
-    run = _run_root(path)
-    if run is None:
-        raise FileNotFoundError(
-            f"{path} is neither a diffusers pipeline directory (model_index.json) nor inside a sail-fast run "
-            "(no config.yaml here or above)"
-        )
-    weights = _weights_dir(path)
-    check_weights(weights)
-    config = load_recorded_config(run)
+    weights, config = checked
     stack = build_stack(config.model, seed=config.seed)
     if (weights / LORA_WEIGHTS).is_file():
         # The base UNet with the adapter loaded by diffusers itself, as a user's pipeline would.
@@ -88,11 +93,12 @@ def export_unet(checkpoint: str | Path, out: str | Path, *, merge: bool = False)
     stack, _ = resolve_checkpoint(checkpoint)
     lora = has_adapter(stack.unet)
     if lora and not merge:
-        shutil.copy(_weights_dir(Path(checkpoint)) / LORA_WEIGHTS, folder.file(LORA_WEIGHTS))
+        with folder.write(LORA_WEIGHTS) as tmp:
+            shutil.copy(_weights_dir(Path(checkpoint)) / LORA_WEIGHTS, tmp)
         return folder.path
     unet = merged_unet(stack.unet) if lora else stack.unet
-    unet.save_pretrained(folder.path)
-    folder.adopt_written()
+    with folder.write_tree() as staging:
+        unet.save_pretrained(staging)
     return folder.path
 
 
@@ -145,10 +151,12 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
     if not finite.all():
         print(f"WARNING: {int((~finite).sum())} of {len(images)} pictures hold NaN or inf (drawn as a red NaN marker)")
     for i, image in enumerate(images):
-        image.save(out.file(f"{i // num_images:04d}-{i % num_images:02d}.png"))
+        with out.write(f"{i // num_images:04d}-{i % num_images:02d}.png") as tmp:
+            image.save(tmp)
     record = {"checkpoint": str(checkpoint), "seed": seed, "sampling": sampling, "prompts": prompts}
-    out.file("prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.write_text("prompts.json", json.dumps(record, indent=2) + "\n")
     shown = num_images * min(len(prompts), 16)
     captions = [f"{prompts[i // num_images]} #{i % num_images}" for i in range(shown)]
-    image_grid(enlarge(images[:shown]), columns=num_images, captions=captions).save(out.file("grid.png"))
+    with out.write("grid.png") as tmp:
+        image_grid(enlarge(images[:shown]), columns=num_images, captions=captions).save(tmp)
     return len(images)

@@ -51,6 +51,7 @@ class RunLayout:
         self.root = Path(root)
         self.iter0_from = None if iter0_from is None else Path(iter0_from)
         self.config = self.root / "config.yaml"
+        self.record = self.root / "run.json"  # the sail-fast that began the run, and config.yaml's sha256
         self.log = self.root / "sail.log"
         self.metrics = self.root / "metrics.json"
         self.curves = self.root / "curves.png"
@@ -58,6 +59,11 @@ class RunLayout:
         self.compare = self.root / "compare.png"
         self.human = self.root / "human"  # toy world: the labelled pairs
         self.cache = self.root / "cache"  # encoded pairs, unless data.cache_dir names another folder
+
+    def replaced_files(self) -> list[Path]:
+        """The top-level files a run writes whole (and rewrites after each stage), the resumed configs included."""
+        resumed = sorted(self.root.glob("config.resume-*.yaml"))
+        return [self.config, self.record, self.metrics, self.curves, self.summary, self.compare, *resumed]
 
     def resumed_config(self, k: int) -> Path:
         """The k-th config a run was resumed with under --allow-config-change (the first stays ``config``)."""

@@ -5,7 +5,9 @@ and a resume that cannot silently mix configurations.
   temporary name and renamed, so a kill never leaves half a file.
 - ``RunLock``: ``<run>/run.lock`` holds the host and pid of the run using the folder; a second
   run is refused with the holder's name; a lock left by a killed process on this host is stale
-  and taken over.
+  and taken over; an unreadable one is not ours and is refused.
+- ``check_new_run_folder`` / ``check_run_record``: a run never replaces a file it did not write; its
+  ``run.json`` proves the folder's config.yaml is the run's own (its sha256).
 - ``write_manifest`` / ``verify_manifest`` / ``check_weights``: each checkpoint and each stage's ``final/``
   lists its files with their sizes and sha256 in ``manifest.json``, written last. A checkpoint whose files
   do not match is skipped on resume; finished weights that do not match are refused (one line naming the
@@ -19,6 +21,7 @@ A SAIL run's folder (each stage writes ``done.json`` last; ``--resume`` skips fi
 continues a half-trained one from its latest intact checkpoint)::
 
     config.yaml       the config the run started with (config.resume-N.yaml: later ones, --allow-config-change)
+    run.json          the sail-fast, torch and diffusers versions it began with, and config.yaml's sha256
     run.lock          host and pid of the run working here (sail_fast.rundir)
     human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
     base/eval.json    the base model's evaluation
@@ -40,10 +43,12 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 from .run_layout import RunLayout, TrainingLayout
+from .versions import describe_version_change, version_record
 from .yaml_files import dump_yaml, read_yaml
 
 MANIFEST = "manifest.json"
@@ -111,11 +116,14 @@ class RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 holder = self._holder()
-                if holder is None or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
-                    self.log(f"removing a stale lock {self.path} ({holder or 'unreadable'}): its process has ended")
+                if holder is None:  # our locks are whole from the start (linked into place): this one is not ours
+                    raise RunLockedError(f"{self.path} is not a lock sail-fast wrote (unreadable); if no run is using "
+                                         f"{self.path.parent}, delete {self.path} and run again") from None
+                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                    self.log(f"removing a stale lock {self.path} ({holder}): its process has ended")
                     self.path.unlink(missing_ok=True)
                     continue
                 if holder.get("host") == me["host"] and int(holder.get("pid", -1)) == me["pid"]:
@@ -125,16 +133,27 @@ class RunLock:
                     f"since {holder.get('since')}); wait for it to finish, choose another output_dir, or delete "
                     f"{self.path} if that run is gone"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return self
         raise RunLockedError(f"could not take {self.path}: another run keeps re-creating it")
 
+    def _create(self, me: dict) -> None:
+        """Write the lock under a private name, then link it into place: it never exists half-written, and the
+        link fails if another lock is there (FileExistsError)."""
+        fd, tmp = tempfile.mkstemp(prefix=".run.lock-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            os.link(tmp, self.path)
+        finally:
+            os.unlink(tmp)
+
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            holder = json.loads(self.path.read_text())
+            int(holder.get("pid"))
+            return holder
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
     def release(self) -> None:
@@ -233,38 +252,8 @@ def describe_changes(changes: dict[str, tuple]) -> str:
 
 
 # ------------------------------------------------------------------ folders we fill
-CLAIM = ".sail-fast-writing"
-
-
 class FolderInUseError(FileExistsError):
-    """A folder the run would write into holds files the run did not write."""
-
-
-def claim_folder(path: str | Path, what: str) -> Path:
-    """Make ``path`` a folder this run may fill and, when interrupted, clear: it must be new, empty,
-    or one the run began earlier (it holds the claim marker). Anything else is refused, never deleted."""
-    import shutil
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FolderInUseError(f"{what} {path} is a file; point it at a new or empty folder")
-    if (path / CLAIM).exists():
-        shutil.rmtree(path)  # an interrupted write of ours: start it again
-    elif path.exists() and any(path.iterdir()):
-        found = sorted(p.name for p in path.iterdir())
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise FolderInUseError(
-            f"{what} {path} already holds files this run did not write ({shown}); the run never deletes them: "
-            f"point it at a new or empty folder"
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CLAIM).write_text("sail-fast is writing this folder; it is removed when the write has finished\n")
-    return path
-
-
-def release_folder(path: str | Path) -> None:
-    """The write into a claimed folder has finished."""
-    (Path(path) / CLAIM).unlink(missing_ok=True)
+    """A folder a command would write into holds files the command did not write."""
 
 
 # ------------------------------------------------------------------ config records
@@ -287,14 +276,51 @@ def current_names(recorded: dict) -> dict:
     return recorded
 
 
-def load_recorded_config(run_dir: str | Path, overrides: list[str] | None = None):
-    """The RunConfig a run folder recorded (its config.yaml), under today's key names, with ``overrides``."""
+# Keys whose value names code to run ('path/to/file.py:function').
+CODE_KEYS = (("toy", "preference"), ("sail", "real", "mask"))
+
+
+class UntrustedCodeError(PermissionError):
+    """A run folder's recorded config names code, and the command was not told to trust it."""
+
+
+def named_code(recorded: dict) -> dict[str, str]:
+    """{key: spec} for each key of a recorded config that names a Python file to run."""
+    found = {}
+    for path in CODE_KEYS:
+        part = recorded
+        for key in path:
+            part = part.get(key) if isinstance(part, dict) else None
+        if isinstance(part, str) and ".py:" in part:
+            found[".".join(path)] = part
+    return found
+
+
+def load_recorded_config(run_dir: str | Path, overrides: list[str] | None = None, *, code: str):
+    """The RunConfig a run folder recorded (its config.yaml), under today's key names, with ``overrides``.
+
+    A run folder may come from someone else, and its config can name Python files to run (``CODE_KEYS``).
+    ``code`` says what to do with them: ``"trust"`` keeps them (the user passed --trust-code), ``"refuse"``
+    stops with the keys named, ``"drop"`` unsets them (for commands that never run them: generate, export)."""
     from .config import load_config
 
     path = RunLayout(run_dir).config
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); pass the output_dir of a run")
-    return load_config(current_names(read_yaml(path) or {}), overrides)
+    recorded = current_names(read_yaml(path) or {})
+    named = named_code(recorded)
+    if named and code == "refuse":
+        shown = ", ".join(f"{key}: {spec}" for key, spec in named.items())
+        raise UntrustedCodeError(f"{path} names code to run ({shown}); reading a run folder never runs its code "
+                                 "unless you say so: pass --trust-code if you trust whoever wrote that file")
+    if code == "drop":
+        for key in named:
+            *parents, last = key.split(".")
+            part = recorded
+            for parent in parents:
+                part = part[parent]
+            part[last] = None
+    return load_config(recorded, overrides)
 
 
 def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_change: bool = False, log=None,
@@ -307,9 +333,14 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)  # a plain training folder keeps its config.yaml where a SAIL run does
     path = layout.config
+    if write and (path.exists() or path.is_symlink()):  # the main rank checks; the others may see its writes half-done
+        check_run_record(layout, log)
+    elif write:
+        check_new_run_folder(layout)
     if not (resume and path.is_file()):
         if write:
             atomic_write_text(path, dump_yaml(config))
+            write_json(layout.record, version_record() | {"config_sha256": file_sha256(path)})
         return
     changes = config_changes(current_names(yaml.safe_load(path.read_text()) or {}), config)
     if not changes:
@@ -329,6 +360,49 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
     if log is not None:
         log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
             f"{describe_changes(changes)}")
+
+
+def check_new_run_folder(layout: RunLayout) -> None:
+    """A new run never replaces a file it did not write: none of the files a run writes whole may be there yet."""
+    found = [p.name for p in layout.replaced_files() if p.exists() or p.is_symlink()]
+    if found:
+        raise FolderInUseError(f"output_dir {layout.root} holds {', '.join(found)}, which no sail-fast run recorded "
+                               "there; a run never replaces files it did not write: choose a new or empty output_dir")
+
+
+def began_before_records(layout: RunLayout) -> bool:
+    """A run folder of a sail-fast that wrote no run.json: a finished stage or a training checkpoint is there."""
+    return layout.done(RunLayout.BASE).is_file() or bool(TrainingLayout(layout.root).written_checkpoints())
+
+
+def check_run_record(layout: RunLayout, log=None) -> None:
+    """The folder's config.yaml must be the one a sail-fast run wrote (``run.json`` holds its sha256), so a folder
+    that merely holds someone's config.yaml is refused, not resumed over; a changed sail-fast version is named."""
+    problem = None
+    if layout.config.is_symlink() or not layout.config.is_file():
+        problem = f"{layout.config} is not a plain file"
+    elif not layout.record.is_file() and began_before_records(layout):
+        write_json(layout.record, {"config_sha256": file_sha256(layout.config)})
+        if log is not None:
+            log(f"{layout.root} was begun by a sail-fast older than run records; recorded its config.yaml in {layout.record}")
+        return
+    elif not layout.record.is_file():
+        problem = f"it has no {layout.record.name} (the record a run writes beside its config.yaml)"
+    else:
+        try:
+            record = read_json(layout.record)
+            recorded_hash = record["config_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            problem = f"{layout.record} is unreadable ({type(err).__name__}: {err})"
+        else:
+            if recorded_hash != file_sha256(layout.config):
+                problem = f"{layout.config} is not the file the run recorded in {layout.record.name} (its bytes changed)"
+    if problem is not None:
+        raise FolderInUseError(f"output_dir {layout.root} is not a sail-fast run this command can continue: {problem}; "
+                               "a run never replaces files it did not write: choose a new or empty output_dir")
+    change = describe_version_change(record, version_record())
+    if change and log is not None:
+        log(change)
 
 
 def disk_full(err: BaseException, where: Path) -> bool:

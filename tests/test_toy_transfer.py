@@ -32,7 +32,7 @@ def experiment(tmp_path_factory):
 def test_the_runs_own_sampler_reproduces_its_evaluation(experiment):
     # Same sampler, steps and images as the run: the same seeds give the same samples and the same judged
     # scores, so the transfer samples what the run sampled and judges by the run's human (bold, not built-in).
-    table = sampler_transfer(experiment, [0], ["sail"], sampler="ddim", steps=5)
+    table = sampler_transfer(experiment, [0], ["sail"], sampler="ddim", steps=5, trust_code=True)
     assert table.name == "results-ddim-5.md"
     for stage in ("base", "iter0", "round-01"):
         first = load_file(experiment / "seed-0/sail" / stage / EVAL_SAMPLES)
@@ -44,7 +44,7 @@ def test_the_runs_own_sampler_reproduces_its_evaluation(experiment):
 
 
 def test_another_sampler_draws_new_samples_paired_across_stages(experiment):
-    table = sampler_transfer(experiment, [0], ["sail", "dpo-6"], sampler="ddpm", steps=3, images_per_prompt=1)
+    table = sampler_transfer(experiment, [0], ["sail", "dpo-6"], sampler="ddpm", steps=3, images_per_prompt=1, trust_code=True)
     variant = experiment / "seed-0/sail/ddpm-3"
     base = load_file(variant / "base" / EVAL_SAMPLES)
     assert base["latents"].shape[:2] == (3, 1)  # 3 eval prompts x 1 image
@@ -55,5 +55,5 @@ def test_another_sampler_draws_new_samples_paired_across_stages(experiment):
     assert "Diffusion-DPO, 6% of labels" not in rows  # no dpo-6 run in this folder: skipped, not invented
     # A second call finds every stage evaluated and samples nothing.
     stamp = (variant / "round-01/eval.json").stat().st_mtime_ns
-    sampler_transfer(experiment, [0], ["sail"], sampler="ddpm", steps=3, images_per_prompt=1)
+    sampler_transfer(experiment, [0], ["sail"], sampler="ddpm", steps=3, images_per_prompt=1, trust_code=True)
     assert (variant / "round-01/eval.json").stat().st_mtime_ns == stamp

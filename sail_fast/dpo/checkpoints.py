@@ -15,6 +15,9 @@ from diffusers import UNet2DConditionModel
 
 from ..lora import POLICY, adapter_state, load_adapter, save_adapter
 from ..rundir import MANIFEST, disk_full, drop_metrics_after, write_manifest
+from ..state_files import StateFileError, load_state, save_state, state_paths
+
+TRAINER_STATE = "trainer_state"  # trainer_state.json + trainer_state.safetensors
 
 
 class NonFiniteError(RuntimeError):
@@ -88,7 +91,7 @@ class TrainerCheckpoints:
         self.dist.barrier()  # every rank's DeepSpeed shard is on disk
         if self.dist.is_main:
             self._save_unet(tmp / self.weights_name, state)
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            save_state(trainer_state, tmp, TRAINER_STATE)  # JSON and safetensors: nothing to unpickle
             write_manifest(tmp)  # last: resume checks the files against it
             if final.exists():  # a damaged checkpoint of this step, skipped on resume: replaced
                 shutil.rmtree(final)
@@ -99,8 +102,9 @@ class TrainerCheckpoints:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = read_trainer_state(path)
         if self.engine is not None:
+            check_deepspeed_files(path / "deepspeed")  # DeepSpeed unpickles its files: refuse any that name code
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=not self.lora)
         else:
             if self.lora:
@@ -131,3 +135,45 @@ class TrainerCheckpoints:
             write_manifest(final)  # last: whoever loads these weights checks their sha256 against it
         self.dist.barrier()
         return final
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer state (step, sampler, optimizer, LR schedule, EMA), read without unpickling.
+    Checkpoints written before the JSON format hold ``trainer_state.pt``: read with torch's weights-only
+    loader, which refuses any pickle that names code."""
+    legacy = checkpoint / "trainer_state.pt"
+    if state_paths(checkpoint, TRAINER_STATE)[0].exists() or not legacy.is_file():
+        return load_state(checkpoint, TRAINER_STATE)
+    return weights_only_load(legacy)
+
+
+def weights_only_load(path: Path):
+    """``torch.load`` limited to tensors and plain containers; a file that names anything else is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StateFileError(f"refusing {path}: it is not a plain tensor file ({first}); a checkpoint that names code "
+                             "is never loaded: resume from a checkpoint you wrote, or train that stage again") from None
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """DeepSpeed reads its checkpoint with a full unpickler; every file is first read with the weights-only
+    loader, so a crafted file is refused before DeepSpeed opens it."""
+    import torch.serialization
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for path in sorted(folder.rglob("*.pt")):
+            weights_only_load(path)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain data types DeepSpeed's checkpoints hold besides tensors (enums and a config namespace)."""
+    from argparse import Namespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [Namespace, ZeroStageEnum, LossScaler, DynamicLossScaler]

@@ -4,6 +4,7 @@ the result ships in ``sail_fast/toy_model``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..outfolder import OutputFolder, writable_folder
 from ..seeding import TOY_CLASSIFIER_INIT, TOY_CLASSIFIER_SPLIT, TOY_PRETRAIN_BATCHES, derive_seed
 from . import PRETRAIN_STEPS
 from .human import ORACLE_FILE, DigitClassifier
@@ -50,13 +52,16 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 
 
 
 def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: int = 64, learning_rate: float = 1e-3,
-             caption_dropout: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
+             caption_dropout: float = 0.1, seed: int = 0, progress: bool = True, shipped: bool = False) -> dict:
     """Train the toy base model and the oracle's classifier; write both to ``out_dir``.
 
     The text encoder trains with the UNet (there is no pretrained CLIP offline) and is then
     frozen like SD's. Caption dropout teaches the unconditional prediction that CFG needs.
+    ``out_dir`` follows the commands' folder rule (``sail_fast.outfolder``), checked before training;
+    ``shipped``: it is the package's own toy_model/, which this command replaces by design.
     """
     out = Path(out_dir)
+    folder = writable_folder(out, "--out") if shipped else OutputFolder(out, "toy pretrain")
     started = time.perf_counter()
     images, labels = load_digits()
     classifier, clf_accuracy = train_classifier(images, labels, seed=seed, progress=progress)
@@ -97,15 +102,16 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: in
 
     unet.eval()
     text_encoder.eval().requires_grad_(False)
-    stack.save_pretrained(out)
-    (out / "oracle").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, out / ORACLE_FILE)
     report = {
         "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
         "final_loss": float(np.mean(losses[-200:])), "classifier_holdout_accuracy": clf_accuracy,
         "seconds": time.perf_counter() - started,
     }
-    (out / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    with contextlib.nullcontext(out) if shipped else folder.write_tree() as target:
+        stack.save_pretrained(target)
+        (target / "oracle").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, target / ORACLE_FILE)
+        (target / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

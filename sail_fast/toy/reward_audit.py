@@ -255,8 +255,9 @@ def policy_stages(run: Path, rounds: int, folder: str, iter0_from: str | None) -
 
 def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward_audit.md", prompts: int = 48,
                  candidates: int = 8, draws: int = 140, ks: tuple[int, ...] = (6, 10, 20, 40, 80), band_k: int = 10,
-                 repeats: int = 20, heldout_draws: int = 40, progress: bool = True) -> Path:
-    """Measure the run's implicit reward (see the module docstring); returns the report's path."""
+                 repeats: int = 20, heldout_draws: int = 40, progress: bool = True, trust_code: bool = False) -> Path:
+    """Measure the run's implicit reward (see the module docstring); returns the report's path.
+    ``trust_code``: run the code the run's config names (its toy.preference); refused otherwise."""
     from ..build import build_stack
     from ..rundir import load_recorded_config
     from ..data.sources import load_pairs
@@ -266,7 +267,7 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     from .run import ToyWorld
 
     run = Path(run)
-    config = load_recorded_config(run)  # a folder without config.yaml is refused there, by name
+    config = load_recorded_config(run, code="trust" if trust_code else "refuse")  # no config.yaml: refused there
     if not config.model.toy or config.sail is None:
         raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
     if draws < 2 or prompts < 2 or candidates < 2:

@@ -4,12 +4,14 @@ table and comparison picture printed at the end."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..run_layout import DONE, RunLayout
-from ..rundir import claim_folder, read_json, release_folder, write_json
+from ..outfolder import OutputFolder
+from ..rundir import read_json
 from ..sail.world import World
 from ..seeding import TOY_ROUND_PROMPTS, derive_seed
 from .human import TEMPERATURE, ToyOracle
@@ -62,17 +64,18 @@ class ToyWorld(World):
                 )
         elif ctx.dist.is_main:
             self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human}")
-            claim_folder(human, "toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
-            summary = make_human_pairs(
-                ctx.stack, self.oracle, human, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
-                heldout=toy.heldout_pairs, seed=self.seed, sampling=ctx.sampling, progress=ctx.progress,
-                auto_temperature=self.auto_temperature,
-            )
+            # A new or empty folder, or one this labelling began (its ledger proves the files); never a user's.
+            folder = OutputFolder(human, "toy label", what="toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
+            with folder.write_tree() as staging:
+                summary = make_human_pairs(
+                    ctx.stack, self.oracle, staging, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
+                    heldout=toy.heldout_pairs, seed=self.seed, sampling=ctx.sampling, progress=ctx.progress,
+                    auto_temperature=self.auto_temperature,
+                )
             if self.auto_temperature:
                 self.log(f"toy.temperature auto: {summary['temperature']:.4g} (labels agree with the noiseless "
                          f"preference {summary['labels_agreeing_with_noiseless_oracle']:.1%} of the time)")
-            release_folder(human)
-            write_json(human / DONE, summary | {"settings": settings})
+            folder.write_text(DONE, json.dumps(summary | {"settings": settings}, indent=2) + "\n")  # last: finished
         ctx.dist.barrier()
         seed = human / ("all.jsonl" if toy.train_on == "all" else "seed.jsonl")
         return seed_sources or [str(seed)], heldout_sources or [str(human / "heldout.jsonl")]

@@ -19,12 +19,13 @@ from ..sail.loop import SailLoop
 from .experiment import base_evaluation, copy_finished, write_table
 
 
-def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print) -> int:
+def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print, *, trust_code: bool = False) -> int:
     """Evaluate each evaluated stage of ``run`` again with ``overrides`` (sampler settings) into ``run/variant``;
-    returns the run's round count."""
+    returns the run's round count. ``trust_code``: run the code the run's config names (its toy.preference)."""
+    code = "trust" if trust_code else "refuse"
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
-    loop = SailLoop(load_recorded_config(run, here), log=log)  # the config the run recorded, its human included
-    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_recorded_config(run, here + overrides))
+    loop = SailLoop(load_recorded_config(run, here, code=code), log=log)  # the config the run recorded, its human included
+    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_recorded_config(run, here + overrides, code=code))
     for stage in RunLayout(run).evaluated_stages():
         r = RunLayout.round_of(stage)
         policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
@@ -33,7 +34,8 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print)
 
 
 def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *, sampler: str = "ddpm",
-                     steps: int = 50, images_per_prompt: int | None = None, log=print) -> Path:
+                     steps: int = 50, images_per_prompt: int | None = None, log=print,
+                     trust_code: bool = False) -> Path:
     """Evaluate the finished stages of ``conditions`` (sail first: the others share its base) under
     ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md)."""
     out, variant = Path(out), f"{sampler}-{steps}"
@@ -50,5 +52,5 @@ def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *
                 continue
             if name != "sail":  # the same base samples as SAIL's (same prompts, seeds and weights)
                 copy_finished(seed_dir / "sail" / variant, run / variant, *base_evaluation())
-            rounds = max(rounds, evaluate_run_under(run, variant, overrides, log))
+            rounds = max(rounds, evaluate_run_under(run, variant, overrides, log, trust_code=trust_code))
     return write_table(out, seeds, rounds, variant=variant)

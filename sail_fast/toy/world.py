@@ -155,10 +155,10 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     draw) as PNGs with a ``metadata.jsonl`` of captions, each a training-pool prompt naming its digit.
 
     ``metadata.jsonl`` is written last: it marks the folder finished. A folder holding anything this
-    function did not write is refused (``sail_fast.rundir.claim_folder``), never deleted."""
+    function did not write is refused (``sail_fast.outfolder.OutputFolder``), never deleted."""
     from PIL import Image
 
-    from ..rundir import atomic_write_text, claim_folder, release_folder
+    from ..outfolder import OutputFolder
 
     out = Path(out_dir)
     if (out / "metadata.jsonl").is_file():
@@ -170,7 +170,7 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
     _, rest = split_prompts(seed)
     prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
-    claim_folder(out, "the real-digits folder")
+    folder = OutputFolder(out, "toy real digits", what="the real-digits folder")
     lines = []
     for i in range(count):
         digit, k = i % 10, i // 10
@@ -178,8 +178,8 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
         prompt = prompts_of[digit][int(torch.randint(len(prompts_of[digit]), (1,), generator=gen))]
         pixels = ((images[index, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         name = f"digit-{i:05d}.png"
-        Image.fromarray(pixels).save(out / name)  # uint8 [H, W]: a grayscale PNG
+        with folder.write(name) as tmp:
+            Image.fromarray(pixels).save(tmp)  # uint8 [H, W]: a grayscale PNG
         lines.append(json.dumps({"file_name": name, "text": prompt, "mnist_index": index}))
-    release_folder(out)
-    atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    folder.write_text("metadata.jsonl", "\n".join(lines) + "\n")
     return out
