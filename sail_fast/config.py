@@ -7,6 +7,7 @@ the closest valid key, and the list of valid ones, instead of being silently ign
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,15 +18,16 @@ from .yaml_files import YamlError, read_yaml
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float finite: YAML reads .inf and .nan, and a string such as 1e309 parses to inf.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
     path: str | None = None  # a local diffusers directory or a hub id
     tiny: Literal["sd15", "sdxl"] | None = None  # a tiny random stack (tests, benchmarks)
     toy: bool = False  # the toy world's pretrained digits stack, shipped in the package
-    tiny_sample_size: int = 16
-    tiny_in_channels: int = 4
+    tiny_sample_size: int = Field(16, ge=1)
+    tiny_in_channels: int = Field(4, ge=1)
     kind: Literal["sd15", "sdxl"] | None = None  # inferred from the directory when unset
     with_vae: bool = True
 
@@ -36,15 +38,22 @@ class ModelConfig(Section):
                              "and model.toy (true)")
         return self
 
+    def schedule_length(self) -> int:
+        """num_train_timesteps of a local model folder's scheduler; else 1000, as the toy, tiny, SD1.5 and SDXL have."""
+        try:
+            return int(json.loads((Path(self.path) / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"])
+        except (TypeError, OSError, ValueError, KeyError):  # no path, a hub id; a damaged file fails as the model loads
+            return 1000
+
 
 class DataConfig(Section):
     seed_pairs: list[str] = []  # pairs.jsonl files, Pick-a-Pic parquet files/dirs, or latent shard files/dirs
-    max_seed_pairs: int | None = None  # keep the first N pairs (after dropping ties)
-    resolution: int = 512  # pixels fed to the VAE (latent side = resolution / vae scale factor)
+    max_seed_pairs: int | None = Field(None, ge=1)  # keep the first N pairs (after dropping ties)
+    resolution: int = Field(512, ge=1, le=4096)  # pixels fed to the VAE (latent side = resolution / vae scale factor)
     flip: Literal["none", "random", "always"] = "none"
-    caption_dropout: float = 0.0  # probability of training a pair on the empty prompt
+    caption_dropout: float = Field(0.0, ge=0, le=1)  # probability of training a pair on the empty prompt
     cache_dir: str | None = None  # where encoded latents are cached (default: <output_dir>/cache)
-    encode_batch_size: int = 16
+    encode_batch_size: int = Field(16, ge=1)
 
 
 class LoraSettings(Section):
@@ -69,22 +78,22 @@ class TrainConfig(Section):
     winner_preserving_mu: float | None = Field(None, ge=0, le=1)
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = 1e-2
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)  # 0 would clip every gradient to nothing
+    warmup_steps: int = Field(0, ge=0)
     steps: int = Field(100, ge=1)  # optimizer steps
-    pairs_per_step: int = 128  # effective batch, across ranks and accumulation
-    micro_batch_pairs: int = 8  # pairs per rank per forward
-    mixup_alpha: float = 0.25  # fraction of each batch from generated pairs (when there are any)
+    pairs_per_step: int = Field(128, ge=1, le=65536)  # effective batch, across ranks and accumulation (paper: 128)
+    micro_batch_pairs: int = Field(8, ge=1, le=65536)  # pairs per rank per forward
+    mixup_alpha: float = Field(0.25, ge=0, le=1)  # fraction of each batch from generated pairs (when there are any)
     # forward: x_t from random noise (Diffusion-DPO). ddim_inversion: x_t from a few-step ReNoise
     # DDIM inversion of x_0 with the policy, eps recovered from x_t and x_0 (SmPO-Diffusion).
     noising: Literal["forward", "ddim_inversion"] = "forward"
-    inversion_steps: int | None = None  # default: SmPO-Diffusion's 5 for SD1.5, 10 for SDXL
+    inversion_steps: int | None = Field(None, ge=1)  # default: SmPO-Diffusion's 5 for SD1.5, 10 for SDXL
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
-    ema_decay: float | None = None
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # the newest N are kept
     log_every: int = Field(1, ge=1)
@@ -99,16 +108,10 @@ class TrainConfig(Section):
         return "fp32" if value in (False, None, "no") else value
 
     @model_validator(mode="after")
-    def _batch_sizes(self):
-        if self.pairs_per_step < 1 or self.micro_batch_pairs < 1:
-            raise ValueError("train.pairs_per_step and train.micro_batch_pairs must be >= 1")
-        if self.inversion_steps is not None and self.inversion_steps < 1:
-            raise ValueError("train.inversion_steps must be >= 1")
+    def _combinations(self):
         if self.winner_preserving_mu is not None and self.loss in ("sft", "mapo"):
             raise ValueError(f"train.winner_preserving_mu scales the loser's gradient in the DPO logit; train.loss="
                              f"{self.loss!r} has no reference and no logit. Unset one of them")
-        if not 0.0 <= self.mixup_alpha <= 1.0:
-            raise ValueError(f"train.mixup_alpha must be in [0, 1], got {self.mixup_alpha}")
         if self.lora is not None and self.ema_decay is not None:
             raise ValueError("train.ema_decay is not supported with train.lora (the EMA would cover the frozen base "
                              "weights too); unset one of them")
@@ -126,11 +129,11 @@ class RealAlignConfig(Section):
     # (image and caption columns). The toy world writes real MNIST digits when this is unset.
     data: str | None = None
     loser: RealLoser = "own_sample"
-    per_round: int | None = None  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
-    blur_sigma: float = 2.0  # pixels at data.resolution
-    noise_std: float = 0.2  # pixels in [-1, 1]
-    mask_fraction: float = 0.25  # area of the redrawn rectangle (masked_renoise)
-    renoise_strength: float = 0.6  # how far towards noise the rectangle is taken before it is redrawn
+    per_round: int | None = Field(None, ge=1)  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
+    blur_sigma: float = Field(2.0, gt=0)  # pixels at data.resolution
+    noise_std: float = Field(0.2, gt=0)  # pixels in [-1, 1]
+    mask_fraction: float = Field(0.25, gt=0, le=1)  # area of the redrawn rectangle (masked_renoise)
+    renoise_strength: float = Field(0.6, gt=0, le=1)  # how far towards noise the rectangle is taken before it is redrawn
     # inpaint (RealAlign's loser): the salient subject redrawn. The soft mask [0, 1] (1 = redraw) comes from
     # a folder of masks named as the images, or 'path/to/file.py:function' (pixels [B, C, H, W] in [-1, 1]
     # -> masks [B, 1, H, W]); unset: the world's own (the toy world: the stroke dilated by one pixel).
@@ -168,19 +171,14 @@ class RealAlignConfig(Section):
             if self.filter_metric not in METRICS:
                 raise ValueError(f"sail.real.filter_metric {self.filter_metric!r} is not a metric; choose from "
                                  f"{', '.join(METRICS)}")
-        if self.per_round is not None and self.per_round < 1:
-            raise ValueError("sail.real.per_round must be >= 1")
-        if self.blur_sigma <= 0 or self.noise_std <= 0:
-            raise ValueError("sail.real.blur_sigma and sail.real.noise_std must be > 0")
-        if not 0 < self.mask_fraction <= 1 or not 0 < self.renoise_strength <= 1:
-            raise ValueError("sail.real.mask_fraction and sail.real.renoise_strength must be in (0, 1]")
         return self
 
 
 class SailConfig(Section):
     """The SAIL rounds; a config without this section trains one Diffusion-DPO stage."""
 
-    rounds: int = Field(3, ge=0)  # T rounds after iter0
+    # T rounds after iter0. At most 1000: a typo's extra zeros fail at load (the rounds' configs are built then).
+    rounds: int = Field(3, ge=0, le=1000)
     prompts: str | None = None  # a .txt (one prompt per line) or .json list; the toy world has its own
     prompts_per_round: int = Field(10000, ge=1)  # disjoint across rounds
     candidates: int = Field(8, ge=2)  # N per prompt (a pair needs a best and a worst)
@@ -195,8 +193,8 @@ class SailConfig(Section):
     sampler: Sampler | None = None  # default: the paper's for the model kind
     sampling_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = None
-    generation_batch: int = 64  # candidates per UNet call
-    scoring_batch: int = 256  # noised latents per UNet call
+    generation_batch: int = Field(64, ge=1)  # candidates per UNet call
+    scoring_batch: int = Field(256, ge=1)  # noised latents per UNet call
     # torch.compile the UNets that generate and score (worth it at SD sizes; compiling costs
     # about a minute per graph on a CPU, paid again for each new batch shape).
     compile: bool = False
@@ -206,10 +204,10 @@ class SailConfig(Section):
     round_steps: int | None = Field(None, ge=1)  # DPO steps of each round (default train.steps)
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
     heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
-    eval_prompts: int = 50  # prompts sampled for each stage's evaluation
+    eval_prompts: int = Field(50, ge=1)  # prompts sampled for each stage's evaluation
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
-    eval_images_per_prompt: int = 4
-    grid_prompts: int = 8  # rows of the per-round candidate grid
+    eval_images_per_prompt: int = Field(4, ge=1)
+    grid_prompts: int = Field(8, ge=1)  # rows of the per-round candidate grid
     # OnlineDPO (the paper's Table 4 baseline): an external reward model ranks the candidates.
     ranker: Literal["implicit", "external"] = "implicit"
     ranker_metric: str | None = None  # a sail_fast.metrics name: toy_oracle, aesthetic, pickscore, hpsv2, ...
@@ -220,7 +218,7 @@ class SailConfig(Section):
     # SmPO-Diffusion's fixed (s - lo) / (hi - lo) with soft_label_range = [lo, hi] in the ranker's
     # units. Default: minmax with the authors' range when PickScore ranks, zscore otherwise.
     soft_labels: bool = False
-    soft_label_temperature: float = 1.0
+    soft_label_temperature: float = Field(1.0, gt=0)
     soft_label_norm: Literal["zscore", "minmax"] | None = None
     soft_label_range: tuple[float, float] | None = None  # default for minmax: the ranker metric's published range
     # Where each round's pairs come from: "self" (the ranked candidates: SAIL, or OnlineDPO with an
@@ -252,8 +250,6 @@ class SailConfig(Section):
         if self.adaptive and self.reward_estimator != "mean":
             raise ValueError(f"sail.adaptive races with the mean estimator only; set sail.reward_estimator: mean "
                              f"or sail.adaptive: false (got {self.reward_estimator})")
-        if self.soft_label_temperature <= 0:
-            raise ValueError("sail.soft_label_temperature must be > 0")
         if self.soft_label_range is not None and not self.soft_label_range[0] < self.soft_label_range[1]:
             raise ValueError(f"sail.soft_label_range must be [lo, hi] with lo < hi, got {list(self.soft_label_range)}")
         if self.label_norm() == "minmax" and self.soft_label_range is None and not self._ranked_by_pickscore():
@@ -286,9 +282,9 @@ class SailConfig(Section):
 class ToyConfig(Section):
     """The toy world's hidden human: how many pairs it labels and how noisily."""
 
-    labelled_pairs: int = 800  # the full labelled set (what 100%-label DPO trains on)
-    seed_fraction: float = 0.06  # SAIL's seed: this fraction of the labelled set
-    heldout_pairs: int = 100  # extra labelled pairs for self-label agreement
+    labelled_pairs: int = Field(800, ge=1)  # the full labelled set (what 100%-label DPO trains on)
+    seed_fraction: float = Field(0.06, gt=0, le=1)  # SAIL's seed: this fraction of the labelled set
+    heldout_pairs: int = Field(100, ge=1)  # extra labelled pairs for self-label agreement
     # Bradley-Terry rater noise (default: the calibrated toy_human.TEMPERATURE); auto: set from the labelled
     # base-model pairs so labels agree with the noiseless preference 72.5% of the time, as the built-in one was.
     temperature: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
@@ -301,7 +297,7 @@ class ToyConfig(Section):
 
 class RunConfig(Section):
     output_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch generators take 64 bits; numpy's SeedSequence refuses negatives
     model: ModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -340,6 +336,10 @@ class RunConfig(Section):
         if self.sail is not None and self.sail.real.inpaint_pipeline and "real" in self.sail.pair_sources and not any(
                 c.sail.real.loser == "inpaint" for c in rounds):
             raise ValueError("sail.real.inpaint_pipeline is set, but no round uses sail.real.loser: inpaint")
+        timesteps = self.sail.reward_timesteps if self.sail is not None else None
+        if timesteps is not None and timesteps[1] > (n := self.model.schedule_length()):
+            raise ValueError(f"sail.reward_timesteps = {list(timesteps)}: hi must be <= {n}, the model's training schedule "
+                             "length (num_train_timesteps); draws take t in [lo, hi)")
         return self
 
 

@@ -10,10 +10,19 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+# Limits checked before a prompt file is used: a 10 MB one-line file would otherwise take minutes and
+# gigabytes in the tokenizer before failing. The text encoders read 77 tokens (a few hundred characters).
+MAX_PROMPT_FILE_BYTES = 100 * 2**20  # a million prompts of 100 characters
+MAX_PROMPT_CHARS = 10_000
+
 FORMATS = ".txt (one prompt per line), .tsv (a 'Prompt' column), .json (a list of strings or of {\"prompt\": ...}), .parquet (a 'caption' column)"
 
 
 def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"{path}: {size / 2**20:.0f} MB, over the {MAX_PROMPT_FILE_BYTES // 2**20} MB limit for a prompt "
+                         "file; split it or give fewer prompts")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -53,16 +62,26 @@ def read_prompts(path: str | Path) -> list[str]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if "caption" not in table.column_names:
-            raise ValueError(f"{path}: a .parquet prompt file needs a 'caption' column, found {table.column_names}")
-        prompts = [str(c) for c in table.column("caption").to_pylist()]
+        columns = pq.read_schema(path).names
+        if "caption" not in columns:
+            raise ValueError(f"{path}: a .parquet prompt file needs a 'caption' column, found {columns}")
+        # The caption column only: a Pick-a-Pic shard also holds its images.
+        prompts = [str(c) for c in pq.read_table(path, columns=["caption"]).column("caption").to_pylist()]
     else:
         raise ValueError(f"{path}: unknown prompt file type {suffix!r}; use {FORMATS}")
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
+    _check_lengths(path, prompts)
     return prompts
+
+
+def _check_lengths(path: Path, prompts: list[str]) -> None:
+    """Refuse a prompt far longer than any text encoder reads: a file that is not a prompt list."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{path}: prompt {longest + 1} has {len(prompts[longest]):,} characters, over the limit of "
+                         f"{MAX_PROMPT_CHARS:,} (a text encoder reads about 300); is this a prompt file, one prompt a line?")
 
 
 # The HPSv2 benchmark's four styles, in its published order.

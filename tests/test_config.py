@@ -48,7 +48,7 @@ def test_bad_values_and_files(tmp_path):
         load_config(CONFIGS / "tiny.yaml", ["train.steps"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ValueError, match="mixup_alpha must be in"):
+    with pytest.raises(ValueError, match="train.mixup_alpha = 1.5: Input should be less than or equal to 1"):
         load_config(CONFIGS / "tiny.yaml", ["train.mixup_alpha=1.5"])
 
 
@@ -79,9 +79,11 @@ def test_a_run_recorded_before_the_rename_still_loads_and_resumes(tmp_path):
            .replace("sail.training_reference=", "sail.round_reference="))
     assert "  reference: previous" in old and "sail.round_reference=base" in old
     (tmp_path / "config.yaml").write_text(old)
-    loaded = load_recorded_config(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "done.json").write_text("{}\n")  # a stage it finished: a run folder, recorded once resumed
+    loaded = load_recorded_config(tmp_path, code="refuse")
     assert loaded == current and loaded.sail.round_overrides == {2: ["sail.training_reference=base"]}
     record_config(tmp_path, current.model_dump(mode="json"), resume=True)  # no ConfigChangedError
     assert (tmp_path / "config.yaml").read_text() == old and not list(tmp_path.glob("config.resume-*"))
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
-        load_recorded_config(tmp_path / "elsewhere")
+        load_recorded_config(tmp_path / "elsewhere", code="refuse")

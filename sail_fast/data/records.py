@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..rundir import atomic_write_text
@@ -187,27 +189,66 @@ def read_pairs_jsonl(path: str | os.PathLike) -> tuple[list[PairRecord], ReadSta
 
 
 def open_image(src: ImageSource, origin: str, which: str) -> Image.Image:
-    """Decode an image source fully, so a corrupt file fails here, naming the pair."""
+    """Decode an image source fully, so a corrupt file fails here, naming the pair; the picture comes back as
+    8-bit grey (L) or RGB, whatever its mode on disk (``eight_bit``)."""
+    what = f"file {os.fspath(src)!r}" if isinstance(src, (str, os.PathLike)) else type(src).__name__
     try:
-        if isinstance(src, Image.Image):
-            img = src
-        elif isinstance(src, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(src)))
-        elif isinstance(src, (str, os.PathLike)):
-            img = Image.open(src)
-        else:
-            raise TypeError(f"unsupported image source type {type(src).__name__}")
-        img.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice that: refused the same as above it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(src, Image.Image):
+                img = src
+            elif isinstance(src, (bytes, bytearray, memoryview)):
+                img = Image.open(io.BytesIO(bytes(src)))
+            elif isinstance(src, (str, os.PathLike)):
+                img = Image.open(src)
+            else:
+                raise TypeError(f"unsupported image source type {type(src).__name__}")
+            img.load()
         # Camera photos store their rotation in EXIF; the real size is the rotated one.
-        return ImageOps.exif_transpose(img)
+        return eight_bit(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{origin or 'record'}: the {which} image ({what}) has more than {Image.MAX_IMAGE_PIXELS:,} "
+                         "pixels, Pillow's limit against decompression bombs; downscale it") from None
     except (OSError, UnidentifiedImageError, TypeError, ValueError, SyntaxError) as e:
-        what = f"file {os.fspath(src)!r}" if isinstance(src, (str, os.PathLike)) else type(src).__name__
         raise ValueError(f"{origin or 'record'}: could not decode the {which} image ({what}): {e}") from e
 
 
 def _png_ready(img: Image.Image) -> Image.Image:
     # PNG cannot hold CMYK, YCbCr, float modes...; RGB keeps what the VAE would see anyway.
     return img if img.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") else img.convert("RGB")
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """The picture as 8-bit L (grey sources) or RGB, as the models read it. Pillow's own convert() clips deeper
+    values at 255, so a 16-bit PNG would turn white: 16- and 32-bit grey are scaled (65535 -> 255), float grey is
+    taken as [0, 1]; a transparent picture is laid on white (convert() would show what hides under the alpha)."""
+    if img.mode in SIXTEEN_BIT or img.mode == "I":
+        return _scaled_grey(img, 65535.0, "integer")  # 32-bit grey: how older Pillow reads 16-bit PNGs
+    if img.mode == "F":
+        return _scaled_grey(img, 1.0, "float")
+    if img.mode == "P":  # a palette: RGBA when one of its colours is transparent
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return flat.convert("L") if img.mode in ("LA", "La") else flat
+    if img.mode in ("1", "L"):
+        return img.convert("L")
+    return img.convert("RGB")  # RGB, CMYK, YCbCr, LAB, HSV: Pillow converts these exactly
+
+
+def _scaled_grey(img: Image.Image, top: float, kind: str) -> Image.Image:
+    """Grey values in [0, ``top``] scaled to 8 bits; values outside that range have no known meaning: refused."""
+    values = np.asarray(img, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(values).all() and 0 <= low and high <= top):
+        raise ValueError(f"{img.mode} ({kind}) grey values span [{low:g}, {high:g}], outside [0, {top:g}]; save it as an "
+                         "8- or 16-bit PNG")
+    return Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8))
 
 
 def write_pairs_jsonl(path: str | os.PathLike, records: Sequence[PairRecord]) -> Path:
