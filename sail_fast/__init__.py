@@ -2,12 +2,14 @@
 
 import importlib
 
-from .kernels import dpo_logit, implicit_reward, paired_mse
-
 __version__ = "0.1.0"
 
-# Heavier parts load on first use, so `sail_fast.kernels` alone does not import diffusers.
+# Everything loads on first use: `sail_fast.kernels` alone does not import diffusers, and `import sail_fast`
+# (the start of every command) imports no torch, so Ctrl-C during a command's start-up is one line.
 _LAZY = {
+    "dpo_logit": "kernels",
+    "implicit_reward": "kernels",
+    "paired_mse": "kernels",
     "ImplicitRewardScorer": "reward",
     "BestWorst": "reward",
     "DiffusionStack": "models",
@@ -20,7 +22,7 @@ _LAZY = {
     "image_grid": "images",
 }
 
-__all__ = ["__version__", "dpo_logit", "implicit_reward", "paired_mse", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):

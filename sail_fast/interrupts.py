@@ -1,9 +1,10 @@
 """Stopping a command cleanly on SIGTERM (how cluster schedulers stop a job) and Ctrl-C.
 
 ``install()`` makes SIGTERM raise ``Stopped``, which unwinds every ``with`` block (the run lock is released)
-and ends the command with one line saying how to resume (``arguments.user_errors``). While DPO trains
-(inside ``deferred()``) SIGTERM only sets a flag: the trainer finishes the step it is in, writes a checkpoint
-when one is quick to write, and then raises ``Stopped`` itself, so the resumed run loses no work.
+and ends the command with one line saying how to go on (``arguments.stop_hint``: --resume for run and train,
+run it again for the others). While DPO trains (inside ``deferred()``) SIGTERM only sets a flag: the trainer
+finishes the step it is in, writes a checkpoint when one is quick to write, and then raises ``Stopped``
+itself, so the resumed run loses no work.
 """
 
 from __future__ import annotations

@@ -440,4 +440,6 @@ def _finalize(stack: DiffusionStack, dtype: torch.dtype, device) -> DiffusionSta
 
 def load_unet(path: str | Path, like: UNet2DConditionModel) -> UNet2DConditionModel:
     """A saved UNet (diffusers layout) in ``like``'s dtype and device, in eval mode."""
+    if not (Path(path) / "config.json").is_file():  # else diffusers takes the path for a hub id and blames the network
+        raise FileNotFoundError(f"{path} holds no saved UNet (no config.json there)")
     return UNet2DConditionModel.from_pretrained(path, torch_dtype=like.dtype).to(like.device).eval()

@@ -10,13 +10,15 @@ as a pairs.jsonl that ``data.seed_pairs`` reads, so ``train.loss: smpo`` trains 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data.records import PairRecord, open_image, read_pairs_jsonl, read_pickapic_parquet, write_pairs_jsonl
+from .data.records import (PairRecord, _png_ready, open_image, read_pairs_jsonl, read_pickapic_parquet,
+                           write_pairs_jsonl)
 from .sail.ranking import soft_labels
 
 
@@ -60,9 +62,39 @@ def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) ->
         raise ValueError(f"{', '.join(map(str, sources))}: no pairs to label")
     labelled = relabel(records, metric, **kw)
     try:
-        return write_pairs_jsonl(out, labelled)
+        return write_pairs_jsonl(out, write_images(labelled, out))
     except OSError as err:
         if err.filename is not None:
             raise
         # PIL and file objects report a full disk without the path: name the output.
         raise OSError(err.errno, err.strerror or str(err), str(out)) from err
+
+
+def write_images(records: Sequence[PairRecord], out: Path) -> list[PairRecord]:
+    """The records with their in-memory pictures (Pick-a-Pic's jpg bytes) written as PNGs in ``images/`` beside
+    ``out``, named as ``write_pairs_jsonl`` names them; pictures already in files stay where they are."""
+    def on_disk(rec: PairRecord, i: int, key: str):
+        src = getattr(rec, key)
+        if isinstance(src, (str, os.PathLike)):
+            return src
+        target = out.parent / "images" / f"{out.stem}-{i:06d}-{key}.png"
+        save_png_whole(open_image(src, rec.origin or f"record {i}", key), target)
+        return target
+
+    return [PairRecord(rec.prompt, on_disk(rec, i, "win"), on_disk(rec, i, "lose"), rec.label, rec.source, rec.origin)
+            for i, rec in enumerate(records)]
+
+
+def save_png_whole(image, target: Path) -> None:
+    """``image`` as a PNG at ``target``, written under a temporary name and renamed once whole: a full disk or a
+    kill leaves no half-written picture, under either name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        _png_ready(image).save(tmp, format="PNG")
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):  # PIL reports a full disk without the path: name the picture
+            raise OSError(err.errno, err.strerror or str(err), str(target)) from err
+        raise

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..callables import load_callable
+from ..callables import UserCodeError, load_callable
 from ..models import TOY_MODEL_DIR
 
 ORACLE_FILE = "oracle/classifier.safetensors"
@@ -181,12 +181,22 @@ class ToyOracle:
         if self.preference is None:
             parts["score"] = _score(log_prob, parts["width_term"], hz, offset)
         else:
-            score = torch.as_tensor(self.preference(intensity, digits)).float().reshape(-1)
+            score = torch.as_tensor(self._preference_scores(intensity, digits)).float().reshape(-1)
             if score.shape != (len(x),) or not torch.isfinite(score).all():
                 raise ValueError(f"toy.preference must return {len(x)} finite scores for {len(x)} images, "
                                  f"got shape {tuple(score.shape)}")
             parts["score"] = score
         return parts
+
+    def _preference_scores(self, intensity: torch.Tensor, digits: torch.Tensor):
+        """The preference's scores; its own failure is named as the user's code, with that code's traceback."""
+        try:
+            return self.preference(intensity, digits)
+        except Exception as err:
+            code = getattr(self.preference, "__code__", None)
+            file = code.co_filename if code is not None else "?"
+            name = getattr(self.preference, "__name__", repr(self.preference))
+            raise UserCodeError(f"toy.preference: {file}:{name} failed", err, file) from err
 
     def score(self, images: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
         return self.components(images, digits)["score"]
