@@ -12,11 +12,12 @@ from typing import Sequence
 
 import torch
 
-from ..rundir import atomic_save_tensors
+from ..readback import load_checked_tensors, save_checked_tensors
 from .records import _expand_files
 
 _FORMAT = "sail_fast.LatentPairs"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "1"  # shards written before they carried a sha256 of their contents are read unchecked
+REWRITE = "write it again (LatentPairs.save), or remove it from the pair list"
 
 
 # ----------------------------------------------------------------------------- cached latents
@@ -266,25 +267,19 @@ class LatentPairs:
             "prompts": json.dumps(self.prompts, ensure_ascii=False),
             "sources": json.dumps(names, ensure_ascii=False),
         }
-        atomic_save_tensors(tensors, path, metadata)
+        save_checked_tensors(tensors, path, metadata)  # with the sha256 of its contents, checked by load
         return path
 
     @staticmethod
-    def load(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> "LatentPairs":
-        """Load a shard, a list of shards, or a directory of *.safetensors shards (concatenated)."""
-        shards = [_load_shard(f) for f in _expand_files(paths, ".safetensors", "LatentPairs shard")]
+    def load(paths: str | os.PathLike | Sequence[str | os.PathLike], fix: str = REWRITE) -> "LatentPairs":
+        """Load a shard, a list of shards, or a directory of *.safetensors shards (concatenated). A shard whose
+        contents no longer match the sha256 written with them is refused naming it, with ``fix`` (what to do)."""
+        shards = [_load_shard(f, fix) for f in _expand_files(paths, ".safetensors", "LatentPairs shard")]
         return shards[0] if len(shards) == 1 else LatentPairs.cat(shards)
 
 
-def _load_shard(file: Path) -> LatentPairs:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # SafetensorError for a truncated or foreign file
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+def _load_shard(file: Path, fix: str) -> LatentPairs:
+    tensors, metadata = load_checked_tensors(file, fix)
     if metadata.get("format") != _FORMAT:
         raise ValueError(
             f"{file}: not a LatentPairs shard (metadata format {metadata.get('format')!r}); "

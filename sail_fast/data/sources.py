@@ -104,7 +104,7 @@ def load_pairs(
                                    batch_size=data.encode_batch_size)
             encoded.save(cache)  # written under a temporary name and renamed
         dist.barrier()
-        parts.append(LatentPairs.load(cache))
+        parts.append(LatentPairs.load(cache, fix="delete it and rerun: the pairs are encoded again"))
         log(f"{len(records)} image pairs encoded once, cached at {cache}")
     pairs = parts[0] if len(parts) == 1 else LatentPairs.cat(parts)
     if data.max_seed_pairs is not None and len(pairs) > data.max_seed_pairs:

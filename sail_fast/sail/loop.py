@@ -35,6 +35,7 @@ from ..distributed import DistInfo
 from ..dpo.trainer import DPOTrainer
 from ..lora import PREVIOUS
 from ..outfolder import writable_folder
+from ..readback import check_run_records
 from ..run_layout import RunLayout
 from ..rundir import RunLock, atomic_write_text, record_config, write_json
 from ..seeding import STAGE_TRAINING, derive_seed
@@ -75,10 +76,8 @@ class SailLoop:
             f.write(text + "\n")
 
     def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
-        """Run every unfinished stage; returns the final policy's UNet directory.
-
-        The run folder is locked for the run's lifetime; ``resume`` refuses a config that differs from
-        the one the run started with unless ``allow_config_change`` (see ``sail_fast.rundir``)."""
+        """Run every unfinished stage; returns the final policy's UNet directory. The folder is locked for the run's
+        lifetime; ``resume`` refuses a config unlike the run's first unless ``allow_config_change`` (``rundir``)."""
         if not resume and self.layout.stage(RunLayout.BASE).exists():
             raise FileExistsError(
                 f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
@@ -90,6 +89,7 @@ class SailLoop:
             return self._run_stages(rounds)
 
     def _run_stages(self, rounds: list[list[str]]) -> Path:
+        check_run_records(self.layout, self.sail.rounds)  # a finished stage's damaged record: named before any work
         seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
         pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.layout.cache,
                      "seed": self.config.seed, "dist": self.dist, "log": self.log}

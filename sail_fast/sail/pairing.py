@@ -9,12 +9,12 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..data.latent_pairs import LatentPairs
 from ..images import image_grid
 from ..models import PromptEmbeds
-from ..rundir import atomic_save_tensors, write_json
+from ..readback import DamagedFileError, load_checked_tensors, save_checked_tensors
+from ..rundir import write_json
 from ..sampling import generate_candidates
 from ..seeding import ROUND_CANDIDATES, derive_seed
 from .context import RunContext
@@ -27,17 +27,27 @@ from .real_pairs import real_pairs
 def candidates(ctx: RunContext, r: int, prompts: list[str], policy, embeds: PromptEmbeds) -> torch.Tensor:
     """N latents per prompt from the current policy (``embeds``: the prompts' own), saved so a resumed round
     skips sampling."""
-    file = ctx.layout.candidates(r, ctx.dist.rank)
+    file, n = ctx.layout.candidates(r, ctx.dist.rank), ctx.sail.candidates
     if file.exists():
-        return load_file(file)["latents"]
+        fix = f"delete {file.parent}/ and rerun with --resume to sample it again"
+        return saved_candidates(file, (len(prompts), n), fix)
     # Each candidate's seed is a function of (seed, round, its prompt's place in the round):
     # the round samples the same candidates whatever the number of ranks.
-    n = ctx.sail.candidates
     seeds = torch.tensor([[derive_seed(ctx.seed, ROUND_CANDIDATES + r, ctx.global_position(i), k) for k in range(n)]
                           for i in range(len(prompts))], dtype=torch.int64).view(len(prompts), n)
     latents = generate_candidates(ctx.stack_with(policy), prompts, n, seeds=seeds, batch_size=ctx.sail.generation_batch,
                                   progress=ctx.progress, prompt_embeds=embeds, **ctx.sampling).latents
-    atomic_save_tensors({"latents": latents}, file)
+    save_checked_tensors({"latents": latents}, file)  # with the sha256 of its contents: checked when read back
+    return latents
+
+
+def saved_candidates(file: Path, shape: tuple[int, int], fix: str) -> torch.Tensor:
+    """A round's saved candidates [P, N, ...], checked against the sha256 written with them and the round's shape."""
+    tensors, _ = load_checked_tensors(file, fix, require_digest=True)
+    latents = tensors.get("latents")
+    if latents is None or tuple(latents.shape[:2]) != shape:
+        found = "no latents" if latents is None else f"latents {tuple(latents.shape)}"
+        raise DamagedFileError(f"{file} holds {found}, not the round's {shape[0]} prompts x {shape[1]} candidates; {fix}")
     return latents
 
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from ..lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
 from ..models import load_unet
-from ..rundir import check_weights, write_manifest
+from ..readback import check_run_weights
+from ..run_layout import DONE
+from ..rundir import write_manifest
 
 
 class Policies:
@@ -39,7 +41,9 @@ class Policies:
     def load(self, folder: str | Path, role: str = POLICY) -> nn.Module:
         """The policy saved in ``folder`` (a stage's ``final/unet`` or ``final/lora``), as adapter ``role``
         of the shared UNet under LoRA (``policy``, or ``previous`` for a frozen earlier one)."""
-        check_weights(folder)  # bytes changed since the stage wrote them: refused, never trained on
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(missing_policy(Path(folder)))
+        check_run_weights(folder)  # bytes changed since the stage wrote them, or unrecorded: refused, never trained on
         if not self.lora:
             return load_unet(folder, self.base)
         load_adapter(self.unet, folder, role)
@@ -54,3 +58,13 @@ class Policies:
         else:
             save_adapter(folder, adapter_state(self.unet, POLICY), self.unet)
         write_manifest(final)
+
+
+def missing_policy(folder: Path) -> str:
+    """What to do about a stage's policy folder that is gone: a stage marked done (its done.json, two or three
+    levels up: ``iter0/final/unet``, ``round-01/train/final/unet``) is trained again once its folder goes."""
+    done = next((stage / DONE for stage in list(folder.parents)[1:3] if (stage / DONE).is_file()), None)
+    if done is None:
+        return f"{folder} is missing"
+    return (f"{folder} is missing, though its stage is marked done ({done}); to train that stage again, delete "
+            f"{done.parent} and every later stage's folder, then rerun with --resume")
