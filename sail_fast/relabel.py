@@ -11,6 +11,7 @@ as a pairs.jsonl that ``data.seed_pairs`` reads, so ``train.loss: smpo`` trains 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -72,12 +73,22 @@ def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) ->
 
 def write_images(records: Sequence[PairRecord], out: Path) -> list[PairRecord]:
     """The records with their in-memory pictures (Pick-a-Pic's jpg bytes) written as PNGs in ``images/`` beside
-    ``out``, named as ``write_pairs_jsonl`` names them; pictures already in files stay where they are."""
+    ``out``, named as ``write_pairs_jsonl`` names them; pictures already in files stay where they are. A picture
+    name that already exists is refused before any is written: label never replaces a file."""
+    def target_of(i: int, key: str) -> Path:
+        return out.parent / "images" / f"{out.stem}-{i:06d}-{key}.png"
+
+    taken = [target_of(i, key) for i, rec in enumerate(records) for key in ("win", "lose")
+             if not isinstance(getattr(rec, key), (str, os.PathLike)) and os.path.lexists(target_of(i, key))]
+    if taken:
+        raise FileExistsError(f"{taken[0]} already exists ({len(taken)} picture names taken); label never replaces a "
+                              "file: choose another --out name, or move those pictures away")
+
     def on_disk(rec: PairRecord, i: int, key: str):
         src = getattr(rec, key)
         if isinstance(src, (str, os.PathLike)):
             return src
-        target = out.parent / "images" / f"{out.stem}-{i:06d}-{key}.png"
+        target = target_of(i, key)
         save_png_whole(open_image(src, rec.origin or f"record {i}", key), target)
         return target
 
@@ -89,7 +100,9 @@ def save_png_whole(image, target: Path) -> None:
     """``image`` as a PNG at ``target``, written under a temporary name and renamed once whole: a full disk or a
     kill leaves no half-written picture, under either name."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=".sail-fast-partial-", suffix="-" + target.name, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp)  # a fresh name: never one of the user's files
     try:
         _png_ready(image).save(tmp, format="PNG")
         os.replace(tmp, target)

@@ -235,3 +235,28 @@ def test_an_unreadable_lock_is_not_taken_over(tmp_path):
     with RunLock(tmp_path):
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
     assert not list(tmp_path.iterdir())
+
+
+def test_label_never_replaces_a_picture_of_the_same_name(tmp_path, capsys):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (16, 16), value).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pq.write_table(pa.table({"caption": ["a handwritten 1"], "jpg_0": [png(0)], "jpg_1": [png(255)], "label_0": [1.0]}),
+                   tmp_path / "pairs.parquet")
+    out = tmp_path / "labelled" / "pairs.jsonl"
+    mine = out.parent / "images" / "pairs-000000-win.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my picture")
+    line = _refused(["label", str(tmp_path / "pairs.parquet"), "--metric", "toy_oracle", "--range", "0", "1",
+                     "--out", str(out)], capsys)
+    assert f"{mine} already exists" in line and "never replaces" in line
+    assert mine.read_bytes() == b"my picture" and sorted(p.name for p in mine.parent.iterdir()) == [mine.name]
+    assert not out.exists()
