@@ -116,7 +116,8 @@ def test_a_full_disk_during_generate_names_its_out_flag(tmp_path, capsys, monkey
     assert lines == ["sail-fast: error: no space left on the device: free space or choose another --out, then run it again"]
 
 
-def test_a_full_disk_while_label_writes_pictures_leaves_none_half_written(tmp_path, capsys, monkeypatch):
+def one_pair_parquet(path: Path) -> Path:
+    """A Pick-a-Pic-shaped parquet file with one pair of 16x16 PNGs (black against white)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -125,8 +126,12 @@ def test_a_full_disk_while_label_writes_pictures_leaves_none_half_written(tmp_pa
         Image.new("L", (16, 16), value).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    pq.write_table(pa.table({"caption": ["a handwritten 1"], "jpg_0": [png(0)], "jpg_1": [png(255)], "label_0": [1.0]}),
-                   tmp_path / "pairs.parquet")
+    pq.write_table(pa.table({"caption": ["a handwritten 1"], "jpg_0": [png(0)], "jpg_1": [png(255)], "label_0": [1.0]}), path)
+    return path
+
+
+def test_a_full_disk_while_label_writes_pictures_leaves_none_half_written(tmp_path, capsys, monkeypatch):
+    one_pair_parquet(tmp_path / "pairs.parquet")
 
     def full(self, fp, *args, **kwargs):  # a disk that fills half-way through a picture
         Path(fp).write_bytes(b"\x89PNG half")

@@ -238,19 +238,9 @@ def test_an_unreadable_lock_is_not_taken_over(tmp_path):
 
 
 def test_label_never_replaces_a_picture_of_the_same_name(tmp_path, capsys):
-    import io
+    from test_messages import one_pair_parquet
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    def png(value: int) -> bytes:
-        buffer = io.BytesIO()
-        Image.new("L", (16, 16), value).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    pq.write_table(pa.table({"caption": ["a handwritten 1"], "jpg_0": [png(0)], "jpg_1": [png(255)], "label_0": [1.0]}),
-                   tmp_path / "pairs.parquet")
+    one_pair_parquet(tmp_path / "pairs.parquet")
     out = tmp_path / "labelled" / "pairs.jsonl"
     mine = out.parent / "images" / "pairs-000000-win.png"
     mine.parent.mkdir(parents=True)
