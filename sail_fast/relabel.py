@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data.records import (PairRecord, _png_ready, open_image, read_pairs_jsonl, read_pickapic_parquet,
                            write_pairs_jsonl)
+from .outfolder import writable_folder
 from .sail.ranking import soft_labels
 
 
@@ -58,6 +59,7 @@ def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) ->
     out = Path(out)
     if out.exists():  # the commands' rule: never replace a file (sail_fast.outfolder)
         raise FileExistsError(f"--out {out} already exists; `sail-fast label` never replaces a file: name a new pairs.jsonl")
+    writable_folder(out.parent, "--out")  # a read-only place is refused now, not after every pair is scored
     records = [r for source in sources for r in read_records(source)]
     if not records:
         raise ValueError(f"{', '.join(map(str, sources))}: no pairs to label")

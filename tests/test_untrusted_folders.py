@@ -250,3 +250,32 @@ def test_label_never_replaces_a_picture_of_the_same_name(tmp_path, capsys):
     assert f"{mine} already exists" in line and "never replaces" in line
     assert mine.read_bytes() == b"my picture" and sorted(p.name for p in mine.parent.iterdir()) == [mine.name]
     assert not out.exists()
+
+
+def test_a_read_only_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from test_messages import one_pair_parquet
+
+    import sail_fast.relabel
+    import sail_fast.toy.pretrain
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    def no_work(*a, **k):
+        raise AssertionError("the work ran before the output folder was checked")
+
+    monkeypatch.setattr(sail_fast.relabel, "relabel", no_work)
+    monkeypatch.setattr(sail_fast.toy.pretrain, "load_digits", no_work)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    one_pair_parquet(tmp_path / "pairs.parquet")
+    line = _refused(["label", str(tmp_path / "pairs.parquet"), "--metric", "toy_oracle", "--range", "0", "1",
+                     "--out", str(tmp_path / "ro" / "pairs.jsonl")], capsys)
+    assert f"--out {tmp_path / 'ro'} cannot be written (Read-only file system" in line
+    line = _refused(["toy", "pretrain", "--out", str(tmp_path / "ro"), "--steps", "1"], capsys)
+    assert f"--out {tmp_path / 'ro'} cannot be written (Read-only file system" in line
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("x")
+    line = _refused(["toy", "pretrain", "--out", str(tmp_path / "a-file"), "--steps", "1"], capsys)
+    assert "is a file" in line and (tmp_path / "a-file").read_text() == "x"
