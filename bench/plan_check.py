@@ -24,11 +24,11 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
 
     from train_step_variants import _status_bytes, synthetic_pairs
 
-    from sail_fast.architectures import UNET_CONFIGS, build_unet
-    from sail_fast.build import build_stack
-    from sail_fast.config import load_config
-    from sail_fast.train import trainer_for
-    from sail_fast.plan import GIB, latent_size, plan_memory
+    from sail_fast.diffusion.architectures import UNET_CONFIGS, build_unet
+    from sail_fast.diffusion.build import build_stack
+    from sail_fast.runs.config import load_config
+    from sail_fast.dpo.builder import trainer_for
+    from sail_fast.commands.plan import GIB, latent_size, plan_memory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,10 +16,10 @@ from bench_utils import sync
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sail_fast.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
-from sail_fast.models import DiffusionStack
-from sail_fast.sampling import generate_candidates
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
+from sail_fast.diffusion.stack import DiffusionStack
+from sail_fast.diffusion.sampling import generate_candidates
+from sail_fast.diffusion.tiny import tiny_stack
 
 PROMPTS = ["a red bicycle", "a handwritten 7", "a cat on a sofa", "a mountain lake"]
 N, STEPS = 8, 10

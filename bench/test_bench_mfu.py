@@ -15,8 +15,8 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 from train_step_variants import NaiveStep, make_step
 
-from sail_fast.architectures import UNET_CONFIGS, build_unet, random_conditioning
-from sail_fast.reward import ImplicitRewardScorer
+from sail_fast.diffusion.architectures import UNET_CONFIGS, build_unet, random_conditioning
+from sail_fast.reward.scorer import ImplicitRewardScorer
 
 N, K, BETA = 8, 10, 5000.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from bench_utils import sync
 from diffusers import DDPMScheduler
 
-from sail_fast.architectures import UNET_CONFIGS, build_unet, random_conditioning
-from sail_fast.reward import ImplicitRewardScorer
+from sail_fast.diffusion.architectures import UNET_CONFIGS, build_unet, random_conditioning
+from sail_fast.reward.scorer import ImplicitRewardScorer
 
 N, K, BETA = 8, 10, 5000.0
 
@@ -103,8 +103,8 @@ def test_adaptive_race_forwards_and_agreement(benchmark, models, device):
 def test_reward_scoring_lora_policy(benchmark, models, device, layout):
     """A LoRA policy against the base: one UNet switching its adapter on and off (what a LoRA run does),
     against the adapter merged into a second UNet. extra_info: candidates_per_s and the UNet weight bytes held."""
-    from sail_fast.config import LoraSettings
-    from sail_fast.lora import POLICY, AdapterView, adapter_parameters, add_policy_adapter, merged_unet
+    from sail_fast.runs.config import LoraSettings
+    from sail_fast.diffusion.lora import POLICY, AdapterView, adapter_parameters, add_policy_adapter, merged_unet
 
     _, reference, scheduler, latents, timesteps, noise, embeds, added = models
     benchmark.group = "reward scoring N=8 x K=10, LoRA policy"

@@ -10,8 +10,8 @@ import torch
 from bench_utils import sync
 from train_step_variants import PAIRS, VARIANTS, make_step
 
-from sail_fast.architectures import build_unet
-from sail_fast.config import TrainConfig
+from sail_fast.diffusion.architectures import build_unet
+from sail_fast.runs.config import TrainConfig
 from sail_fast.dpo.optim import build_optimizer
 
 

@@ -1,8 +1,8 @@
 """Per-digit accuracy of the shipped base at the toy config's sampler and at DDPM 50 -> pretrain.json."""
 import json
 
-from sail_fast.config import load_config
-from sail_fast.models import TOY_MODEL_DIR
+from sail_fast.runs.config import load_config
+from sail_fast.diffusion.stack import TOY_MODEL_DIR
 from sail_fast.sail.evaluation import sample_diversity
 from sail_fast.toy.human import ToyOracle
 from sail_fast.toy.labels import oracle_samples

@@ -7,9 +7,9 @@ existing `sail-fast toy experiment` folder (its labelled pairs are reused):
 import sys
 from pathlib import Path
 
-from sail_fast.config import load_config
-from sail_fast.toy.experiment import condition_overrides
-from sail_fast.train import run_sail
+from sail_fast.runs.config import load_config
+from sail_fast.toy.studies.experiment import condition_overrides
+from sail_fast.commands.train import run_sail
 
 out, seed = Path(sys.argv[1]), int(sys.argv[2])
 seed_dir = out / f"seed-{seed}"

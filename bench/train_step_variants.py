@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sail_fast.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
-from sail_fast.config import load_config
+from sail_fast.diffusion.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.train import trainer_for
+from sail_fast.dpo.builder import trainer_for
 
 PAIRS, BETA = 4, 5000.0
 VARIANTS = ("naive", "fast-fp32", "fast-bf16", "lora-fp32")

@@ -1,5 +1,5 @@
-"""Training entry point: the SAIL loop when the config has a ``sail:`` section, else one
-Diffusion-DPO stage on the config's pairs.
+"""What ``deepspeed`` launches: the SAIL loop when the config has a ``sail:`` section, else one
+Diffusion-DPO stage on the config's pairs (``sail_fast.commands.train``).
 
     python sail_fast/train.py --config configs/X.yaml [--set key=value ...] [--resume]
     deepspeed sail_fast/train.py --config configs/X.yaml        # several ranks, ZeRO
@@ -11,81 +11,17 @@ import sys
 from pathlib import Path
 
 # Run as a script, this file's directory heads sys.path, which would make config.py,
-# data.py, models.py... importable as top-level modules and shadow same-named packages.
+# commands/, runs/, data/... importable as top-level packages and shadow same-named ones.
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-
-from sail_fast.quiet import silence_third_party_noise  # noqa: E402
-
-silence_third_party_noise()  # before the imports below load diffusers (and with it bitsandbytes)
-
-from sail_fast.arguments import add_run_arguments, user_errors  # noqa: E402
-from sail_fast.build import build_stack, check_model_available  # noqa: E402
-from sail_fast.config import RunConfig, load_config  # noqa: E402
-from sail_fast.data.sources import load_pairs  # noqa: E402
-from sail_fast.distributed import compute_device, init_distributed  # noqa: E402
-from sail_fast.dpo.trainer import DPOTrainer  # noqa: E402
-from sail_fast.outfolder import writable_folder  # noqa: E402
-from sail_fast.run_layout import RunLayout, TrainingLayout  # noqa: E402
-from sail_fast.rundir import RunLock, record_config  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="SAIL (configs with a sail: section) or one Diffusion-DPO stage")
-    add_run_arguments(parser)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return parser.parse_args(argv)
-
-
-def run_training(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
-    """One Diffusion-DPO stage on ``data.seed_pairs``, in ``output_dir`` (locked while it runs)."""
-    check_model_available(config.model)
-    dist = init_distributed()
-    out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
-    with RunLock(out, log=print) if dist.is_main else contextlib.nullcontext():
-        record_config(out, config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
-                      log=print, write=dist.is_main)
-        return _train_stage(config, dist, resume)
-
-
-def _train_stage(config: RunConfig, dist, resume: bool) -> Path:
-    device = compute_device(dist)
-    out = Path(config.output_dir)
-    stack = build_stack(config.model, seed=config.seed, device=device)
-    pairs = load_pairs(config.data.seed_pairs, stack, model=config.model, data=config.data,
-                       cache_dir=config.data.cache_dir or RunLayout(out).cache, seed=config.seed, dist=dist,
-                       log=print if dist.is_main else (lambda *_: None))
-    trainer_for(config, stack.unet, stack.scheduler, pairs, dist=dist, device=device).train(resume=resume)
-    return TrainingLayout(out).final
-
-
-def trainer_for(config: RunConfig, policy, scheduler, seed_pairs, **options) -> DPOTrainer:
-    """A DPOTrainer with ``config``'s train section and the plain settings it needs from the rest of the config
-    (seed, caption dropout, output_dir unless ``options`` gives one); ``options``: DPOTrainer's keywords."""
-    options.setdefault("output_dir", config.output_dir)
-    return DPOTrainer(config.train, policy, scheduler, seed_pairs, seed=config.seed,
-                      caption_dropout=config.data.caption_dropout, **options)
-
-
-def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bool = False) -> Path:
-    from sail_fast.sail.loop import SailLoop
-
-    dist = init_distributed()
-    return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume, allow_config_change=allow_config_change)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """A config with a sail: section runs the whole SAIL loop; without one, one DPO stage."""
-    args = parse_args(argv)
-    command = [Path(sys.executable).name, "sail_fast/train.py", *(sys.argv[1:] if argv is None else argv)]
-    with user_errors("train.py", resume_command=[w for w in command if not w.startswith("--local_rank")]):
-        config = load_config(args.config, args.set)
-        (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
-                                                                 allow_config_change=args.allow_config_change)
-
-
 if __name__ == "__main__":
+    try:  # Ctrl-C while the imports below run is one line too (commands.arguments.user_errors takes over after)
+        from sail_fast.runs.quiet import silence_third_party_noise
+
+        silence_third_party_noise()  # before the imports below load diffusers (and with it bitsandbytes)
+        from sail_fast.commands.train import main
+    except KeyboardInterrupt:
+        sys.stderr.write("\ntrain.py: interrupted (Ctrl-C)\n")
+        raise SystemExit(130) from None
     main()

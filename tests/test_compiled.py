@@ -10,12 +10,12 @@ import torch
 from test_reward import _perturbed_copy
 from test_train import TINY, planted_pairs
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
-from sail_fast.train import trainer_for
-from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.sampling import generate_candidates
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
+from sail_fast.dpo.builder import trainer_for
+from sail_fast.reward.scorer import ImplicitRewardScorer
+from sail_fast.diffusion.sampling import generate_candidates
+from sail_fast.diffusion.tiny import tiny_stack
 
 
 def test_compiled_training_step_gives_eager_gradients(tmp_path):

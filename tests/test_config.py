@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sail_fast.config import load_config
-from sail_fast.yaml_files import dump_yaml
+from sail_fast.runs.config import load_config
+from sail_fast.runs.yaml_files import dump_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,7 +71,7 @@ def test_renamed_reference_keys_are_refused_in_one_line_naming_the_new_key(tmp_p
 
 def test_a_run_recorded_before_the_rename_still_loads_and_resumes(tmp_path):
     # Its config.yaml holds the old keys: read under the new names, and --resume sees no change.
-    from sail_fast.rundir import load_recorded_config, record_config
+    from sail_fast.runs.run_folder import load_recorded_config, record_config
 
     current = load_config(CONFIGS / "toy.yaml", ["sail.ranking_reference=previous",
                                                  "sail.round_overrides={2: [sail.training_reference=base]}"])

@@ -21,7 +21,7 @@ from sail_fast.data.records import (
     write_pairs_jsonl,
 )
 from sail_fast.dpo.mixup import MixupSampler
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.tiny import tiny_stack
 
 # ----------------------------------------------------------------------------- helpers
 

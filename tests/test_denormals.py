@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
-from sail_fast.denormals import flush_denormal, flush_denormal_enabled
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
+from sail_fast.runs.denormals import flush_denormal, flush_denormal_enabled
 from sail_fast.dpo.trainer import DPOTrainer
-from sail_fast.train import trainer_for
+from sail_fast.dpo.builder import trainer_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, planted_pairs  # noqa: E402

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, planted_pairs  # noqa: E402
@@ -23,7 +23,7 @@ NOISE = ("kernels-community", "publisher trust", "gemm_4bit_forward")
 HF_KERNELS = importlib.util.find_spec("kernels") is not None and "site-packages" in (importlib.util.find_spec("kernels").origin or "")
 
 ENTRY_POINTS = {
-    "python -m sail_fast.cli": [sys.executable, "-m", "sail_fast.cli", "train"],
+    "python -m sail_fast.commands.cli": [sys.executable, "-m", "sail_fast.commands.cli", "train"],
     "python sail_fast/train.py": [sys.executable, "sail_fast/train.py"],
     # The launcher puts its working directory (here the repository root) on every rank's PYTHONPATH.
     "deepspeed sail_fast/train.py": [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "1",

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_weights import hps_dir, tiny_clip_dir
 
-from sail_fast.cli import main
-from sail_fast.evaluate import checkpoint_labels, summarize, win_rate
-from sail_fast.models import TOY_MODEL_DIR
-from sail_fast.prompts import HPS_STYLES, read_prompt_set
+from sail_fast.commands.cli import main
+from sail_fast.commands.evaluate import checkpoint_labels, summarize, win_rate
+from sail_fast.diffusion.stack import TOY_MODEL_DIR
+from sail_fast.diffusion.prompts import HPS_STYLES, read_prompt_set
 from sail_fast.toy.world import prompt_pool
 
 
@@ -115,7 +115,7 @@ def test_eval_cli_on_the_toy_world(tmp_path, capsys, monkeypatch):
     assert (out / "eval.md").read_text().count("|") > 20 and len(list(out.glob("samples-*.png"))) == 3
 
     # rerun: every checkpoint's scores are reused, nothing is sampled again
-    import sail_fast.evaluate as evaluate_module
+    import sail_fast.commands.evaluate as evaluate_module
 
     def no_sampling(*a, **k):
         raise AssertionError("sampled again")
@@ -129,7 +129,7 @@ def test_eval_cli_on_the_toy_world(tmp_path, capsys, monkeypatch):
 def test_eval_sd_stack_with_vae_and_clip_metrics(tmp_path):
     """An SD-shaped pipeline (VAE decode to RGB) scored by PickScore and HPSv2 from tiny local weights,
     on grouped prompts."""
-    from sail_fast.tiny import tiny_stack
+    from sail_fast.diffusion.tiny import tiny_stack
 
     tiny_stack("sd15", with_vae=True).save_pretrained(tmp_path / "pipe")
     tiny_clip_dir(tmp_path / "weights" / "pickscore")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sail_fast.images import decode_latents, image_grid
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.images import decode_latents, image_grid
+from sail_fast.diffusion.tiny import tiny_stack
 
 
 def test_pixel_space_latents_map_minus_one_to_one_onto_0_255():

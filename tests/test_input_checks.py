@@ -1,6 +1,6 @@
 """Every input checked before any work, in one line naming the option or key and the fix (issue 35).
 
-The table runs each mistake through ``sail_fast.cli.main`` in-process: exit status 2, one error line, no
+The table runs each mistake through ``sail_fast.commands.cli.main`` in-process: exit status 2, one error line, no
 traceback. No model is trained or loaded, so the whole file takes seconds."""
 
 import io
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sail_fast.cli import main
+from sail_fast.commands.cli import main
 from sail_fast.data.records import PairRecord, open_image, read_pairs_jsonl, write_pairs_jsonl
-from sail_fast.evaluate import read_scores
-from sail_fast.prompts import MAX_PROMPT_CHARS, read_prompts
-from sail_fast.yaml_files import YamlError, read_yaml
+from sail_fast.commands.evaluate import read_scores
+from sail_fast.diffusion.prompts import MAX_PROMPT_CHARS, read_prompts
+from sail_fast.runs.yaml_files import YamlError, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy.yaml")
@@ -158,7 +158,7 @@ def test_a_prompt_file_with_a_huge_line_is_refused_fast(tmp_path, capsys):
 
 
 def test_a_prompt_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    import sail_fast.prompts as prompts
+    import sail_fast.diffusion.prompts as prompts
 
     monkeypatch.setattr(prompts, "MAX_PROMPT_FILE_BYTES", 2**20)
     big = tmp_path / "many.txt"

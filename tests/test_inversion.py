@@ -10,11 +10,11 @@ import torch
 from diffusers import DDIMInverseScheduler, DDPMScheduler
 from torch import nn
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.inversion import ddim_invert
-from sail_fast.train import trainer_for
+from sail_fast.dpo.builder import trainer_for
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod

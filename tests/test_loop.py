@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.trainer import DPOTrainer
 from sail_fast.sail.evaluation import sample_diversity
@@ -77,7 +77,7 @@ def test_rounds_write_their_stages_and_pair_best_against_worst(tmp_path):
 
 def test_a_round_encodes_its_prompts_once(tmp_path, monkeypatch):
     # Sampling, ranking and the pairs all read the one encoding of the round's prompts (and the empty one).
-    from sail_fast.models import DiffusionStack
+    from sail_fast.diffusion.stack import DiffusionStack
 
     calls, encode = [], DiffusionStack.encode_prompts
     monkeypatch.setattr(DiffusionStack, "encode_prompts", lambda self, prompts: calls.append(list(prompts)) or encode(self, prompts))

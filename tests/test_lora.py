@@ -11,12 +11,12 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from sail_fast.build import build_stack
-from sail_fast.config import LoraSettings, load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import LoraSettings, load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.trainer import DPOTrainer
-from sail_fast.train import trainer_for
-from sail_fast.lora import (
+from sail_fast.dpo.builder import trainer_for
+from sail_fast.diffusion.lora import (
     LORA_WEIGHTS,
     POLICY,
     AdapterView,
@@ -29,10 +29,10 @@ from sail_fast.lora import (
     unwrap as lora_unet,
     save_adapter,
 )
-from sail_fast.reward import ImplicitRewardScorer
+from sail_fast.reward.scorer import ImplicitRewardScorer
 from sail_fast.sail.loop import SailLoop
-from sail_fast.sampling import DEFAULTS, generate_candidates, sampling_scheduler
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.sampling import DEFAULTS, generate_candidates, sampling_scheduler
+from sail_fast.diffusion.tiny import tiny_stack
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_overrides  # noqa: E402
@@ -327,7 +327,7 @@ def test_lora_sail_on_a_tiny_sdxl_stack_runs_end_to_end(tmp_path):
 
 
 def test_the_frozen_reference_adapter_never_drops_out_while_the_policy_trains():
-    from sail_fast.lora import REFERENCE, copy_adapter
+    from sail_fast.diffusion.lora import REFERENCE, copy_adapter
 
     stack = tiny_stack("sd15", seed=0)
     add_policy_adapter(stack.unet, LoraSettings(rank=4, dropout=0.5))

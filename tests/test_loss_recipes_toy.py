@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.sail.ranking import soft_labels
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_dmpo_dspo_with_winner_preserving_and_minmax_smpo_in_a_toy_run(tmp_path):
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     config = load_config(REPO / "configs/toy-quick.yaml", [
         f"output_dir={tmp_path}", "train.loss=dmpo", "train.dmpo_alpha=0.01", "sail.eval_each_round=false",

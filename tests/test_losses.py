@@ -201,7 +201,7 @@ def test_shipped_sdpo_configs_reproduce_the_published_hyperparameters(kind, beta
     """AIDC-AI/Diffusion-SDPO scripts/train/sd15_{dmpo,dspo}.sh: beta, mu, DMPO's alpha, lr 1e-8 x 2048."""
     from pathlib import Path
 
-    from sail_fast.config import load_config
+    from sail_fast.runs.config import load_config
 
     train = load_config(Path(__file__).resolve().parents[1] / f"configs/{kind}-sd15.yaml").train
     assert (train.loss, train.beta, train.winner_preserving_mu, train.dmpo_alpha) == (kind, beta, mu, 0.01)

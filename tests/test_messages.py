@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sail_fast.arguments import full_disk_hint, stop_hint, user_errors
-from sail_fast.callables import UserCodeError
-from sail_fast.cli import main
+from sail_fast.commands.arguments import full_disk_hint, stop_hint, user_errors
+from sail_fast.runs.callables import UserCodeError
+from sail_fast.commands.cli import main
 from sail_fast.toy.human import ToyOracle
-from sail_fast.versions import describe_version_change, version_record
+from sail_fast.runs.versions import describe_version_change, version_record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_overrides  # noqa: E402
@@ -47,7 +47,7 @@ def _error_line(err: str) -> str:
 
 # ----------------------------------------------------------------------- 1. no third-party noise
 def test_a_command_that_loads_models_prints_only_its_own_lines(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sail_fast.cli", *_generate_argv(tmp_path)], cwd=REPO, env=ENV,
+    done = subprocess.run([sys.executable, "-m", "sail_fast.commands.cli", *_generate_argv(tmp_path)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # tqdm redraws a bar with \r: every piece of output is the command's own bar ("generate: ...") or line.
@@ -61,7 +61,7 @@ def test_a_command_that_loads_models_prints_only_its_own_lines(tmp_path):
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     # -X importtime prints each import as it ends: the first torch module printed means the heavy imports are
     # under way (seconds of them), so the signal lands there and not in the interpreter's own start.
-    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "sail_fast.cli", *_generate_argv(tmp_path)],
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "sail_fast.commands.cli", *_generate_argv(tmp_path)],
                                cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

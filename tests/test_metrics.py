@@ -296,7 +296,7 @@ def test_registry_errors():
 
 
 def test_toy_metrics_read_pictures_like_the_oracle_reads_pixels():
-    from sail_fast.images import decode_latents
+    from sail_fast.diffusion.images import decode_latents
     from sail_fast.toy.human import ToyOracle
     from sail_fast.toy.world import load_digits, prompt_pool
 

@@ -1,4 +1,4 @@
-"""Tests for sail_fast.models: tiny stacks, prompt encoding, save/load round trips."""
+"""Tests for sail_fast.diffusion.stack: tiny stacks, prompt encoding, save/load round trips."""
 
 import json
 import shutil
@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sail_fast.models import DiffusionStack, PromptEmbeds, load_stack
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.stack import DiffusionStack, PromptEmbeds, load_stack
+from sail_fast.diffusion.tiny import tiny_stack
 
 KINDS = ["sd15", "sdxl"]
 # (sequence length, prompt feature dim, pooled dim) of the tiny stacks.

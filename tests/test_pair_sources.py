@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.data import encode as data_module
 from sail_fast.data.records import PairRecord, write_pairs_jsonl
 from sail_fast.data.sources import load_pairs
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.tiny import tiny_stack
 
 
 def _image(seed):

@@ -11,12 +11,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.dpo.optim import build_optimizer
-from sail_fast.train import trainer_for
-from sail_fast.plan import (
+from sail_fast.dpo.builder import trainer_for
+from sail_fast.commands.plan import (
     meta_unet,
     optimizer_state_bytes,
     plan_memory,
@@ -60,7 +60,7 @@ def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, chec
 
 
 def test_plan_predicts_measured_lora_training_memory_within_20_percent(tmp_path):
-    from sail_fast.config import LoraSettings
+    from sail_fast.runs.config import LoraSettings
 
     config, trainer = toy_trainer(tmp_path, "train.lora.rank=8")
     assert trainer.reference is None  # no reference UNet

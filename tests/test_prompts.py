@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sail_fast.prompts import read_prompts
+from sail_fast.diffusion.prompts import read_prompts
 
 
 def test_every_format_reads_the_same_prompts(tmp_path):

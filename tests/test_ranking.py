@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.images import decode_latents
+from sail_fast.diffusion.images import decode_latents
 from sail_fast.metrics import load_metric
 from sail_fast.sail.ranking import external_scores, soft_labels
 
@@ -86,7 +86,7 @@ def test_config_rules():
 
 @pytest.mark.slow
 def test_online_dpo_round_with_soft_labels_on_the_toy(tmp_path):
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     config = load_config(REPO / "configs/toy-quick.yaml", [
         f"output_dir={tmp_path}", "sail.rounds=1", "sail.ranker=external", "sail.ranker_metric=toy_oracle",
@@ -118,7 +118,7 @@ def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
     from test_train import TINY
     from tiny_weights import tiny_clip_dir
 
-    from sail_fast.build import build_stack
+    from sail_fast.diffusion.build import build_stack
     from sail_fast.sail.loop import SailLoop
 
     tiny_clip_dir(tmp_path / "pickscore")
@@ -156,7 +156,7 @@ def test_sail_fast_label_writes_smpo_offline_soft_labels(tmp_path):
     pairs.jsonl it writes is what data.seed_pairs reads for train.loss: smpo."""
     from tiny_weights import random_images, tiny_clip_dir
 
-    from sail_fast.cli import main
+    from sail_fast.commands.cli import main
     from sail_fast.data.records import PairRecord, read_pairs_jsonl, write_pairs_jsonl
 
     tiny_clip_dir(tmp_path / "pickscore")

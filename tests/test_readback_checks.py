@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sail_fast.build import build_stack
-from sail_fast.cli import main
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.commands.cli import main
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.readback import DIGEST_KEY, DamagedFileError, check_run_weights, read_json_file
+from sail_fast.runs.readback import DIGEST_KEY, DamagedFileError, check_run_weights, read_json_file
 from sail_fast.sail.loop import SailLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,7 +129,7 @@ def test_a_rounds_damaged_pair_shard_is_named(tmp_path, finished):
 def test_a_damaged_encode_cache_is_named(tmp_path):
     from sail_fast.data.records import PairRecord, write_pairs_jsonl
     from sail_fast.data.sources import load_pairs
-    from sail_fast.tiny import tiny_stack
+    from sail_fast.diffusion.tiny import tiny_stack
 
     def image(seed):
         return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8), "L")
@@ -183,7 +182,7 @@ def test_eval_refuses_a_damaged_second_checkpoint_before_sampling_the_first(tmp_
     def sampled(checkpoint, *args, **kwargs):
         raise AssertionError(f"{checkpoint} was sampled before every checkpoint was checked")
 
-    monkeypatch.setattr("sail_fast.evaluate.score_checkpoint", sampled)
+    monkeypatch.setattr("sail_fast.commands.evaluate.score_checkpoint", sampled)
     line = error_line(["eval", "--checkpoint", str(run / "iter0/final/unet"), "--checkpoint", str(run),
                        "--prompts", str(prompts), "--metrics", "toy_oracle", "--out", str(tmp_path / "e")], capsys)
     assert f"{run / 'round-01/train/final' / WEIGHTS} does not match the sha256" in line

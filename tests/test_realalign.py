@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from test_data import _encoded, _to_unit
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.sail.realalign import (
     captions,
@@ -24,13 +24,13 @@ from sail_fast.sail.realalign import (
     read_real_images,
     region_masks,
 )
-from sail_fast.sampling import (
+from sail_fast.diffusion.sampling import (
     generate_candidates,
     regenerate_region,
     sampling_scheduler,
 )
-from sail_fast.seeding import derive_seed
-from sail_fast.tiny import tiny_stack
+from sail_fast.runs.seeding import derive_seed
+from sail_fast.diffusion.tiny import tiny_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,7 +260,7 @@ def _real_digits(folder: Path, count: int) -> tuple[torch.Tensor, list[str]]:
 
 @pytest.mark.slow
 def test_realalign_mixed_with_sail_pairs_uses_the_policy_sample_as_loser(tmp_path, toy_stack):
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     config = load_config(REPO / "configs/toy-quick.yaml", [
         f"output_dir={tmp_path}", "sail.rounds=1", "sail.pair_sources=[self, real]", "sail.real.per_round=6"])
@@ -272,7 +272,7 @@ def test_realalign_mixed_with_sail_pairs_uses_the_policy_sample_as_loser(tmp_pat
     torch.testing.assert_close(mine.win, real)
     assert captions(mine) == caps
     # The loser is the round's policy (iter0) sampling the caption with the round's seed for that position.
-    from sail_fast.models import load_unet
+    from sail_fast.diffusion.stack import load_unet
 
     policy = load_unet(tmp_path / "iter0/final/unet", toy_stack.unet)
     import dataclasses

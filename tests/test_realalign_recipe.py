@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sail_fast.config import ConfigError, load_config, round_config
+from sail_fast.runs.config import ConfigError, load_config, round_config
 from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.sail.inpaint import PipelineInpainter, latent_masks, mask_source, subject_masks
 from sail_fast.sail.realalign import RealImage, encode_real, read_real_images
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.tiny import tiny_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_a_local_inpainting_pipeline_redraws_the_losers_when_the_real_images_are
 
 
 def _oracle_scores(metric, latents, prompts):
-    from sail_fast.images import decode_latents
+    from sail_fast.diffusion.images import decode_latents
 
     return metric.score(decode_latents(latents), prompts)
 
@@ -169,7 +169,7 @@ def test_realalign_two_stage_recipe_runs_in_the_toy_world(tmp_path):
     top-k real digits by the oracle."""
     from sail_fast.metrics import load_metric
     from sail_fast.sail.realalign import captions
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     config = load_config(REPO / "configs/toy-quick.yaml", [
         f"output_dir={tmp_path}", "sail.rounds=3", "sail.iter0_steps=0", "sail.pair_sources=[real]",

@@ -19,13 +19,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from sail_fast.build import build_stack
-from sail_fast.cli import main
-from sail_fast.config import ConfigError, load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.commands.cli import main
+from sail_fast.runs.config import ConfigError, load_config
 from sail_fast.data.records import PairRecord, write_pairs_jsonl
 from sail_fast.dpo.trainer import NonFiniteError
-from sail_fast.images import decode_latents, image_grid
-from sail_fast.rundir import (
+from sail_fast.diffusion.images import decode_latents, image_grid
+from sail_fast.runs.run_folder import (
     LOCK,
     ConfigChangedError,
     FolderInUseError,
@@ -34,7 +34,8 @@ from sail_fast.rundir import (
 )
 from sail_fast.sail.loop import SailLoop
 from sail_fast.sail.ranking import drop_non_finite, soft_labels
-from sail_fast.train import run_training, trainer_for
+from sail_fast.commands.train import run_training
+from sail_fast.dpo.builder import trainer_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_config  # noqa: E402
@@ -101,7 +102,7 @@ def test_a_nan_pair_ends_the_cli_run_with_exit_2_and_no_weights(tmp_path):
     pairs = planted_pairs(stack, 16, 0)
     pairs.win[3, 0, 0, 0] = float("nan")
     pairs.save(tmp_path / "pairs.safetensors")
-    cmd = [sys.executable, "-m", "sail_fast.cli", "train", "--config", str(TINY), "--set", f"output_dir={tmp_path / 'run'}",
+    cmd = [sys.executable, "-m", "sail_fast.commands.cli", "train", "--config", str(TINY), "--set", f"output_dir={tmp_path / 'run'}",
            "--set", f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]", "--set", "train.pairs_per_step=16",
            "--set", "train.micro_batch_pairs=16"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=300)
@@ -150,7 +151,7 @@ def test_sail_round_drops_non_finite_candidates(tmp_path, monkeypatch):
 def test_eval_reports_non_finite_pictures_instead_of_scoring_them(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from sail_fast.models import TOY_MODEL_DIR
+    from sail_fast.diffusion.stack import TOY_MODEL_DIR
 
     broken = tmp_path / "broken"
     shutil.copytree(TOY_MODEL_DIR, broken)
@@ -199,7 +200,7 @@ def test_resume_with_a_changed_config_is_refused_with_the_diff(tmp_path):
 # ---------------------------------------------------------------------------- 4. the encode cache
 def test_an_image_fixed_on_disk_is_encoded_again(tmp_path):
     from sail_fast.data.sources import load_pairs
-    from sail_fast.tiny import tiny_stack
+    from sail_fast.diffusion.tiny import tiny_stack
 
     stack = tiny_stack("sd15", sample_size=8, in_channels=1)
 
@@ -219,7 +220,7 @@ def test_an_image_fixed_on_disk_is_encoded_again(tmp_path):
 
 def test_an_empty_pairs_file_is_named(tmp_path):
     from sail_fast.data.sources import load_pairs
-    from sail_fast.tiny import tiny_stack
+    from sail_fast.diffusion.tiny import tiny_stack
 
     (tmp_path / "empty.jsonl").write_text("\n")
     config = load_config(overrides=["model.tiny=sd15"])
@@ -234,7 +235,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_with_the_holder(tmp_path):
     planted_pairs(stack, 16, 0).save(tmp_path / "pairs.safetensors")
     args = ["train", "--config", str(TINY), "--set", f"output_dir={tmp_path / 'run'}",
             "--set", f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]", "--set", "train.checkpoint_every=1000"]
-    first = subprocess.Popen([sys.executable, "-m", "sail_fast.cli", *args, "--set", "train.steps=100000"],
+    first = subprocess.Popen([sys.executable, "-m", "sail_fast.commands.cli", *args, "--set", "train.steps=100000"],
                              env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):  # the first run is working once its metrics appear
@@ -329,8 +330,8 @@ def _page_commands(text: str) -> list[list[str]]:
 
 
 def test_every_sail_fast_command_in_the_readme_parses(capsys):
-    from sail_fast.cli import build_parser
-    from sail_fast.train import parse_args
+    from sail_fast.commands.cli import build_parser
+    from sail_fast.commands.train import parse_args
 
     commands = _readme_commands()
     assert len([c for c in commands if c[0] == "sail-fast"]) >= 10
@@ -410,7 +411,7 @@ def test_a_full_disk_says_where(tmp_path, capsys, monkeypatch):
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.safetensors"))
 
-    monkeypatch.setattr("sail_fast.cli._run", full)
+    monkeypatch.setattr("sail_fast.commands.cli._run", full)
     with pytest.raises(SystemExit):
         main(["run"])
     assert f"no space left on {tmp_path / 'run' / 'x.safetensors'}" in capsys.readouterr().err

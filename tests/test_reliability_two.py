@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sail_fast.build import build_stack
-from sail_fast.cli import main
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.commands.cli import main
+from sail_fast.runs.config import load_config
 from sail_fast.dpo.trainer import DPOTrainer
-from sail_fast.train import trainer_for
-from sail_fast.rundir import LOCK, WeightsChangedError
+from sail_fast.dpo.builder import trainer_for
+from sail_fast.runs.run_folder import LOCK, WeightsChangedError
 from sail_fast.sail.loop import SailLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -232,7 +232,7 @@ def test_a_full_disk_while_labelling_names_the_output(tmp_path, capsys, monkeypa
     def full(path, records):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a file object's write() says it
 
-    monkeypatch.setattr("sail_fast.relabel.write_pairs_jsonl", full)
+    monkeypatch.setattr("sail_fast.commands.label.write_pairs_jsonl", full)
     out = tmp_path / "labelled/pairs.jsonl"
     with pytest.raises(SystemExit) as code:
         main(["label", str(tmp_path / "pairs.jsonl"), "--metric", "toy_oracle", "--range", "0", "1", "--out", str(out)])
@@ -248,7 +248,7 @@ def _start_long_training(tmp_path):
             "--set", "train.checkpoint_every=1000", "--set", "train.pairs_per_step=4", "--set", "train.micro_batch_pairs=4"]
     # SIGINT back to its default in the child: a shell script's background job (a CI runner's, say) starts
     # with it ignored, and Python then never raises KeyboardInterrupt, so Ctrl-C could not be tested.
-    process = subprocess.Popen([sys.executable, "-m", "sail_fast.cli", *argv], env=os.environ | {"PYTHONPATH": str(REPO)},
+    process = subprocess.Popen([sys.executable, "-m", "sail_fast.commands.cli", *argv], env=os.environ | {"PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(900):  # training once its first step is logged
@@ -313,7 +313,7 @@ def test_generate_refuses_zero_steps_before_writing_anything(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ 6. quieter gaps
 def test_a_yaml_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
-    from sail_fast.config import ConfigError
+    from sail_fast.runs.config import ConfigError
 
     config = tmp_path / "dup.yaml"
     config.write_text("model:\n  toy: true\ntrain:\n  steps: 3\n  beta: 100\n  steps: 5\n")
@@ -341,7 +341,7 @@ def test_duplicate_pair_lines_are_counted_in_a_warning(tmp_path):
     ("prompts.tsv", b"Prompt\n\xff\n", "not UTF-8 text"),
 ])
 def test_an_unreadable_prompt_file_is_named(tmp_path, name, content, expected):
-    from sail_fast.prompts import read_prompt_set, read_prompts
+    from sail_fast.diffusion.prompts import read_prompt_set, read_prompts
 
     path = tmp_path / name
     path.write_bytes(content)
@@ -357,7 +357,7 @@ def test_an_unreadable_prompt_file_is_named(tmp_path, name, content, expected):
     ("sail.sampling_steps=0", "sail.sampling_steps = 0: Input should be greater than or equal to 1"),
 ])
 def test_sail_limits_name_the_failing_value(override, expected):
-    from sail_fast.config import ConfigError
+    from sail_fast.runs.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs/toy-quick.yaml", [override])
@@ -365,7 +365,7 @@ def test_sail_limits_name_the_failing_value(override, expected):
 
 
 def test_an_unknown_section_lists_the_sections_and_their_keys():
-    from sail_fast.config import ConfigError
+    from sail_fast.runs.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(TINY, ["nosuch.key=1"])
@@ -377,7 +377,7 @@ def test_an_unknown_section_lists_the_sections_and_their_keys():
 
 
 def test_a_prompt_longer_than_the_text_encoder_reads_is_reported_once(capsys, monkeypatch):
-    import sail_fast.models as models
+    import sail_fast.diffusion.stack as models
 
     monkeypatch.setattr(models, "_warned_cut", False)
     stack = build_stack(load_config(REPO / "configs/toy-quick.yaml").model)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.tiny import tiny_stack
+from sail_fast.reward.scorer import ImplicitRewardScorer
+from sail_fast.diffusion.tiny import tiny_stack
 
 BETA, N, K = 5000.0, 8, 10
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.sail.label_quality import label_quality, within_prompt_spearman
 from sail_fast.toy.human import ToyOracle
 from sail_fast.toy.labels import oracle_samples
-from sail_fast.toy.estimator_choice import apply_selection_rule
-from sail_fast.toy.reward_audit import PolicyAudit, reward_audit, rowwise_spearman
+from sail_fast.toy.studies.estimator_choice import apply_selection_rule
+from sail_fast.toy.studies.reward_audit import PolicyAudit, reward_audit, rowwise_spearman
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = ("label_accuracy", "label_gap_share", "reward_human_spearman", "reward_width_spearman", "reward_log_prob_spearman")
@@ -62,7 +62,7 @@ def test_policy_audit_on_a_planted_bank():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     run = tmp_path_factory.mktemp("toy") / "run"
     run_sail(load_config(REPO / "configs/toy-quick.yaml", [

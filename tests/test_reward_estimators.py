@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sail_fast.config import SailConfig, load_config
-from sail_fast.reward import ImplicitRewardScorer
-from sail_fast.reward_estimators import ESTIMATORS, combine_draws
-from sail_fast.tiny import tiny_stack
+from sail_fast.runs.config import SailConfig, load_config
+from sail_fast.reward.scorer import ImplicitRewardScorer
+from sail_fast.reward.estimators import ESTIMATORS, combine_draws
+from sail_fast.diffusion.tiny import tiny_stack
 
 BETA, N, K = 5000.0, 5, 6
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"

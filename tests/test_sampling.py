@@ -4,13 +4,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from sail_fast.sampling import (
+from sail_fast.diffusion.sampling import (
     DEFAULTS,
     candidate_seeds,
     generate_candidates,
     sampling_scheduler,
 )
-from sail_fast.tiny import tiny_stack
+from sail_fast.diffusion.tiny import tiny_stack
 
 PROMPTS = ["a cat", "a red dog", "a handwritten 7"]
 

@@ -4,7 +4,7 @@ the helpers that forward to it) anywhere else, and the named values are the ones
 import ast
 from pathlib import Path
 
-from sail_fast import seeding
+from sail_fast.runs import seeding
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sail_fast"
 SEEDING_CALLS = {"derive_seed", "generator", "_rng", "_bank"}  # _rng, _bank: the reward audit's, onto derive_seed

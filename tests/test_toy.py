@@ -162,9 +162,9 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
     import copy
     import dataclasses
 
-    from sail_fast.config import load_config
+    from sail_fast.runs.config import load_config
     from sail_fast.data.latent_pairs import LatentPairs
-    from sail_fast.train import trainer_for
+    from sail_fast.dpo.builder import trainer_for
 
     stack = load_toy_stack()
     images, labels = load_digits()

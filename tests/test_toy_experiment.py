@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sail_fast.config import load_config
-from sail_fast.paired import clustered_mean, paired_difference
-from sail_fast.run_layout import EVAL_SAMPLES
-from sail_fast.toy.experiment import DPO_SHARES, condition_overrides, write_table
+from sail_fast.runs.config import load_config
+from sail_fast.metrics.statistics import clustered_mean, paired_difference
+from sail_fast.runs.layout import EVAL_SAMPLES
+from sail_fast.toy.studies.experiment import DPO_SHARES, condition_overrides, write_table
 from sail_fast.toy.labels import TERMS
 
 TOY = Path(__file__).resolve().parents[1] / "configs/toy.yaml"

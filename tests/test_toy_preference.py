@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sail_fast.config import load_config
+from sail_fast.runs.config import load_config
 from sail_fast.data.records import read_pairs_jsonl
-from sail_fast.images import decode_latents
+from sail_fast.diffusion.images import decode_latents
 from sail_fast.metrics import load_metric
 from sail_fast.toy.human import ToyOracle, load_preference
 from sail_fast.toy.metrics import pictures_to_pixels
@@ -30,7 +30,7 @@ def faintness(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_preference_written_here_labels_evaluates_and_ranks(tmp_path):
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     (tmp_path / "taste.py").write_text(PREFERENCE)
     run = tmp_path / "run"
@@ -89,7 +89,7 @@ def test_width_proxy_always_prefers_bolder_where_the_human_stops():
 def test_reference_previous_ranks_against_the_weights_the_round_started_from(tmp_path):
     """sail.ranking_reference: previous. Round 2 ranks round 1's policy against iter0's: once, the previous
     policy was the object round 1 had trained in place, so every reward was exactly 0."""
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     run_sail(load_config(REPO / "configs/toy-quick.yaml", [
         f"output_dir={tmp_path}", "sail.ranking_reference=previous", "sail.eval_each_round=false", "train.progress=false"]))

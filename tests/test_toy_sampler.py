@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from sail_fast.config import load_config
-from sail_fast.sampling import SAMPLERS, step_options
+from sail_fast.runs.config import load_config
+from sail_fast.diffusion.sampling import SAMPLERS, step_options
 from sail_fast.toy.human import ToyOracle
 from sail_fast.toy.labels import oracle_samples
 from sail_fast.toy.world import (

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sail_fast.callables import load_callable
-from sail_fast.config import ConfigError, load_config
+from sail_fast.runs.callables import load_callable
+from sail_fast.runs.config import ConfigError, load_config
 from sail_fast.toy.human import WIDTH_TARGET, ToyOracle, stroke_preference, stroke_width
 from sail_fast.toy.labels import make_human_pairs
 from sail_fast.toy.world import load_digits, load_toy_stack

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sail_fast.config import load_config
-from sail_fast.run_layout import EVAL_SAMPLES
-from sail_fast.toy.sampler_transfer import sampler_transfer
+from sail_fast.runs.config import load_config
+from sail_fast.runs.layout import EVAL_SAMPLES
+from sail_fast.toy.studies.sampler_transfer import sampler_transfer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """A one-seed experiment folder: SAIL (iter0 and one round) under the `bold` human."""
-    from sail_fast.train import run_sail
+    from sail_fast.commands.train import run_sail
 
     out = tmp_path_factory.mktemp("experiment")
     seed_dir = out / "seed-0"

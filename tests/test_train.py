@@ -14,11 +14,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from sail_fast.build import build_stack
-from sail_fast.config import load_config
+from sail_fast.diffusion.build import build_stack
+from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.train import trainer_for
-from sail_fast.reward import ImplicitRewardScorer
+from sail_fast.dpo.builder import trainer_for
+from sail_fast.reward.scorer import ImplicitRewardScorer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sail_fast.cli import main
+from sail_fast.commands.cli import main
 from sail_fast.dpo.checkpoints import check_deepspeed_files
-from sail_fast.outfolder import LEDGER, OutputFolder
-from sail_fast.rundir import FolderInUseError, RunLock, RunLockedError, UntrustedCodeError, load_recorded_config, write_manifest
-from sail_fast.state_files import StateFileError, load_state, save_state
-from sail_fast.yaml_files import dump_yaml
+from sail_fast.runs.output_folder import LEDGER, OutputFolder
+from sail_fast.runs.run_folder import FolderInUseError, RunLock, RunLockedError, UntrustedCodeError, load_recorded_config, write_manifest
+from sail_fast.runs.state_files import StateFileError, load_state, save_state
+from sail_fast.runs.yaml_files import dump_yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_reliability_two import _sampling_command, _tiny, one_error_line  # noqa: E402
 from test_train import TINY, planted_pairs  # noqa: E402
-from sail_fast.config import load_config  # noqa: E402
-from sail_fast.train import trainer_for  # noqa: E402
+from sail_fast.runs.config import load_config  # noqa: E402
+from sail_fast.dpo.builder import trainer_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,7 +257,7 @@ def test_a_read_only_out_is_refused_before_any_work(tmp_path, capsys, monkeypatc
 
     from test_messages import one_pair_parquet
 
-    import sail_fast.relabel
+    import sail_fast.commands.label
     import sail_fast.toy.pretrain
 
     def read_only(self, *a, **k):
@@ -266,7 +266,7 @@ def test_a_read_only_out_is_refused_before_any_work(tmp_path, capsys, monkeypatc
     def no_work(*a, **k):
         raise AssertionError("the work ran before the output folder was checked")
 
-    monkeypatch.setattr(sail_fast.relabel, "relabel", no_work)
+    monkeypatch.setattr(sail_fast.commands.label, "relabel", no_work)
     monkeypatch.setattr(sail_fast.toy.pretrain, "load_digits", no_work)
     monkeypatch.setattr(Path, "mkdir", read_only)
     one_pair_parquet(tmp_path / "pairs.parquet")

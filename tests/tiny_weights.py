@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sail_fast.tiny import _tiny_tokenizer
+from sail_fast.diffusion.tiny import _tiny_tokenizer
 
 
 def random_images(n, size=40, seed=0):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from sail_fast.data.latent_pairs import LatentPairs
-from sail_fast.distributed import DistInfo
+from sail_fast.runs.distributed import DistInfo
 
 
 def rank_pairs(rank: int) -> LatentPairs:

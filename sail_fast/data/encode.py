@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..models import DiffusionStack
+from ..diffusion.stack import DiffusionStack
 from .latent_pairs import LatentPairs
 from .records import PairRecord, open_image
 

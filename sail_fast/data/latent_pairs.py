@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..readback import load_checked_tensors, save_checked_tensors
+from ..runs.readback import load_checked_tensors, save_checked_tensors
 from .records import _expand_files
 
 _FORMAT = "sail_fast.LatentPairs"

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..rundir import atomic_write_text
+from ..runs.run_folder import atomic_write_text
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 

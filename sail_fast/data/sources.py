@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..config import DataConfig, ModelConfig
-from ..distributed import DistInfo
-from ..models import DiffusionStack
+from ..runs.config import DataConfig, ModelConfig
+from ..runs.distributed import DistInfo
+from ..diffusion.stack import DiffusionStack
 from .encode import encode_pairs
 from .latent_pairs import LatentPairs
 from .records import PairRecord, read_pairs_jsonl, read_pickapic_parquet

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..lora import POLICY, adapter_state, load_adapter, save_adapter
-from ..rundir import MANIFEST, disk_full, drop_metrics_after, write_manifest
-from ..state_files import StateFileError, load_state, save_state, state_paths
+from ..diffusion.lora import POLICY, adapter_state, load_adapter, save_adapter
+from ..runs.run_folder import MANIFEST, disk_full, drop_metrics_after, write_manifest
+from ..runs.state_files import StateFileError, load_state, save_state, state_paths
 
 TRAINER_STATE = "trainer_state"  # trainer_state.json + trainer_state.safetensors
 

@@ -11,7 +11,7 @@ Runs plainly in one process, or under DeepSpeed (ZeRO stage 2 or 3) when the con
 names a DeepSpeed JSON or several ranks were launched.
 
 With ``train.lora`` only a peft LoRA adapter trains, and the reference is the same UNet in another
-adapter state (``sail_fast.lora``): every adapter off when the policy starts as the base, else a
+adapter state (``sail_fast.diffusion.lora``): every adapter off when the policy starts as the base, else a
 frozen copy of the adapter as the stage started. Checkpoints and ``final/lora`` hold the adapter in
 the diffusers LoRA format.
 """
@@ -32,17 +32,17 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import interrupts
-from ..config import TrainConfig
+from ..runs import interrupts
+from ..runs.config import TrainConfig
 from ..data.latent_pairs import LatentPairs, PairBatch
-from ..denormals import flush_denormal
-from ..distributed import DistInfo, deepspeed_config
-from ..lora import (POLICY, REFERENCE, AdapterView, activate, add_policy_adapter, copy_adapter, has_adapter, is_identity,
+from ..runs.denormals import flush_denormal
+from ..runs.distributed import DistInfo, deepspeed_config
+from ..diffusion.lora import (POLICY, REFERENCE, AdapterView, activate, add_policy_adapter, copy_adapter, has_adapter, is_identity,
                     train_only_policy, unwrap)
-from ..noising import noised_and_target
-from ..rundir import latest_checkpoint
-from ..run_layout import TrainingLayout
-from ..seeding import generator
+from ..diffusion.noising import noised_and_target
+from ..runs.run_folder import latest_checkpoint
+from ..runs.layout import TrainingLayout
+from ..runs.seeding import generator
 from .checkpoints import NonFiniteError, TrainerCheckpoints
 from .inversion import ddim_invert
 from .losses import REFERENCE_FREE, LossOptions, preference_loss

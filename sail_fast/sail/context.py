@@ -1,5 +1,6 @@
-"""What every part of a SAIL run shares: its config, the model stack, the ranks, the run folder, the log
-and the world it runs in. Stages take this and nothing else from the loop."""
+"""What every part of a SAIL run shares: the config sections and values its stages read (never the whole
+config: only the loop holds that), the model stack, the ranks, the run folder, the log and the world it runs
+in. Stages take this and nothing else from the loop."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from typing import Callable
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..config import RunConfig, SailConfig, round_config
-from ..distributed import DistInfo
-from ..images import decode_latents, enlarge
-from ..models import DiffusionStack
-from ..run_layout import RunLayout
+from ..runs.config import DataConfig, ModelConfig, SailConfig
+from ..runs.distributed import DistInfo
+from ..diffusion.images import decode_latents, enlarge
+from ..diffusion.stack import DiffusionStack
+from ..runs.layout import RunLayout
 from .world import World
 
 
 @dataclass
 class RunContext:
-    config: RunConfig
+    sail: SailConfig  # this round's (sail.round_overrides applied by the loop)
+    data: DataConfig  # resolution, encode batch and cache of RealAlign's real images
+    model: ModelConfig  # what RealAlign's encoded real images were encoded with (their cache key)
+    beta: float  # train.beta: the implicit reward's scale
+    seed: int
+    round_sails: tuple[SailConfig, ...]  # every round's sail section (index r - 1)
     stack: DiffusionStack
     base: UNet2DConditionModel  # the frozen base model (the implicit reward's default reference)
     dist: DistInfo
@@ -32,25 +38,13 @@ class RunContext:
     progress: bool
 
     @property
-    def sail(self) -> SailConfig:
-        return self.config.sail
-
-    @property
     def sampling(self) -> dict:
-        return self.config.sail.sampling()
+        return self.sail.sampling()
 
     @property
     def layout(self) -> RunLayout:
         """Every path in the run folder."""
-        return RunLayout(self.out, self.config.sail.iter0_from)
-
-    @property
-    def seed(self) -> int:
-        return self.config.seed
-
-    def for_round(self, r: int) -> "RunContext":
-        """This context with round r's settings (``sail.round_overrides``)."""
-        return dataclasses.replace(self, config=round_config(self.config, r))
+        return RunLayout(self.out, self.sail.iter0_from)
 
     def stack_with(self, unet) -> DiffusionStack:
         """The stack sampling with ``unet`` (compiled when ``sail.compile``)."""

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from ..data.latent_pairs import LatentPairs
-from ..images import image_grid
-from ..paired import paired_difference
-from ..run_layout import RunLayout
-from ..rundir import atomic_save_tensors, read_json, write_json
-from ..sampling import generate_candidates
-from ..seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
+from ..diffusion.images import image_grid
+from ..metrics.statistics import paired_difference
+from ..runs.layout import RunLayout
+from ..runs.run_folder import atomic_save_tensors, read_json, write_json
+from ..diffusion.sampling import generate_candidates
+from ..runs.seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
 from .context import RunContext
 from .label_quality import eval_label_quality
 from .ranking import implicit_scorer
@@ -48,7 +48,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     metrics = {"stage": name, "diversity": sample_diversity(latents)}
     samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
     if unet is not ctx.base and (heldout is not None or samples is not None):
-        scorer = implicit_scorer(ctx.sail, ctx.config.train.beta, ctx.stack.scheduler, unet, ctx.base)
+        scorer = implicit_scorer(ctx.sail, ctx.beta, ctx.stack.scheduler, unet, ctx.base)
         if heldout is not None:
             metrics["self_label_agreement"] = scorer.pair_accuracy(
                 heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_AGREEMENT_DRAWS)))

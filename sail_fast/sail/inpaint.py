@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..callables import load_callable
+from ..runs.callables import load_callable
 from .realalign import IMAGE_SUFFIXES, RealImage
 
 MaskFn = Callable[[Sequence[RealImage], torch.Tensor], torch.Tensor]  # (items, pixels [B, C, H, W]) -> [B, 1, H, W]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from ..seeding import EVAL_LABEL_QUALITY_DRAWS, derive_seed
+from ..runs.seeding import EVAL_LABEL_QUALITY_DRAWS, derive_seed
 
 
 def rowwise_spearman(a, b) -> np.ndarray:

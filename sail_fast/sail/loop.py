@@ -7,7 +7,7 @@ generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -
 captions, ``sail_fast.sail.real_pairs``) to the ranked ones, or uses them alone. ``sail.round_overrides``
 changes settings for single rounds (RealAlign's second stage), and ``sail.iter0_steps: 0`` skips iter0.
 
-The run folder's layout is in ``sail_fast.rundir``; each stage writes ``done.json`` last, and ``--resume``
+The run folder's layout is in ``sail_fast.runs.run_folder``; each stage writes ``done.json`` last, and ``--resume``
 skips finished stages and continues a half-trained one from its latest intact checkpoint.
 
 The loop only sequences the stages, and it is the one place past the entry points that reads the whole
@@ -20,6 +20,7 @@ and ranks its slice of a round's prompts; the pairs are gathered on every rank b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -27,19 +28,20 @@ import torch
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..build import build_stack, check_model_available
-from ..config import RunConfig
+from ..diffusion.build import build_stack, check_model_available
+from ..runs.config import RunConfig, round_config
 from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
-from ..distributed import DistInfo
+from ..runs.distributed import DistInfo
+from ..dpo.builder import trainer_for
 from ..dpo.trainer import DPOTrainer
-from ..lora import PREVIOUS
-from ..outfolder import writable_folder
-from ..readback import check_run_records
-from ..run_layout import RunLayout
-from ..rundir import RunLock, atomic_write_text, record_config, write_json
-from ..seeding import STAGE_TRAINING, derive_seed
-from ..yaml_files import dump_yaml
+from ..diffusion.lora import PREVIOUS
+from ..runs.output_folder import writable_folder
+from ..runs.readback import check_run_records
+from ..runs.layout import RunLayout
+from ..runs.run_folder import RunLock, atomic_write_text, record_config, write_json
+from ..runs.seeding import STAGE_TRAINING, derive_seed
+from ..runs.yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
@@ -64,9 +66,18 @@ class SailLoop:
         self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
         world = world_class(config.model.toy)(config.sail, config.data.seed_pairs, seed=config.seed, out=self.out,
                                               log=self.log, toy=config.toy)
-        self.ctx = RunContext(config, stack, self.policies.base, dist, torch.device(device), self.out, world, self.log,
-                              config.train.progress and dist.is_main)
+        shared = {"stack": stack, "base": self.policies.base, "dist": dist, "device": torch.device(device), "out": self.out,
+                  "world": world, "log": self.log, "progress": config.train.progress and dist.is_main}
+        self.ctx = self.context_for(config, **shared)
         self.base = self.ctx.base
+
+    def context_for(self, config: RunConfig, **shared) -> RunContext:
+        """What the stages read of ``config`` (its sections and values, never the whole of it), with ``shared``
+        (the stack, ranks, folder, world, log) or else this loop's."""
+        sails = tuple(round_config(config, r).sail for r in range(1, config.sail.rounds + 1))
+        sections = {"sail": config.sail, "data": config.data, "model": config.model, "beta": config.train.beta, "seed": config.seed,
+                    "round_sails": sails}
+        return RunContext(**sections, **shared) if shared else dataclasses.replace(self.ctx, **sections)
 
     def log(self, text: str) -> None:
         if not self.dist.is_main:
@@ -77,7 +88,7 @@ class SailLoop:
 
     def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
         """Run every unfinished stage; returns the final policy's UNet directory. The folder is locked for the run's
-        lifetime; ``resume`` refuses a config unlike the run's first unless ``allow_config_change`` (``rundir``)."""
+        lifetime; ``resume`` refuses a config unlike the run's first unless ``allow_config_change`` (``runs.run_folder``)."""
         if not resume and self.layout.stage(RunLayout.BASE).exists():
             raise FileExistsError(
                 f"{self.out} already holds a SAIL run; pass --resume to continue it, or choose another output_dir"
@@ -137,8 +148,8 @@ class SailLoop:
         return config
 
     def _trainer(self, config: RunConfig, policy, seed_pairs, **options) -> DPOTrainer:  # the stage config's section and seed
-        return DPOTrainer(config.train, policy, self.ctx.stack.scheduler, seed_pairs, seed=config.seed,
-                          caption_dropout=config.data.caption_dropout, dist=self.dist, device=self.ctx.device, **options)
+        return trainer_for(config, policy, self.ctx.stack.scheduler, seed_pairs, dist=self.dist, device=self.ctx.device,
+                           **options)
 
     def _write_metrics(self) -> None:
         if self.dist.is_main:
@@ -174,15 +185,16 @@ class SailLoop:
         layout, stage = self.layout, RunLayout.stage_name(r)
         if layout.done(stage).exists():
             return self.policies.load(self.policy_dir(r))
-        started, ctx = time.perf_counter(), self.ctx.for_round(r)  # with sail.round_overrides[r]
+        config = round_config(self.config, r)  # with sail.round_overrides[r]
+        started, ctx = time.perf_counter(), self.context_for(config)
         layout.stage(stage).mkdir(parents=True, exist_ok=True)
         pairs = round_pairs(ctx, real_set, r, prompts, policy, self.base if ctx.sail.ranking_reference == "base" else previous)
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
             pairs.save(layout.pairs(r))
-        mixed = f"mixed with {len(seed_pairs)} seed pairs" if seed_pairs and ctx.config.train.mixup_alpha < 1 else "alone"
+        mixed = f"mixed with {len(seed_pairs)} seed pairs" if seed_pairs and config.train.mixup_alpha < 1 else "alone"
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) {mixed}")
-        trainer = self._trainer(self._stage_config(r, ctx.sail.round_steps, ctx.config), self.policies.trainable(policy),
+        trainer = self._trainer(self._stage_config(r, ctx.sail.round_steps, config), self.policies.trainable(policy),
                                 seed_pairs, generated_pairs=pairs, output_dir=layout.training(r).root,
                                 reference=self.base if ctx.sail.training_reference == "base" else None)
         trainer.train(resume=True)

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from ..data.latent_pairs import LatentPairs
-from ..images import image_grid
-from ..models import PromptEmbeds
-from ..readback import DamagedFileError, load_checked_tensors, save_checked_tensors
-from ..rundir import write_json
-from ..sampling import generate_candidates
-from ..seeding import ROUND_CANDIDATES, derive_seed
+from ..diffusion.images import image_grid
+from ..diffusion.stack import PromptEmbeds
+from ..runs.readback import DamagedFileError, load_checked_tensors, save_checked_tensors
+from ..runs.run_folder import write_json
+from ..diffusion.sampling import generate_candidates
+from ..runs.seeding import ROUND_CANDIDATES, derive_seed
 from .context import RunContext
 from .evaluation import sample_diversity
 from .label_quality import label_quality

@@ -1,5 +1,5 @@
 """Where a SAIL run keeps its policies: whole UNets (each stage trains a copy and saves it), or LoRA
-adapters on the one base UNet (``train.lora``; ``sail_fast.lora``), so the base, the policy and any
+adapters on the one base UNet (``train.lora``; ``sail_fast.diffusion.lora``), so the base, the policy and any
 earlier policy are adapter states of a single UNet instead of UNets of their own."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
-from ..models import load_unet
-from ..readback import check_run_weights
-from ..run_layout import DONE
-from ..rundir import write_manifest
+from ..diffusion.lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
+from ..diffusion.stack import load_unet
+from ..runs.readback import check_run_weights
+from ..runs.layout import DONE
+from ..runs.run_folder import write_manifest
 
 
 class Policies:

@@ -14,12 +14,12 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SailConfig
-from ..images import decode_latents
+from ..runs.config import SailConfig
+from ..diffusion.images import decode_latents
 from ..metrics import Metric
-from ..models import DiffusionStack, PromptEmbeds
-from ..reward import Draws, ImplicitRewardScorer
-from ..seeding import ROUND_RANDOM_PAIRS, ROUND_RANKING_DRAWS, derive_seed
+from ..diffusion.stack import DiffusionStack, PromptEmbeds
+from ..reward.scorer import Draws, ImplicitRewardScorer
+from ..runs.seeding import ROUND_RANDOM_PAIRS, ROUND_RANKING_DRAWS, derive_seed
 from .context import RunContext
 
 
@@ -154,7 +154,7 @@ class ImplicitRanker(_Pairing):
 
     def rank(self, r, prompts, embeds, latents, policy, reference):
         ctx, sail = self.ctx, self.ctx.sail
-        scorer = implicit_scorer(sail, ctx.config.train.beta, ctx.stack.scheduler, policy, reference)
+        scorer = implicit_scorer(sail, ctx.beta, ctx.stack.scheduler, policy, reference)
         height, width = latents.shape[-2:]
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
         rewards, win, lose = [], [], []

@@ -12,15 +12,14 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..config import round_config
 from ..data.encode import image_mode
 from ..data.latent_pairs import LatentPairs
 from ..data.records import open_image
 from ..data.sources import fingerprint
-from ..images import decode_latents, image_grid
-from ..rundir import atomic_save_tensors
-from ..sampling import generate_candidates, regenerate_region
-from ..seeding import ROUND_REAL_LOSERS, ROUND_REAL_MASKS, derive_seed
+from ..diffusion.images import decode_latents, image_grid
+from ..runs.run_folder import atomic_save_tensors
+from ..diffusion.sampling import generate_candidates, regenerate_region
+from ..runs.seeding import ROUND_REAL_LOSERS, ROUND_REAL_MASKS, derive_seed
 from .context import RunContext
 from .inpaint import PipelineInpainter, latent_masks, mask_source, subject_masks
 from .realalign import (
@@ -62,9 +61,9 @@ def top_k_real_images(ctx: RunContext, items: list) -> list:
 
 def encoded_real_images(ctx: RunContext) -> RealSet:
     """Every round's real images, encoded once (with their blurred, noised or pipeline-inpainted losers) and cached."""
-    sail, config = ctx.sail, ctx.config
+    sail = ctx.sail
     real, need = sail.real, sail.real_images_needed()
-    loser_kinds = {round_config(config, r).sail.real.loser for r in range(1, sail.rounds + 1)}
+    loser_kinds = {round_sail.real.loser for round_sail in ctx.round_sails}
     source = ctx.world.real_images(ctx, need)
     items = read_real_images(source)
     available = min(len(items), real.top_k or len(items))
@@ -73,14 +72,14 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
                          + f", but {sail.real_per_round()} real pairs per round"
                          + (f" x {sail.rounds} rounds" if real.disjoint else "") + f" need {need}; "
                          "add images or lower sail.real.per_round" + (" (or sail.rounds)" if real.disjoint else ""))
-    settings = {"model": config.model.model_dump(), "resolution": config.data.resolution, "count": need,
-                "seed": config.seed, "loser": real.loser, "top_k": real.top_k, "filter": real.filter_metric}
+    settings = {"model": ctx.model.model_dump(), "resolution": ctx.data.resolution, "count": need,
+                "seed": ctx.seed, "loser": real.loser, "top_k": real.top_k, "filter": real.filter_metric}
     if real.loser in ("blur", "noise"):  # the only losers encoded with the real images
         settings[real.loser] = real.blur_sigma if real.loser == "blur" else real.noise_std
     if "inpaint" in loser_kinds:
         settings |= {"mask": real.mask, "pipeline": real.inpaint_pipeline, "steps": real.inpaint_steps,
                      "strength": real.inpaint_strength}
-    cache = Path(config.data.cache_dir or ctx.layout.cache) / f"real-{fingerprint([Path(source)], settings)}.safetensors"
+    cache = Path(ctx.data.cache_dir or ctx.layout.cache) / f"real-{fingerprint([Path(source)], settings)}.safetensors"
     masks_file = cache.with_suffix(".masks.safetensors")
     policy_inpaints = "inpaint" in loser_kinds and real.inpaint_pipeline is None
     mask_fn = mask_source(real.mask, ctx.world.subject_masks) if "inpaint" in loser_kinds else None
@@ -96,9 +95,9 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
             def redraw(pixels, chunk, seeds):
                 return inpainter(pixels, subject_masks(mask_fn, chunk, pixels), [it.caption for it in chunk], seeds)
 
-        encoded = encode_real(items[:need], ctx.stack, resolution=config.data.resolution, loser=real.loser,
-                              blur_sigma=real.blur_sigma, noise_std=real.noise_std, seed=config.seed,
-                              batch_size=config.data.encode_batch_size, redraw=redraw, progress=ctx.progress)
+        encoded = encode_real(items[:need], ctx.stack, resolution=ctx.data.resolution, loser=real.loser,
+                              blur_sigma=real.blur_sigma, noise_std=real.noise_std, seed=ctx.seed,
+                              batch_size=ctx.data.encode_batch_size, redraw=redraw, progress=ctx.progress)
         if policy_inpaints:  # written first: the pairs file marks the cache complete
             atomic_save_tensors({"masks": _latent_subject_masks(ctx, items[:need], mask_fn, encoded.win.shape[-2:])}, masks_file)
         encoded.save(cache)  # written to a temporary name and renamed
@@ -107,10 +106,10 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
 
 
 def _latent_subject_masks(ctx: RunContext, items: list, mask_fn, latent_size) -> torch.Tensor:
-    mode, size, out = image_mode(ctx.stack, ctx.config.data.resolution), ctx.config.data.encode_batch_size, []
+    mode, size, out = image_mode(ctx.stack, ctx.data.resolution), ctx.data.encode_batch_size, []
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
-        pixels, _ = real_pixels(chunk, ctx.config.data.resolution, mode)
+        pixels, _ = real_pixels(chunk, ctx.data.resolution, mode)
         out.append(latent_masks(subject_masks(mask_fn, chunk, pixels), latent_size))
     return torch.cat(out)
 

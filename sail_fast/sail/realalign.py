@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import RealLoser
+from ..runs.config import RealLoser
 from ..data.encode import (
     encode_pixels,
     image_mode,
@@ -39,7 +39,7 @@ from ..data.encode import (
 )
 from ..data.latent_pairs import LatentPairs
 from ..data.records import ImageSource, open_image
-from ..models import DiffusionStack
+from ..diffusion.stack import DiffusionStack
 
 REAL_LOSERS = get_args(RealLoser)
 PER_ROUND_LOSERS = ("own_sample", "masked_renoise", "inpaint")  # drawn by the round's policy (inpaint: unless a pipeline)

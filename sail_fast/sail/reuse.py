@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..distributed import DistInfo
-from ..run_layout import DONE, EVAL_JSON, EVAL_SAMPLES, RunLayout
-from ..rundir import read_json, write_json
+from ..runs.distributed import DistInfo
+from ..runs.layout import DONE, EVAL_JSON, EVAL_SAMPLES, RunLayout
+from ..runs.run_folder import read_json, write_json
 
 
 def reuse_iter0(source: Path, layout: RunLayout, dist: DistInfo) -> None:

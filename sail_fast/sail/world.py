@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import SailConfig, ToyConfig
-from ..prompts import read_prompts
+from ..runs.config import SailConfig, ToyConfig
+from ..diffusion.prompts import read_prompts
 
 WORLDS = {"toy": "sail_fast.toy.run:ToyWorld"}  # name -> "module:class"
 

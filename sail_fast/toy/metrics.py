@@ -22,7 +22,7 @@ class _ToyMetric(Metric):
     batch_size = 256
 
     def __init__(self, root: str | Path | None = None, preference=None, **_) -> None:
-        from ..models import TOY_MODEL_DIR
+        from ..diffusion.stack import TOY_MODEL_DIR
         from .human import ToyOracle
 
         self.weights = str(root or TOY_MODEL_DIR)

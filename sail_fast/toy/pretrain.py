@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..outfolder import OutputFolder, writable_folder
-from ..seeding import TOY_CLASSIFIER_INIT, TOY_CLASSIFIER_SPLIT, TOY_PRETRAIN_BATCHES, derive_seed
+from ..runs.output_folder import OutputFolder, writable_folder
+from ..runs.seeding import TOY_CLASSIFIER_INIT, TOY_CLASSIFIER_SPLIT, TOY_PRETRAIN_BATCHES, derive_seed
 from . import PRETRAIN_STEPS
 from .human import ORACLE_FILE, DigitClassifier
 from .world import build_toy_stack, load_digits, prompt_pool
@@ -57,7 +57,7 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: in
 
     The text encoder trains with the UNet (there is no pretrained CLIP offline) and is then
     frozen like SD's. Caption dropout teaches the unconditional prediction that CFG needs.
-    ``out_dir`` follows the commands' folder rule (``sail_fast.outfolder``), checked before training;
+    ``out_dir`` follows the commands' folder rule (``sail_fast.runs.output_folder``), checked before training;
     ``shipped``: it is the package's own toy_model/, which this command replaces by design.
     """
     out = Path(out_dir)

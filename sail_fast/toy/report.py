@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from ..images import decode_latents, enlarge
-from ..run_layout import RunLayout
+from ..diffusion.images import decode_latents, enlarge
+from ..runs.layout import RunLayout
 
 
 # The stage's self-label quality on its own evaluation samples (sail_fast.sail.label_quality): columns and keys.

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..run_layout import DONE, RunLayout
-from ..outfolder import OutputFolder
-from ..rundir import read_json
+from ..runs.layout import HumanPairsLayout, RunLayout
+from ..runs.output_folder import OutputFolder
+from ..runs.run_folder import read_json
 from ..sail.world import World
-from ..seeding import TOY_ROUND_PROMPTS, derive_seed
+from ..runs.seeding import TOY_ROUND_PROMPTS, derive_seed
 from .human import TEMPERATURE, ToyOracle
 from .labels import make_human_pairs, oracle_samples, oracle_summary
 from .report import report
@@ -37,9 +37,8 @@ class ToyWorld(World):
     def eval_prompts(self) -> list[str]:
         return split_prompts(self.seed, num_eval=100)[0][: self.sail.eval_prompts]
 
-    def _human_dir(self) -> Path:
-        toy = self.toy
-        return Path(toy.data_dir) if toy and toy.data_dir else RunLayout(self.out).human
+    def _human(self) -> HumanPairsLayout:
+        return RunLayout(self.out).human_pairs(self.toy.data_dir if self.toy else None)
 
     def human_pairs(self, ctx) -> tuple[list[str], list[str]]:
         """Label pairs of base samples with the hidden human (once; runs that share ``toy.data_dir`` share them)."""
@@ -47,25 +46,25 @@ class ToyWorld(World):
         toy = self.toy
         if toy is None:
             return seed_sources, heldout_sources
-        human = self._human_dir()
+        human = self._human()
         # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
         settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
                     "heldout_pairs": toy.heldout_pairs, "seed": self.seed,
                     "temperature": "auto" if self.auto_temperature else self.oracle.temperature,
                     "preference": toy.preference, "sampling": ctx.sampling}
-        if (human / DONE).exists():
-            labelled_with = read_json(human / DONE).get("settings", {})
+        if human.done.exists():
+            labelled_with = read_json(human.done).get("settings", {})
             changed = {k: (labelled_with[k], v) for k, v in settings.items() if k in labelled_with and labelled_with[k] != v}
             if changed:
                 raise ValueError(
-                    f"toy.data_dir {human} was labelled with other settings: "
+                    f"toy.data_dir {human.root} was labelled with other settings: "
                     + "; ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
                     + ". Point toy.data_dir at a new folder (or unset it) to label with these settings"
                 )
         elif ctx.dist.is_main:
-            self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human}")
+            self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human.root}")
             # A new or empty folder, or one this labelling began (its ledger proves the files); never a user's.
-            folder = OutputFolder(human, "toy label", what="toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
+            folder = OutputFolder(human.root, "toy label", what="toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
             with folder.write_tree() as staging:
                 summary = make_human_pairs(
                     ctx.stack, self.oracle, staging, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
@@ -75,15 +74,15 @@ class ToyWorld(World):
             if self.auto_temperature:
                 self.log(f"toy.temperature auto: {summary['temperature']:.4g} (labels agree with the noiseless "
                          f"preference {summary['labels_agreeing_with_noiseless_oracle']:.1%} of the time)")
-            folder.write_text(DONE, json.dumps(summary | {"settings": settings}, indent=2) + "\n")  # last: finished
+            folder.write_text(human.done.name, json.dumps(summary | {"settings": settings}, indent=2) + "\n")  # last: finished
         ctx.dist.barrier()
-        seed = human / ("all.jsonl" if toy.train_on == "all" else "seed.jsonl")
-        return seed_sources or [str(seed)], heldout_sources or [str(human / "heldout.jsonl")]
+        seed = human.all if toy.train_on == "all" else human.seed
+        return seed_sources or [str(seed)], heldout_sources or [str(human.heldout)]
 
     def real_images(self, ctx, need: int) -> Path:
         if self.sail.real.data is not None:
             return super().real_images(ctx, need)
-        source = self._human_dir().parent / "real-digits"
+        source = self._human().real_digits
         if ctx.dist.is_main:
             write_real_digits(source, max(need, REAL_DIGITS), seed=self.seed)
         ctx.dist.barrier()

@@ -9,7 +9,7 @@ with no VAE:
 - Base model: ``pretrain`` trains the text encoder and UNet on those digits
   (``sail-fast toy pretrain``); the result ships in ``sail_fast/toy_model`` so a run
   starts at once.
-- The hidden human (``toy_human``): a preference over digit images with diminishing returns
+- The hidden human (``toy.human``): a preference over digit images with diminishing returns
   (the right digit, legible, strokes near a preferred width, no grey haze, centred) and
   Bradley-Terry raters who label pairs by it.
 """
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..models import TOY_MODEL_DIR, DiffusionStack, load_stack
-from ..seeding import TOY_PROMPT_SPLIT, TOY_REAL_DIGITS, derive_seed
-from ..tiny import _tiny_text_config, _tiny_tokenizer
+from ..diffusion.stack import TOY_MODEL_DIR, DiffusionStack, load_stack
+from ..runs.seeding import TOY_PROMPT_SPLIT, TOY_REAL_DIGITS, derive_seed
+from ..diffusion.tiny import _tiny_text_config, _tiny_tokenizer
 
 SIDE = 16
 
@@ -144,7 +144,7 @@ def load_toy_stack(path: str | Path | None = None) -> DiffusionStack:
 def sample_digits(stack: DiffusionStack, prompts: list[str], per_prompt: int, *, seed: int, sampling: dict,
                   batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """``per_prompt`` samples of each prompt as pixels [P, n, 1, 16, 16] in [-1, 1]."""
-    from ..sampling import generate_candidates
+    from ..diffusion.sampling import generate_candidates
 
     return generate_candidates(stack, prompts, per_prompt, seed=seed, batch_size=batch_size, progress=progress,
                                **sampling).latents.clamp(-1, 1)
@@ -155,10 +155,10 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     draw) as PNGs with a ``metadata.jsonl`` of captions, each a training-pool prompt naming its digit.
 
     ``metadata.jsonl`` is written last: it marks the folder finished. A folder holding anything this
-    function did not write is refused (``sail_fast.outfolder.OutputFolder``), never deleted."""
+    function did not write is refused (``sail_fast.runs.output_folder.OutputFolder``), never deleted."""
     from PIL import Image
 
-    from ..outfolder import OutputFolder
+    from ..runs.output_folder import OutputFolder
 
     out = Path(out_dir)
     if (out / "metadata.jsonl").is_file():

@@ -3,7 +3,7 @@ over several seeds (``sail-fast toy experiment``), and the calibration sweep tha
 training regime on full-label Diffusion-DPO alone (``sail-fast toy calibrate``).
 
 Every stage is evaluated on the same held-out prompts with the same noise seeds, so rows are
-compared by paired differences with prompt-clustered standard errors (``sail_fast.paired``).
+compared by paired differences with prompt-clustered standard errors (``sail_fast.metrics.statistics``).
 
 Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/human``):
 
@@ -52,9 +52,9 @@ import json
 import math
 from pathlib import Path
 
-from ..config import load_config
-from ..run_layout import RunLayout
-from ..sail.loop import SailLoop
+from ...runs.config import load_config
+from ...runs.layout import RunLayout
+from ...sail.loop import SailLoop
 
 # Diffusion-DPO on a share of the labelled pairs (the label-efficiency curve): condition -> share.
 DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo-full": 1.0}
@@ -148,7 +148,7 @@ def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
 
 def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, str, str]]:
     """(label, human labels, condition, stage) for each line of the table."""
-    labelled = json.loads((out / f"seed-{seeds[0]}" / "human" / "summary.json").read_text())
+    labelled = json.loads(RunLayout(out / f"seed-{seeds[0]}").human_pairs().summary.read_text())
     total, seed_pairs = labelled["labelled"], labelled["seed"]
     seed_share = f"{seed_pairs} ({100 * seed_pairs / total:.0f}%)"
     last, iter0, stage = RunLayout.stage_name(ablation_rounds), RunLayout.ITER0, RunLayout.stage_name
@@ -189,8 +189,8 @@ def _combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
 def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int, variant: str = "") -> list[dict]:
     """Every line of the table that has run: means over seeds, and paired differences (± SE) against
     the same seed's base and full-label DPO, sampled with the same prompts and noise. ``variant``: the
-    stages' evaluation under another sampler (``sail_fast.toy.sampler_transfer``), in each run's subfolder."""
-    from ..paired import paired_difference
+    stages' evaluation under another sampler (``sail_fast.toy.studies.sampler_transfer``), in each run's subfolder."""
+    from ...metrics.statistics import paired_difference
 
     lines = []
     for label, budget, condition, stage in rows_of(out, seeds, rounds, ablation_rounds):

@@ -11,17 +11,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from .build import build_stack
-from .config import RunConfig
-from .images import decode_latents, enlarge, image_grid, is_finite
-from .lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
-from .models import DiffusionStack, load_stack
-from .outfolder import OutputFolder
-from .prompts import read_prompts
-from .readback import check_run_weights, run_root
-from .run_layout import RunLayout
-from .rundir import load_recorded_config
-from .sampling import DEFAULTS, candidate_seeds, generate_candidates
+from ..diffusion.build import build_stack
+from ..runs.config import RunConfig
+from ..diffusion.images import decode_latents, enlarge, image_grid, is_finite
+from ..diffusion.lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
+from ..diffusion.stack import DiffusionStack, load_stack
+from ..runs.output_folder import OutputFolder
+from ..diffusion.prompts import read_prompts
+from ..runs.readback import check_run_weights, run_root
+from ..runs.layout import RunLayout
+from ..runs.run_folder import load_recorded_config
+from ..diffusion.sampling import DEFAULTS, candidate_seeds, generate_candidates
 
 
 def _final_unet(run: Path) -> Path:

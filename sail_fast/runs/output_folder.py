@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .rundir import FolderInUseError, file_sha256
+from .run_folder import FolderInUseError, file_sha256
 
 LEDGER = ".sail-fast-written.jsonl"
 LOCK = ".sail-fast-written.lock"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import implicit_reward
+from ..kernels import implicit_reward
 
 ESTIMATORS = ("mean", "standardised", "ref_normalised", "rank")
 

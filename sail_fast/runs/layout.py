@@ -1,7 +1,7 @@
 """Where everything lives in a run folder: ``RunLayout`` (a SAIL run: stages, their evaluations, rankings,
 pairs and trained policies) and ``TrainingLayout`` (one DPO training folder: checkpoints, final weights,
 logs). These are the only places that spell a stage's path or file name; the layout as a tree is in
-``sail_fast.rundir``'s docstring."""
+``sail_fast.runs.run_folder``'s docstring."""
 
 from __future__ import annotations
 
@@ -57,8 +57,12 @@ class RunLayout:
         self.curves = self.root / "curves.png"
         self.summary = self.root / "summary.md"
         self.compare = self.root / "compare.png"
-        self.human = self.root / "human"  # toy world: the labelled pairs
+        self.human = self.root / "human"  # toy world: the labelled pairs (human_pairs)
         self.cache = self.root / "cache"  # encoded pairs, unless data.cache_dir names another folder
+
+    def human_pairs(self, data_dir: str | Path | None = None) -> "HumanPairsLayout":
+        """The toy world's labelled pairs: ``human/`` in the run, or a shared ``toy.data_dir``."""
+        return HumanPairsLayout(Path(data_dir) if data_dir else self.human)
 
     def replaced_files(self) -> list[Path]:
         """The top-level files a run writes whole (and rewrites after each stage), the resumed configs included."""
@@ -143,3 +147,17 @@ class RunLayout:
         rounds = sorted(self.root.glob("round-[0-9]*"), reverse=True)
         found = [TrainingLayout(p / "train").final for p in rounds] + [self.training(0).final, TrainingLayout(self.root).final]
         return [f for f in found if f.exists()]
+
+
+class HumanPairsLayout:
+    """The toy world's labelled pairs (``human/`` or ``toy.data_dir``): every pair, SAIL's seed, the held-out pairs
+    and the record written last that marks the labelling finished."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.all = self.root / "all.jsonl"
+        self.seed = self.root / "seed.jsonl"
+        self.heldout = self.root / "heldout.jsonl"
+        self.summary = self.root / "summary.json"
+        self.done = self.root / DONE
+        self.real_digits = self.root.parent / "real-digits"  # RealAlign's real images, beside the pairs

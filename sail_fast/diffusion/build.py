@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import TOY_MODEL_DIR, DiffusionStack, check_hub_weights, load_stack
+from .stack import TOY_MODEL_DIR, DiffusionStack, check_hub_weights, load_stack
 from .tiny import tiny_stack
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .rundir import atomic_save_tensors, atomic_write_text
+from .run_folder import atomic_save_tensors, atomic_write_text
 
 _TAGS = ("tensor", "tuple", "items")
 

@@ -25,12 +25,12 @@ from .generate import (
     sample_pictures,
     sampling_settings,
 )
-from .images import enlarge, image_grid
-from .metrics import METRICS, Metric, load_metric
-from .outfolder import OutputFolder
-from .prompts import PromptSet
-from .readback import read_json_file
-from .sampling import candidate_seeds
+from ..diffusion.images import enlarge, image_grid
+from ..metrics import METRICS, Metric, load_metric
+from ..runs.output_folder import OutputFolder
+from ..diffusion.prompts import PromptSet
+from ..runs.readback import read_json_file
+from ..diffusion.sampling import candidate_seeds
 
 GRID_PROMPTS = 8
 

@@ -10,7 +10,7 @@ v-prediction models). Every candidate of a prompt sees the same draws (common ra
 numbers), which removes most of the variance from reward *differences*, the only thing a
 ranking needs.
 
-``estimator`` swaps the mean over draws for a debiased one (``reward_estimators``: per-draw
+``estimator`` swaps the mean over draws for a debiased one (``reward.estimators``: per-draw
 standardisation, the gap relative to the reference's error, a per-draw rank vote), and
 ``timestep_range`` draws t from a band [lo, hi) instead of every training step.
 """
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kernels import implicit_reward, paired_mse
-from .noising import noised_and_target
-from .reward_estimators import ESTIMATORS, combine_draws
+from ..kernels import implicit_reward, paired_mse
+from ..diffusion.noising import noised_and_target
+from .estimators import ESTIMATORS, combine_draws
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ImplicitRewardScorer:
             and the UNets' 4-D weights while a call scores (the caller's own weight tensors are back in
             place when it returns, so the modules are left as they were).
         compile: wrap both UNets in ``torch.compile`` for the scorer's calls.
-        estimator: how per-draw errors become a reward (``reward_estimators.ESTIMATORS``; default
+        estimator: how per-draw errors become a reward (``reward.estimators.ESTIMATORS``; default
             ``"mean"``, the paper's ``-beta/2 * mean_k`` gap).
         timestep_range: ``(lo, hi)``: draws take t uniformly in [lo, hi) (default: every training step).
     """

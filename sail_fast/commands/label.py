@@ -18,10 +18,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data.records import (PairRecord, _png_ready, open_image, read_pairs_jsonl, read_pickapic_parquet,
+from ..data.records import (PairRecord, _png_ready, open_image, read_pairs_jsonl, read_pickapic_parquet,
                            write_pairs_jsonl)
-from .outfolder import writable_folder
-from .sail.ranking import soft_labels
+from ..runs.output_folder import writable_folder
+from ..sail.ranking import soft_labels
 
 
 def read_records(source: str | Path) -> list[PairRecord]:
@@ -57,7 +57,7 @@ def relabel(records: Sequence[PairRecord], metric, *, score_range: tuple[float, 
 def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) -> Path:
     """Read ``sources``, relabel them with ``metric`` and write ``out`` (a pairs.jsonl); returns it."""
     out = Path(out)
-    if out.exists():  # the commands' rule: never replace a file (sail_fast.outfolder)
+    if out.exists():  # the commands' rule: never replace a file (sail_fast.runs.output_folder)
         raise FileExistsError(f"--out {out} already exists; `sail-fast label` never replaces a file: name a new pairs.jsonl")
     writable_folder(out.parent, "--out")  # a read-only place is refused now, not after every pair is scored
     records = [r for source in sources for r in read_records(source)]

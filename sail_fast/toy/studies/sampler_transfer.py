@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..run_layout import RunLayout
-from ..rundir import load_recorded_config
-from ..sail.evaluation import evaluate_stage
-from ..sail.loop import SailLoop
+from ...runs.layout import RunLayout
+from ...runs.run_folder import load_recorded_config
+from ...sail.evaluation import evaluate_stage
+from ...sail.loop import SailLoop
 from .experiment import base_evaluation, copy_finished, write_table
 
 
@@ -25,7 +25,7 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print,
     code = "trust" if trust_code else "refuse"
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
     loop = SailLoop(load_recorded_config(run, here, code=code), log=log)  # the config the run recorded, its human included
-    ctx = dataclasses.replace(loop.ctx, out=run / variant, config=load_recorded_config(run, here + overrides, code=code))
+    ctx = dataclasses.replace(loop.context_for(load_recorded_config(run, here + overrides, code=code)), out=run / variant)
     for stage in RunLayout(run).evaluated_stages():
         r = RunLayout.round_of(stage)
         policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))

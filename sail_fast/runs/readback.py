@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .run_layout import DONE, RunLayout
-from .rundir import MANIFEST, atomic_save_tensors, check_weights
+from .layout import RunLayout
+from .run_folder import MANIFEST, atomic_save_tensors, check_weights
 
 DIGEST_KEY = "sail_fast.sha256"  # the safetensors metadata entry that holds the file's own content digest
 RESTORE = "restore it from a copy, or delete it and run again what wrote it"
@@ -101,7 +101,7 @@ def run_root(path: str | Path) -> Path | None:
 
 
 def check_run_weights(folder: str | Path) -> None:
-    """``rundir.check_weights``, and more: a run writes a manifest beside all the weights it keeps (a stage's
+    """``run_folder.check_weights``, and more: a run writes a manifest beside all the weights it keeps (a stage's
     ``final/``, each checkpoint), so inside a run, weights without one are refused, since changed bytes would
     load unnoticed. A folder outside any run (a downloaded pipeline) is not checked."""
     folder = Path(folder)
@@ -121,7 +121,7 @@ def _check_record(path: Path, fix: str) -> None:
 def check_run_records(layout: RunLayout, rounds: int) -> None:
     """Read every record a resumed SAIL run reads back (the labelled pairs' done.json, and each stage's done.json,
     eval.json, ranking.json and eval samples) before any stage runs, so damage is named at once."""
-    _check_record(layout.human / DONE, f"delete {layout.human}/ and rerun with --resume to label the pairs again")
+    _check_record(layout.human_pairs().done, f"delete {layout.human}/ and rerun with --resume to label the pairs again")
     for stage in RunLayout.stage_names(rounds):
         fix = f"delete {layout.stage(stage)}/ and rerun with --resume to run that stage again"
         records = [layout.done(stage), layout.eval_json(stage)]

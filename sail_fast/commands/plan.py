@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from .architectures import UNET_CONFIGS
-from .config import LoraSettings, ModelConfig, TrainConfig
-from .dpo.trainer import DTYPES
+from ..diffusion.architectures import UNET_CONFIGS
+from ..runs.config import LoraSettings, ModelConfig, TrainConfig
+from ..dpo.trainer import DTYPES
 
 GIB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -55,11 +55,11 @@ def unet_config_for(model) -> dict:
     """The UNet config a ModelConfig trains: a local directory's unet/config.json, the toy's, a
     tiny stack's, or (for a hub id) the SD1.5/SDXL layout its kind names."""
     if model.toy:
-        from .models import TOY_MODEL_DIR
+        from ..diffusion.stack import TOY_MODEL_DIR
 
         return json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     if model.tiny is not None:
-        from .tiny import tiny_stack
+        from ..diffusion.tiny import tiny_stack
 
         return dict(tiny_stack(model.tiny, sample_size=model.tiny_sample_size, in_channels=model.tiny_in_channels).unet.config)
     local = Path(model.path) / "unet" / "config.json"

@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .models import DiffusionStack, PromptEmbeds
-from .seeding import derive_seed
+from .stack import DiffusionStack, PromptEmbeds
+from ..runs.seeding import derive_seed
 
 # dpmsolver: DPM-Solver++ (2nd order, multistep), the sampler of RealAlign's replay buffer.
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}

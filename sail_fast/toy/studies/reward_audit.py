@@ -5,7 +5,7 @@ same seeds for every policy, and for the base, so a candidate's distance from th
 between the two models' pictures of one seed), judged by the noiseless human, and a fixed bank of
 ``draws`` shared (t, eps) draws per prompt, scored once (policy and reference MSE per candidate and
 draw). Every estimator is then a choice of draws from the bank and a way to combine them
-(``sail_fast.reward_estimators``), repeated ``repeats`` times on fresh subsets:
+(``sail_fast.reward.estimators``), repeated ``repeats`` times on fresh subsets:
 
 - by K: the plain estimator (mean over uniform t) with K draws; its test-retest (two disjoint
   subsets); the noise-corrected correlation with the human (rho_K / sqrt(retest_K));
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..reward import Draws, ImplicitRewardScorer
-from ..run_layout import RunLayout
-from ..reward_estimators import ESTIMATORS, combine_draws
-from ..sail.label_quality import rowwise_spearman
-from ..seeding import (AUDIT_CANDIDATES, AUDIT_DRAW_BANK, AUDIT_HELDOUT_BANK, AUDIT_HELDOUT_SUBSETS, AUDIT_SUBSETS,
+from ...reward.scorer import Draws, ImplicitRewardScorer
+from ...runs.layout import RunLayout
+from ...reward.estimators import ESTIMATORS, combine_draws
+from ...sail.label_quality import rowwise_spearman
+from ...runs.seeding import (AUDIT_CANDIDATES, AUDIT_DRAW_BANK, AUDIT_HELDOUT_BANK, AUDIT_HELDOUT_SUBSETS, AUDIT_SUBSETS,
                        derive_seed)
 from .estimator_choice import RULE_KS, SELECTION_RULE, apply_selection_rule, setting_name
 
@@ -253,28 +253,39 @@ def policy_stages(run: Path, rounds: int, folder: str, iter0_from: str | None) -
     return [(name, path) for name, path in stages if path.is_dir()]
 
 
-def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward_audit.md", prompts: int = 48,
-                 candidates: int = 8, draws: int = 140, ks: tuple[int, ...] = (6, 10, 20, 40, 80), band_k: int = 10,
-                 repeats: int = 20, heldout_draws: int = 40, progress: bool = True, trust_code: bool = False) -> Path:
-    """Measure the run's implicit reward (see the module docstring); returns the report's path.
-    ``trust_code``: run the code the run's config names (its toy.preference); refused otherwise."""
-    from ..build import build_stack
-    from ..rundir import load_recorded_config
-    from ..data.sources import load_pairs
-    from ..sail.policies import Policies
-    from ..sampling import generate_candidates
-    from .labels import oracle_samples
-    from .run import ToyWorld
-
-    run = Path(run)
-    config = load_recorded_config(run, code="trust" if trust_code else "refuse")  # no config.yaml: refused there
-    if not config.model.toy or config.sail is None:
-        raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
+def _check_arguments(prompts, candidates, draws, ks, band_k, repeats, heldout_draws) -> None:
     if draws < 2 or prompts < 2 or candidates < 2:
         raise ValueError(f"reward-audit needs at least 2 prompts, 2 candidates and 2 draws, got {prompts}, {candidates}, {draws}")
     if min(ks, default=0) < 1 or band_k < 1 or repeats < 1 or heldout_draws < 0:
         raise ValueError(f"reward-audit needs --ks, --band-k and --repeats >= 1 and --heldout-draws >= 0, "
                          f"got {list(ks)}, {band_k}, {repeats}, {heldout_draws}")
+
+
+def _heldout_bank(heldout, draws: int, seed: int):
+    """The held-out pairs as [M, 2, ...] latents, their prompts' embeddings per latent, and their fixed draws."""
+    latents = torch.stack([heldout.win, heldout.lose], 1).float()
+    embeds = heldout.prompt_embeds[heldout.prompt_index.repeat_interleave(2)]
+    return latents, embeds, _bank(len(heldout), draws, tuple(latents.shape[2:]), seed, AUDIT_HELDOUT_BANK)
+
+
+def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward_audit.md", prompts: int = 48,
+                 candidates: int = 8, draws: int = 140, ks: tuple[int, ...] = (6, 10, 20, 40, 80), band_k: int = 10,
+                 repeats: int = 20, heldout_draws: int = 40, progress: bool = True, trust_code: bool = False) -> Path:
+    """Measure the run's implicit reward (see the module docstring); returns the report's path.
+    ``trust_code``: run the code the run's config names (its toy.preference); refused otherwise."""
+    from ...diffusion.build import build_stack
+    from ...runs.run_folder import load_recorded_config
+    from ...data.sources import load_pairs
+    from ...sail.policies import Policies
+    from ...diffusion.sampling import generate_candidates
+    from ..labels import oracle_samples
+    from ..run import ToyWorld
+
+    run = Path(run)
+    config = load_recorded_config(run, code="trust" if trust_code else "refuse")  # no config.yaml: refused there
+    if not config.model.toy or config.sail is None:
+        raise ValueError(f"{run} is not a toy SAIL run; reward-audit needs the toy world's human to judge candidates")
+    _check_arguments(prompts, candidates, draws, ks, band_k, repeats, heldout_draws)
     ks = tuple(k for k in ks if k <= draws) or (draws,)
     sail, seed, beta = config.sail, config.seed, config.train.beta
     stack = build_stack(config.model, seed=seed)
@@ -296,15 +307,12 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
 
     base_latents = sample(policies.base)
     bank = _bank(prompts, draws, tuple(base_latents.shape[2:]), seed, AUDIT_DRAW_BANK)
+    heldout_file = RunLayout(run).human_pairs(config.toy.data_dir if config.toy else None).heldout
     heldout = None
-    human = Path(config.toy.data_dir) if config.toy and config.toy.data_dir else RunLayout(run).human
-    heldout_file = human / "heldout.jsonl"
     if heldout_draws > 0 and heldout_file.is_file():
         heldout = load_pairs([str(heldout_file)], stack, model=config.model, data=config.data, cache_dir=RunLayout(run).cache,
                              seed=seed, log=lambda _: None)
-        heldout_latents = torch.stack([heldout.win, heldout.lose], 1).float()
-        heldout_embeds = heldout.prompt_embeds[heldout.prompt_index.repeat_interleave(2)]
-        heldout_bank = _bank(len(heldout), heldout_draws, tuple(heldout_latents.shape[2:]), seed, AUDIT_HELDOUT_BANK)
+        heldout_latents, heldout_embeds, heldout_bank = _heldout_bank(heldout, heldout_draws, seed)
 
     results = {"run": str(run), "prompts": prompts, "candidates": candidates, "draws": draws, "repeats": repeats,
                "ks": list(ks), "band_k": band_k, "loop_k": sail.num_draws, "stages": {}}
@@ -338,7 +346,11 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
                         h_pol, h_ref, beta, min(k, heldout_draws), estimator, band, heldout_bank.timesteps, repeats, seed)
                 stage["estimators"].append(row)
             results["stages"][name] = stage
-    out = Path(out)
+    return _write_report(Path(out), results)
+
+
+def _write_report(out: Path, results: dict) -> Path:
+    """The report as markdown at ``out`` and its numbers beside it as JSON."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(audit_markdown(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -20,15 +20,15 @@ from .arguments import (
     seed_int,
     user_errors,
 )
-from .quiet import silence_third_party_noise
-from .toy import PRETRAIN_STEPS
+from ..runs.quiet import silence_third_party_noise
+from ..toy import PRETRAIN_STEPS
 
 
 def _check(args: argparse.Namespace) -> None:
     """Run paired_mse on SD-shaped rows through every backend this machine has."""
     import torch
 
-    from sail_fast.kernels import paired_mse, paired_mse_reference, resolve_backend
+    from ..kernels import paired_mse, paired_mse_reference, resolve_backend
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -56,8 +56,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .train import run_sail, run_training
+    from ..runs.config import load_config
+    from ..train import run_sail, run_training
 
     config = load_config(args.config, args.set)
     (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
@@ -65,8 +65,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .train import run_sail
+    from ..runs.config import load_config
+    from ..train import run_sail
 
     config = load_config(args.config, args.set)
     if config.sail is None:
@@ -92,7 +92,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, load_metrics
-    from .prompts import read_prompt_set
+    from ..diffusion.prompts import read_prompt_set
 
     weights = {}
     for item in args.weights:
@@ -114,8 +114,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _label(args: argparse.Namespace) -> None:
     import torch
 
-    from .relabel import label_pairs
-    from .metrics import load_metric
+    from .label import label_pairs
+    from ..metrics import load_metric
 
     # LO >= HI would invert (or flatten) every label without a word: refused before the metric loads.
     if args.range and not args.range[0] < args.range[1]:
@@ -128,8 +128,8 @@ def _label(args: argparse.Namespace) -> None:
 
 
 def _toy_pretrain(args: argparse.Namespace) -> None:
-    from .models import TOY_MODEL_DIR
-    from .toy.pretrain import pretrain
+    from ..diffusion.stack import TOY_MODEL_DIR
+    from ..toy.pretrain import pretrain
 
     report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                       shipped=args.out is None)
@@ -137,11 +137,11 @@ def _toy_pretrain(args: argparse.Namespace) -> None:
 
 
 def _toy_experiment(args: argparse.Namespace) -> None:
-    from .toy.experiment import CONDITIONS, run_experiment
+    from ..toy.studies.experiment import CONDITIONS, run_experiment
 
     if args.table_only:
-        from .config import load_config
-        from .toy.experiment import write_table
+        from ..runs.config import load_config
+        from ..toy.studies.experiment import write_table
 
         rounds = load_config(args.config, args.set).sail.rounds
         print(write_table(Path(args.out), args.seeds, rounds, args.ablation_rounds or rounds).read_text())
@@ -152,20 +152,20 @@ def _toy_experiment(args: argparse.Namespace) -> None:
 
 
 def _toy_transfer(args: argparse.Namespace) -> None:
-    from .toy.sampler_transfer import sampler_transfer
+    from ..toy.studies.sampler_transfer import sampler_transfer
 
     print(sampler_transfer(args.out, args.seeds, args.conditions, sampler=args.sampler, steps=args.steps,
                            images_per_prompt=args.images_per_prompt, trust_code=args.trust_code).read_text())
 
 
 def _toy_calibrate(args: argparse.Namespace) -> None:
-    from .toy.experiment import calibrate
+    from ..toy.studies.experiment import calibrate
 
     print(calibrate(args.config, args.out, seed=args.seed, overrides=args.set).read_text())
 
 
 def _toy_reward_audit(args: argparse.Namespace) -> None:
-    from .toy.reward_audit import reward_audit
+    from ..toy.studies.reward_audit import reward_audit
 
     out = reward_audit(args.run, out=args.out, prompts=args.prompts, candidates=args.candidates, draws=args.draws,
                        ks=tuple(args.ks), band_k=args.band_k, repeats=args.repeats, heldout_draws=args.heldout_draws,
@@ -174,7 +174,7 @@ def _toy_reward_audit(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from ..runs.config import load_config
     from .plan import format_plan
 
     config = load_config(args.config, args.set)
@@ -343,7 +343,7 @@ def _main(argv: list[str]) -> None:
     args = parser.parse_args([a for a in argv if a != "--debug"])
     silence_third_party_noise()  # after parsing (--help needs no heavy import), before any model loads
     if debug:
-        from .interrupts import install
+        from ..runs.interrupts import install
 
         install()  # SIGTERM still stops at a checkpoint and releases the lock; the traceback shows where
         args.func(args)

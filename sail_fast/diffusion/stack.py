@@ -28,7 +28,7 @@ __all__ = ["DiffusionStack", "PromptEmbeds", "load_stack"]
 
 KINDS = ("sd15", "sdxl")
 # The toy world's pretrained stack, shipped in the package (a diffusers directory, pixel space, no VAE).
-TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy_model"  # shipped inside the package
 
 # The diffusers pipeline class each kind corresponds to, written to model_index.json.
 _PIPELINES = {

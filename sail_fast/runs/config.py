@@ -58,7 +58,7 @@ class DataConfig(Section):
 
 class LoraSettings(Section):
     """Train a LoRA adapter (peft) instead of every UNet weight; the reference is the same UNet with
-    other adapter states, so no second UNet exists (``sail_fast.lora``)."""
+    other adapter states, so no second UNet exists (``sail_fast.diffusion.lora``)."""
 
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0)  # default: the rank (scale 1)
@@ -119,7 +119,7 @@ class TrainConfig(Section):
 
 
 RealLoser = Literal["own_sample", "blur", "noise", "masked_renoise", "inpaint"]  # see sail_fast.sail.realalign
-Sampler = Literal["ddpm", "ddim", "dpmsolver"]  # dpmsolver: DPM-Solver++ multistep (sail_fast.sampling)
+Sampler = Literal["ddpm", "ddim", "dpmsolver"]  # dpmsolver: DPM-Solver++ multistep (sail_fast.diffusion.sampling)
 
 
 class RealAlignConfig(Section):
@@ -166,7 +166,7 @@ class RealAlignConfig(Section):
             raise ValueError("sail.real.top_k and sail.real.min_margin score images with sail.real.filter_metric "
                              "(e.g. pickscore, or toy_oracle in the toy world); set it")
         if self.filter_metric is not None:
-            from .metrics import METRICS
+            from ..metrics import METRICS
 
             if self.filter_metric not in METRICS:
                 raise ValueError(f"sail.real.filter_metric {self.filter_metric!r} is not a metric; choose from "
@@ -186,7 +186,7 @@ class SailConfig(Section):
     ranking_reference: Literal["base", "previous"] = "base"  # what the implicit reward ranks against
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
-    # How per-draw errors become the reward (sail_fast.reward_estimators): mean (the paper's), standardised,
+    # How per-draw errors become the reward (sail_fast.reward.estimators): mean (the paper's), standardised,
     # ref_normalised or rank; and the band [lo, hi) the draws' t comes from (default: every training step).
     reward_estimator: Literal["mean", "standardised", "ref_normalised", "rank"] = "mean"
     reward_timesteps: tuple[int, int] | None = None
@@ -241,7 +241,7 @@ class SailConfig(Section):
         if self.ranker == "external" and not self.ranker_metric:
             raise ValueError("sail.ranker: external needs sail.ranker_metric (e.g. toy_oracle, aesthetic, pickscore)")
         if self.ranker_metric is not None:
-            from .metrics import METRICS
+            from ..metrics import METRICS
 
             if self.ranker_metric not in METRICS:
                 raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
@@ -285,7 +285,7 @@ class ToyConfig(Section):
     labelled_pairs: int = Field(800, ge=1)  # the full labelled set (what 100%-label DPO trains on)
     seed_fraction: float = Field(0.06, gt=0, le=1)  # SAIL's seed: this fraction of the labelled set
     heldout_pairs: int = Field(100, ge=1)  # extra labelled pairs for self-label agreement
-    # Bradley-Terry rater noise (default: the calibrated toy_human.TEMPERATURE); auto: set from the labelled
+    # Bradley-Terry rater noise (default: the calibrated toy.human.TEMPERATURE); auto: set from the labelled
     # base-model pairs so labels agree with the noiseless preference 72.5% of the time, as the built-in one was.
     temperature: Annotated[float, Field(gt=0)] | Literal["auto"] | None = None
     # Replace the built-in human preference everywhere (labelling, evaluation, the toy_oracle ranker):
@@ -356,7 +356,7 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-# Refused in a config one writes; a config a run recorded before the rename reads under the new name (rundir).
+# Refused in a config one writes; a config a run recorded before the rename reads under the new name (run_folder).
 RENAMED = {"sail.reference": "sail.ranking_reference", "sail.round_reference": "sail.training_reference"}
 
 

@@ -18,7 +18,7 @@ def _installed(distribution: str) -> str | None:
 
 def version_record() -> dict:
     """{"sail_fast": ..., "torch": ..., "diffusers": ...}: the versions running now (None for one not installed)."""
-    from . import __version__  # the source's own version: an editable install's metadata keeps the one it was installed at
+    from .. import __version__  # the source's own version: an editable install's metadata keeps the one it was installed at
 
     return {"sail_fast": __version__, "torch": _installed("torch"), "diffusers": _installed("diffusers")}
 

@@ -125,11 +125,11 @@ def user_errors(prog: str, resume_command: list[str] | None = None, command: str
     instead of a traceback; --debug shows the traceback. SIGTERM (exit 143) and Ctrl-C (exit 130) end it with
     one line too, and ``resume_command`` (a command that can --resume) says how to go on. ``command``
     (``generate``, ``toy experiment``) picks the words of the hints."""
-    from .callables import UserCodeError
-    from .config import ConfigError
-    from .dpo.trainer import NonFiniteError
-    from .interrupts import Stopped, install
-    from .rundir import ConfigChangedError, FolderInUseError, RunLockedError
+    from ..runs.callables import UserCodeError
+    from ..runs.config import ConfigError
+    from ..dpo.trainer import NonFiniteError
+    from ..runs.interrupts import Stopped, install
+    from ..runs.run_folder import ConfigChangedError, FolderInUseError, RunLockedError
 
     install()
     go_on = f"; {stop_hint(resume_command)}"

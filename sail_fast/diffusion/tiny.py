@@ -17,7 +17,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from .models import KINDS, DiffusionStack, _finalize
+from .stack import KINDS, DiffusionStack, _finalize
 
 # ----------------------------------------------------------------------------- tiny stacks
 

@@ -22,7 +22,7 @@ continues a half-trained one from its latest intact checkpoint)::
 
     config.yaml       the config the run started with (config.resume-N.yaml: later ones, --allow-config-change)
     run.json          the sail-fast, torch and diffusers versions it began with, and config.yaml's sha256
-    run.lock          host and pid of the run working here (sail_fast.rundir)
+    run.lock          host and pid of the run working here (sail_fast.runs.run_folder)
     human/            toy world: the labelled pairs (all.jsonl, seed.jsonl, heldout.jsonl)
     base/eval.json    the base model's evaluation
     iter0/            DPO on the seed against the base: config.yaml (as the stage ran), checkpoints/, final/unet, eval.json
@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .run_layout import RunLayout, TrainingLayout
+from .layout import RunLayout, TrainingLayout
 from .versions import describe_version_change, version_record
 from .yaml_files import dump_yaml, read_yaml
 

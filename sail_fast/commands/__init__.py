@@ -1,0 +1,1 @@
+"""The command line: the `sail-fast` parser and each command's work."""

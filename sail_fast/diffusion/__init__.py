@@ -1,0 +1,1 @@
+"""The diffusion stack: models, tiny stacks, LoRA, noising, sampling, images and prompts."""

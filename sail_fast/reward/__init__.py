@@ -1,0 +1,1 @@
+"""The implicit DPO reward: the drop-in scorer and its estimators."""
