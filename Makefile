@@ -13,7 +13,7 @@ PYTHON := $(VENV)/bin/python
 # Recipes run the venv's commands (sail-fast, pytest, deepspeed) without activating it.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install install-latest constraints run test test-latest bench gpu-check
+.PHONY: install install-latest constraints run lint test test-fast test-latest bench gpu-check
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -52,8 +52,17 @@ run: install
 
 # importlib import mode (pyproject.toml) keeps the repository root off sys.path; kernels/
 # hands the top-level name `kernels` to the Hugging Face package even where the root is on it.
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider --durations=15
+
+# The unit tier: everything but the whole-run tests (tests/outcomes/) and the tests marked slow.
+test-fast: install
+	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider -m "not slow" --durations=10
+
+# Style that a tool keeps (pyproject.toml [tool.ruff]); `ruff format .` and `ruff check --fix .` mend it.
+lint: install
+	ruff format --check .
+	ruff check .
 
 # The suite on the newest releases instead of the pinned set (run it in a fresh venv).
 test-latest: install-latest

@@ -25,8 +25,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def pytest_addoption(parser):
-    parser.addoption("--arch", default="sd15-small", choices=["sd15-small", "sd15-medium", "sd15", "sdxl"],
-                     help="UNet architecture for the model benchmarks (random weights, no download)")
+    parser.addoption(
+        "--arch",
+        default="sd15-small",
+        choices=["sd15-small", "sd15-medium", "sd15", "sdxl"],
+        help="UNet architecture for the model benchmarks (random weights, no download)",
+    )
 
 
 @pytest.fixture(scope="session")

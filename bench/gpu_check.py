@@ -22,36 +22,99 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_FILES = ["bench/test_bench_paired_mse.py", "bench/test_bench_reward.py", "bench/test_bench_train_step.py",
-               "bench/test_bench_generation.py", "bench/test_bench_mfu.py"]
+BENCH_FILES = [
+    "bench/test_bench_paired_mse.py",
+    "bench/test_bench_reward.py",
+    "bench/test_bench_train_step.py",
+    "bench/test_bench_generation.py",
+    "bench/test_bench_mfu.py",
+]
 
 
 def steps(out: Path, dry_run: bool) -> list[dict]:
     """name, command, needs_cuda (skipped without one), timeout (s), and the benchmark JSON it writes."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     plan = []
-    plan.append({"name": "triton kernels compiled vs torch twins", "needs_cuda": True, "timeout": 240,
-                 "cmd": pytest + ["tests/test_paired_mse.py", "tests/test_preference_math.py"]})
-    plan.append({"name": "compiled training gradients on CUDA", "needs_cuda": True, "timeout": 240,
-                 "cmd": pytest + ["tests/test_compiled.py", "-k", "training_step"]})
+    plan.append(
+        {
+            "name": "triton kernels compiled vs torch twins",
+            "needs_cuda": True,
+            "timeout": 240,
+            "cmd": pytest + ["tests/test_paired_mse.py", "tests/test_preference_math.py"],
+        }
+    )
+    plan.append(
+        {
+            "name": "compiled training gradients on CUDA",
+            "needs_cuda": True,
+            "timeout": 240,
+            "cmd": pytest + ["tests/test_compiled.py", "-k", "training_step"],
+        }
+    )
     for arch in ("sd15", "sdxl"):
         json_out = out / f"bench-{arch}.json"
-        plan.append({"name": f"benchmarks at {arch} shapes (bf16, SDPA)", "needs_cuda": True, "timeout": 600,
-                     "cmd": pytest + BENCH_FILES + ["--benchmark-only", "--arch", arch, f"--benchmark-json={json_out}"],
-                     "bench_json": json_out})
-    plan.append({"name": "planner vs allocator peak, shipped SDXL config, full and LoRA", "needs_cuda": True,
-                 "timeout": 300, "cmd": [sys.executable, "bench/plan_check.py", "--config", "configs/sdxl.yaml",
-                                         "--out", str(out / "plan_check.json")], "result_json": out / "plan_check.json"})
+        plan.append(
+            {
+                "name": f"benchmarks at {arch} shapes (bf16, SDPA)",
+                "needs_cuda": True,
+                "timeout": 600,
+                "cmd": pytest + BENCH_FILES + ["--benchmark-only", "--arch", arch, f"--benchmark-json={json_out}"],
+                "bench_json": json_out,
+            }
+        )
+    plan.append(
+        {
+            "name": "planner vs allocator peak, shipped SDXL config, full and LoRA",
+            "needs_cuda": True,
+            "timeout": 300,
+            "cmd": [
+                sys.executable,
+                "bench/plan_check.py",
+                "--config",
+                "configs/sdxl.yaml",
+                "--out",
+                str(out / "plan_check.json"),
+            ],
+            "result_json": out / "plan_check.json",
+        }
+    )
     if dry_run:  # the same code at tiny shapes on the CPU
         json_out = out / "bench-rehearsal.json"
-        plan.append({"name": "rehearsal: kernel and LoRA scorer benchmarks at sd15-small", "needs_cuda": False,
-                     "timeout": 600, "bench_json": json_out,
-                     "cmd": pytest + ["bench/test_bench_paired_mse.py", "bench/test_bench_reward.py", "-k", "float32 or lora",
-                                      "--benchmark-only", "--arch", "sd15-small", f"--benchmark-json={json_out}"]})
-        plan.append({"name": "rehearsal: planner vs measured peak, toy config", "needs_cuda": False, "timeout": 300,
-                     "cmd": [sys.executable, "bench/plan_check.py", "--config", "configs/toy.yaml",
-                             "--out", str(out / "plan_check_rehearsal.json")],
-                     "result_json": out / "plan_check_rehearsal.json"})
+        plan.append(
+            {
+                "name": "rehearsal: kernel and LoRA scorer benchmarks at sd15-small",
+                "needs_cuda": False,
+                "timeout": 600,
+                "bench_json": json_out,
+                "cmd": pytest
+                + [
+                    "bench/test_bench_paired_mse.py",
+                    "bench/test_bench_reward.py",
+                    "-k",
+                    "float32 or lora",
+                    "--benchmark-only",
+                    "--arch",
+                    "sd15-small",
+                    f"--benchmark-json={json_out}",
+                ],
+            }
+        )
+        plan.append(
+            {
+                "name": "rehearsal: planner vs measured peak, toy config",
+                "needs_cuda": False,
+                "timeout": 300,
+                "cmd": [
+                    sys.executable,
+                    "bench/plan_check.py",
+                    "--config",
+                    "configs/toy.yaml",
+                    "--out",
+                    str(out / "plan_check_rehearsal.json"),
+                ],
+                "result_json": out / "plan_check_rehearsal.json",
+            }
+        )
     return plan
 
 
@@ -70,8 +133,12 @@ def run_step(step: dict, out: Path, has_cuda: bool) -> dict:
         status, text = "timed out", f"{err.stdout or ''}{err.stderr or ''}"
         text = text.decode() if isinstance(text, bytes) else text
     log.write_text(text)
-    record |= {"status": status, "seconds": round(time.perf_counter() - started, 1), "log": log.name,
-               "tail": text.strip().splitlines()[-3:]}
+    record |= {
+        "status": status,
+        "seconds": round(time.perf_counter() - started, 1),
+        "log": log.name,
+        "tail": text.strip().splitlines()[-3:],
+    }
     if step.get("bench_json") and Path(step["bench_json"]).is_file():
         sys.path.insert(0, str(REPO / "bench"))
         from report import rows
@@ -83,20 +150,41 @@ def run_step(step: dict, out: Path, has_cuda: bool) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"# GPU check ({'dry run' if summary['dry_run'] else 'full'}) on {summary['device']}", "",
-             "| step | status | seconds |", "|---|---|---|"]
+    lines = [
+        f"# GPU check ({'dry run' if summary['dry_run'] else 'full'}) on {summary['device']}",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---|",
+    ]
     for r in summary["steps"]:
-        lines.append(f"| {r['name']} | {r['status']}{' (' + r['why'] + ')' if 'why' in r else ''} | {r.get('seconds', '-')} |")
+        lines.append(
+            f"| {r['name']} | {r['status']}{' (' + r['why'] + ')' if 'why' in r else ''} | {r.get('seconds', '-')} |"
+        )
     for r in summary["steps"]:
         if r.get("benchmarks"):
-            lines += ["", f"## {r['name']}", "", "| group | variant | median ms | rate | vs naive | vs copy |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {b['group']} | {b['name']} | {b['median_ms']:.2f} | {b['rate']} | {b['vs_base']} | {b['vs_copy']} |"
-                      for b in r["benchmarks"]]
+            lines += [
+                "",
+                f"## {r['name']}",
+                "",
+                "| group | variant | median ms | rate | vs naive | vs copy |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {b['group']} | {b['name']} | {b['median_ms']:.2f} | {b['rate']} | {b['vs_base']} | {b['vs_copy']} |"
+                for b in r["benchmarks"]
+            ]
         if r.get("result"):
-            lines += ["", f"## {r['name']}", "", "| trains | planned GiB | measured GiB | planned / measured |", "|---|---|---|---|"]
-            lines += [f"| {x['trains']} | {x['planned_gib']:.2f} | {x['measured_gib']:.2f} | {x['planned_over_measured']:.2f} |"
-                      for x in r["result"]]
+            lines += [
+                "",
+                f"## {r['name']}",
+                "",
+                "| trains | planned GiB | measured GiB | planned / measured |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {x['trains']} | {x['planned_gib']:.2f} | {x['measured_gib']:.2f} | {x['planned_over_measured']:.2f} |"
+                for x in r["result"]
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -24,16 +24,20 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
 
     from train_step_variants import _status_bytes, synthetic_pairs
 
+    from sail_fast.commands.plan import GIB, latent_size, plan_memory
     from sail_fast.diffusion.architectures import UNET_CONFIGS, build_unet
     from sail_fast.diffusion.build import build_stack
-    from sail_fast.runs.config import load_config
     from sail_fast.dpo.builder import trainer_for
-    from sail_fast.commands.plan import GIB, latent_size, plan_memory
+    from sail_fast.runs.config import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        extra = [f"output_dir={tmp}", "train.deepspeed=null", "train.progress=false",
-                 f"train.pairs_per_step={load_config(config_path).train.micro_batch_pairs}"]
+        extra = [
+            f"output_dir={tmp}",
+            "train.deepspeed=null",
+            "train.progress=false",
+            f"train.pairs_per_step={load_config(config_path).train.micro_batch_pairs}",
+        ]
         config = load_config(config_path, extra + (["train.lora.rank=8"] if lora else []))
         train = config.train
         kind = config.model.kind or ("sdxl" if "sdxl" in config_path else "sd15")
@@ -65,13 +69,27 @@ def measure(config_path: str, lora: bool, steps: int = 2) -> dict:
         for _ in range(steps):
             trainer.train_step()
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
-        plan = plan_memory(config.model, 1, zero_stage=0, optimizer=train.optimizer, mixed_precision=train.mixed_precision,
-                           checkpointing=train.gradient_checkpointing, micro_batch_pairs=train.micro_batch_pairs,
-                           latent=latent_size(config.model, config.data.resolution), lora=train.lora)
+        plan = plan_memory(
+            config.model,
+            1,
+            zero_stage=0,
+            optimizer=train.optimizer,
+            mixed_precision=train.mixed_precision,
+            checkpointing=train.gradient_checkpointing,
+            micro_batch_pairs=train.micro_batch_pairs,
+            latent=latent_size(config.model, config.data.resolution),
+            lora=train.lora,
+        )
     measured = peak - base
-    return {"config": config_path, "trains": "LoRA r8" if lora else "UNet", "device": device.type,
-            "planned_gib": plan.total / GIB, "measured_gib": measured / GIB, "planned_over_measured": plan.total / measured,
-            "plan": {k: v / GIB for k, v in vars(plan).items()}}
+    return {
+        "config": config_path,
+        "trains": "LoRA r8" if lora else "UNet",
+        "device": device.type,
+        "planned_gib": plan.total / GIB,
+        "measured_gib": measured / GIB,
+        "planned_over_measured": plan.total / measured,
+        "plan": {k: v / GIB for k, v in vars(plan).items()},
+    }
 
 
 def main() -> None:
@@ -85,15 +103,20 @@ def main() -> None:
         return
     results = []
     for setting in ("full", "lora"):
-        done = subprocess.run([sys.executable, __file__, "--config", args.config, "--out", args.out, "--one", setting],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--config", args.config, "--out", args.out, "--one", setting],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise SystemExit(f"plan check ({setting}) failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for r in results:
-        print(f"{r['trains']:8s} planned {r['planned_gib']:.2f} GiB, measured {r['measured_gib']:.2f} GiB "
-              f"({r['planned_over_measured']:.2f}x) on {r['device']}")
+        print(
+            f"{r['trains']:8s} planned {r['planned_gib']:.2f} GiB, measured {r['measured_gib']:.2f} GiB "
+            f"({r['planned_over_measured']:.2f}x) on {r['device']}"
+        )
 
 
 if __name__ == "__main__":

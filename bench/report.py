@@ -30,23 +30,34 @@ def rows(data: dict) -> list[dict]:
                     return ""
                 return f"{info[rate_key] / base['extra_info'][rate_key]:.2f}x"
 
-            out.append({
-                "group": group, "name": b["name"].split("[", 1)[-1].rstrip("]"),
-                "median_ms": b["stats"]["median"] * 1e3,
-                "rate": f"{info[rate_key]:.3g} {rate_key.replace('_per_s', '/s')}" if rate_key else "",
-                "vs_base": ratio(naive), "vs_copy": ratio(copy),
-                "extra": {k: v for k, v in info.items() if k not in RATE_KEYS},
-            })
+            out.append(
+                {
+                    "group": group,
+                    "name": b["name"].split("[", 1)[-1].rstrip("]"),
+                    "median_ms": b["stats"]["median"] * 1e3,
+                    "rate": f"{info[rate_key]:.3g} {rate_key.replace('_per_s', '/s')}" if rate_key else "",
+                    "vs_base": ratio(naive),
+                    "vs_copy": ratio(copy),
+                    "extra": {k: v for k, v in info.items() if k not in RATE_KEYS},
+                }
+            )
     return out
 
 
 def markdown(data: dict) -> str:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {})
-    lines = [f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores", "", "| group | variant | median | rate | vs naive | vs copy | notes |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores",
+        "",
+        "| group | variant | median | rate | vs naive | vs copy | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows(data):
         notes = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["extra"].items())
-        lines.append(f"| {r['group']} | {r['name']} | {r['median_ms']:.1f} ms | {r['rate']} | {r['vs_base']} | {r['vs_copy']} | {notes} |")
+        lines.append(
+            f"| {r['group']} | {r['name']} | {r['median_ms']:.1f} ms | {r['rate']} | {r['vs_base']} | {r['vs_copy']} | {notes} |"
+        )
     return "\n".join(lines)
 
 

@@ -46,8 +46,9 @@ def count_flops(fn) -> int:
 def record(benchmark, flops, device, dtype):
     achieved = flops / benchmark.stats.stats.median
     peak = matmul_flops_per_s(device, dtype)
-    benchmark.extra_info.update(model_flops=flops, achieved_flops_per_s=achieved, matmul_flops_per_s=peak,
-                                mfu=achieved / peak)
+    benchmark.extra_info.update(
+        model_flops=flops, achieved_flops_per_s=achieved, matmul_flops_per_s=peak, mfu=achieved / peak
+    )
 
 
 @pytest.mark.parametrize("precision", ["naive-fp32", "fp32", "bf16"])

@@ -47,14 +47,20 @@ def naive_score(policy, reference, scheduler, latents, timesteps, noise, embeds,
             t = timesteps[k : k + 1]
             x_t = scheduler.add_noise(latents[n : n + 1], noise[k : k + 1], t)
             kw = dict(encoder_hidden_states=embeds, added_cond_kwargs=added)
-            gaps.append(F.mse_loss(policy(x_t, t, **kw).sample, noise[k : k + 1])
-                        - F.mse_loss(reference(x_t, t, **kw).sample, noise[k : k + 1]))
+            gaps.append(
+                F.mse_loss(policy(x_t, t, **kw).sample, noise[k : k + 1])
+                - F.mse_loss(reference(x_t, t, **kw).sample, noise[k : k + 1])
+            )
         rewards.append(-BETA / 2 * torch.stack(gaps).mean())
     return torch.stack(rewards)
 
 
-VARIANTS = {"naive": None, "fast-fp32": (torch.float32, False), "fast-bf16": (torch.bfloat16, False),
-            "fast-fp32-compiled": (torch.float32, True)}
+VARIANTS = {
+    "naive": None,
+    "fast-fp32": (torch.float32, False),
+    "fast-bf16": (torch.bfloat16, False),
+    "fast-fp32-compiled": (torch.float32, True),
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -94,17 +100,20 @@ def test_adaptive_race_forwards_and_agreement(benchmark, models, device):
     full = scorer.best_worst(latents, embeds_p, **kw)
     race = benchmark.pedantic(lambda: scorer.best_worst(latents, embeds_p, adaptive=True, **kw), rounds=1, iterations=1)
     agree = ((race.best == full.best).float().mean() + (race.worst == full.worst).float().mean()) / 2
-    benchmark.extra_info.update(unet_forwards=race.unet_forwards, unet_forwards_full=full.unet_forwards_full,
-                                forwards_saved=1 - race.unet_forwards / full.unet_forwards_full,
-                                agreement_with_full=float(agree))
+    benchmark.extra_info.update(
+        unet_forwards=race.unet_forwards,
+        unet_forwards_full=full.unet_forwards_full,
+        forwards_saved=1 - race.unet_forwards / full.unet_forwards_full,
+        agreement_with_full=float(agree),
+    )
 
 
 @pytest.mark.parametrize("layout", ["lora-one-unet", "lora-two-unets"])
 def test_reward_scoring_lora_policy(benchmark, models, device, layout):
     """A LoRA policy against the base: one UNet switching its adapter on and off (what a LoRA run does),
     against the adapter merged into a second UNet. extra_info: candidates_per_s and the UNet weight bytes held."""
-    from sail_fast.runs.config import LoraSettings
     from sail_fast.diffusion.lora import POLICY, AdapterView, adapter_parameters, add_policy_adapter, merged_unet
+    from sail_fast.runs.config import LoraSettings
 
     _, reference, scheduler, latents, timesteps, noise, embeds, added = models
     benchmark.group = "reward scoring N=8 x K=10, LoRA policy"

@@ -11,8 +11,8 @@ from bench_utils import sync
 from train_step_variants import PAIRS, VARIANTS, make_step
 
 from sail_fast.diffusion.architectures import build_unet
-from sail_fast.runs.config import TrainConfig
 from sail_fast.dpo.optim import build_optimizer
+from sail_fast.runs.config import TrainConfig
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

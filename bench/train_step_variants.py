@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from sail_fast.diffusion.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
-from sail_fast.runs.config import load_config
 from sail_fast.data.latent_pairs import LatentPairs
+from sail_fast.diffusion.architectures import TEXT_SHAPES, UNET_CONFIGS, build_unet
 from sail_fast.dpo.builder import trainer_for
+from sail_fast.runs.config import load_config
 
 PAIRS, BETA = 4, 5000.0
 VARIANTS = ("naive", "fast-fp32", "fast-bf16", "lora-fp32")
@@ -38,11 +38,16 @@ def synthetic_pairs(arch: str, m: int) -> LatentPairs:
     gen = torch.Generator().manual_seed(0)
     time_ids = torch.tensor([side * 8, side * 8, 0, 0, side * 8, side * 8], dtype=torch.float32).repeat(m, 1)
     return LatentPairs(
-        torch.randn(m, 4, side, side, generator=gen), torch.randn(m, 4, side, side, generator=gen),
-        torch.zeros(m, dtype=torch.int64), ["a prompt", ""], torch.randn(2, tokens, width, generator=gen),
+        torch.randn(m, 4, side, side, generator=gen),
+        torch.randn(m, 4, side, side, generator=gen),
+        torch.zeros(m, dtype=torch.int64),
+        ["a prompt", ""],
+        torch.randn(2, tokens, width, generator=gen),
         None if pooled is None else torch.randn(2, pooled, generator=gen),
-        None if pooled is None else time_ids, None if pooled is None else time_ids.clone(),
-        torch.ones(m), ["human"] * m,
+        None if pooled is None else time_ids,
+        None if pooled is None else time_ids.clone(),
+        torch.ones(m),
+        ["human"] * m,
     )
 
 
@@ -65,8 +70,14 @@ class NaiveStep:
         t = torch.randint(0, 1000, (PAIRS,), generator=gen).to(self.device).repeat(2)
         x_t = self.scheduler.add_noise(x0, noise, t)
         embeds = b.prompt_embeds.repeat(2, 1, 1)
-        added = None if b.pooled_prompt_embeds is None else {
-            "text_embeds": b.pooled_prompt_embeds.repeat(2, 1), "time_ids": torch.cat([b.time_ids_win, b.time_ids_lose])}
+        added = (
+            None
+            if b.pooled_prompt_embeds is None
+            else {
+                "text_embeds": b.pooled_prompt_embeds.repeat(2, 1),
+                "time_ids": torch.cat([b.time_ids_win, b.time_ids_lose]),
+            }
+        )
         pred = self.policy(x_t, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         with torch.no_grad():
             ref = self.reference(x_t, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
@@ -85,12 +96,23 @@ def make_step(variant: str, arch: str, device: torch.device, output_dir: str):
         return NaiveStep(arch, device)
     precision = "bf16" if variant == "fast-bf16" else "fp32"
     lora = ["train.lora.rank=8"] if variant.startswith("lora") else []
-    config = load_config(overrides=[*lora,
-        "model.tiny=sd15", f"output_dir={output_dir}", "train.optimizer=adamw8bit", "train.compile=true",
-        f"train.mixed_precision={precision}", f"train.pairs_per_step={PAIRS}", f"train.micro_batch_pairs={PAIRS}",
-        "train.learning_rate=1e-5", "train.progress=false",
-    ])
-    trainer = trainer_for(config, build_unet(arch, device=device), _scheduler(), synthetic_pairs(arch, 64), device=device)
+    config = load_config(
+        overrides=[
+            *lora,
+            "model.tiny=sd15",
+            f"output_dir={output_dir}",
+            "train.optimizer=adamw8bit",
+            "train.compile=true",
+            f"train.mixed_precision={precision}",
+            f"train.pairs_per_step={PAIRS}",
+            f"train.micro_batch_pairs={PAIRS}",
+            "train.learning_rate=1e-5",
+            "train.progress=false",
+        ]
+    )
+    trainer = trainer_for(
+        config, build_unet(arch, device=device), _scheduler(), synthetic_pairs(arch, 64), device=device
+    )
     return lambda: trainer.train_step()["loss"]
 
 
@@ -121,8 +143,14 @@ def measure_peak_memory(variant: str, arch: str, steps: int = 3) -> dict:
             peak = torch.cuda.max_memory_allocated()
         else:
             peak = _status_bytes("VmHWM")
-    return {"variant": variant, "arch": arch, "device": device.type, "peak_bytes": peak, "base_bytes": base,
-            "training_peak_bytes": peak - base}
+    return {
+        "variant": variant,
+        "arch": arch,
+        "device": device.type,
+        "peak_bytes": peak,
+        "base_bytes": base,
+        "training_peak_bytes": peak - base,
+    }
 
 
 if __name__ == "__main__":

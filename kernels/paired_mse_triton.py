@@ -26,9 +26,17 @@ NUM_WARPS = 4
 
 @triton.jit
 def _paired_mse_fwd_kernel(
-    target_ptr, policy_ptr, ref_ptr, partial_ptr,
-    target_row_stride, policy_row_stride, ref_row_stride,
-    num_rows, row_len, chunk_len, num_splits,
+    target_ptr,
+    policy_ptr,
+    ref_ptr,
+    partial_ptr,
+    target_row_stride,
+    policy_row_stride,
+    ref_row_stride,
+    num_rows,
+    row_len,
+    chunk_len,
+    num_splits,
     BLOCK: tl.constexpr,
 ):
     # Program (row, split) sums squared errors over one chunk of one row; the host sums
@@ -56,9 +64,15 @@ def _paired_mse_fwd_kernel(
 
 @triton.jit
 def _paired_mse_bwd_kernel(
-    target_ptr, policy_ptr, grad_row_ptr, grad_ptr,
-    target_row_stride, policy_row_stride, grad_row_stride,
-    row_len, scale,
+    target_ptr,
+    policy_ptr,
+    grad_row_ptr,
+    grad_ptr,
+    target_row_stride,
+    policy_row_stride,
+    grad_row_stride,
+    row_len,
+    scale,
     BLOCK: tl.constexpr,
 ):
     # d mse_row / d pred = 2/D * (pred - target); times the incoming per-row gradient.
@@ -91,10 +105,19 @@ def paired_mse_forward(
     splits = triton.cdiv(row_len, chunk_len)
     partial = torch.empty(2, num_rows, splits, device=policy.device, dtype=torch.float32)
     _paired_mse_fwd_kernel[(num_rows, splits)](
-        target, policy, ref, partial,
-        target.stride(0), policy.stride(0), ref.stride(0),
-        num_rows, row_len, chunk_len, splits,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        target,
+        policy,
+        ref,
+        partial,
+        target.stride(0),
+        policy.stride(0),
+        ref.stride(0),
+        num_rows,
+        row_len,
+        chunk_len,
+        splits,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
     mse = partial.sum(dim=2) if splits > 1 else partial.squeeze(2)
     mse = mse / row_len
@@ -109,9 +132,16 @@ def paired_mse_backward(
     grad = torch.empty(policy.shape, dtype=policy.dtype, device=policy.device, memory_format=memory_format)
     grad_rows = grad_rows.to(torch.float32).contiguous()
     _paired_mse_bwd_kernel[(num_rows, triton.cdiv(row_len, BLOCK))](
-        target, policy, grad_rows, grad,
-        target.stride(0), policy.stride(0), grad.stride(0),
-        row_len, 2.0 / row_len,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        target,
+        policy,
+        grad_rows,
+        grad,
+        target.stride(0),
+        policy.stride(0),
+        grad.stride(0),
+        row_len,
+        2.0 / row_len,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
     return grad

@@ -16,9 +16,7 @@ def _scaled_gap(mse_gap: torch.Tensor, beta: float) -> torch.Tensor:
     return -0.5 * beta * mse_gap
 
 
-def implicit_reward(
-    mse_policy: torch.Tensor, mse_ref: torch.Tensor, beta: float, *, dim: int = -1
-) -> torch.Tensor:
+def implicit_reward(mse_policy: torch.Tensor, mse_ref: torch.Tensor, beta: float, *, dim: int = -1) -> torch.Tensor:
     """``r = -beta/2 * mean_over_draws(mse_policy - mse_ref)``.
 
     ``mse_policy`` and ``mse_ref`` hold one value per draw; ``dim`` is the draw axis,

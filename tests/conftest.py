@@ -1,7 +1,11 @@
-"""Test-wide settings: offline hubs, and the Triton interpreter when there is no GPU.
+"""Test-wide settings: offline hubs, the Triton interpreter when there is no GPU, and the tiers.
 
 Both variables must be set before anything imports triton or huggingface_hub, which is
 why they live here and not in the tests.
+
+Tiers: the folders mirror the package (kernels/, runs/, commands/, diffusion/, ...); outcomes/ holds the
+whole-run tests. ``make test-fast`` is the unit tier (``-m "not slow"``): every test in outcomes/ is slow, and
+so is each unit test marked ``@pytest.mark.slow``. ``make test`` runs everything (what CI runs).
 """
 
 import os
@@ -16,5 +20,18 @@ if not torch.cuda.is_available():
     # Without a GPU the Triton kernels still run, in Triton's CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# With --import-mode=importlib the tests directory is not on sys.path; shared builders live here.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# With --import-mode=importlib the test folders are not on sys.path; tests import each other's builders by
+# module name (test file names are unique across folders), and helpers/ holds the shared tiny-weight makers.
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [
+    str(HERE),
+    *(str(d) for d in sorted(HERE.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if (HERE / "outcomes") in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import math
 import shlex
 import signal
-import math
 import sys
-
 
 # ----------------------------------------------------------------------------- argument types
 # argparse names the option in the error ("argument --steps: must be an integer >= 1, got '0'"), so
 # a bad value ends the command before any work, in one line.
+
 
 def _integer(text: str) -> int:
     try:
@@ -79,19 +79,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
     """--config and --set: every command that reads a run config."""
-    parser.add_argument("--config", required=config_default is None, default=config_default,
-                        help="YAML run config (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=10 (repeatable)")
+    parser.add_argument(
+        "--config", required=config_default is None, default=config_default, help="YAML run config (see configs/)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=10 (repeatable)",
+    )
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, config_default: str | None = None) -> None:
     """--config, --set, --resume and --allow-config-change: the flags of every command that trains."""
     add_config_arguments(parser, config_default=config_default)
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last finished stage")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="with --resume: go on although the config differs from the one the run started with "
-                             "(both are kept in the run folder)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last finished stage"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: go on although the config differs from the one the run started with "
+        "(both are kept in the run folder)",
+    )
 
 
 def resume_hint(command: list[str]) -> str:
@@ -125,9 +136,9 @@ def user_errors(prog: str, resume_command: list[str] | None = None, command: str
     instead of a traceback; --debug shows the traceback. SIGTERM (exit 143) and Ctrl-C (exit 130) end it with
     one line too, and ``resume_command`` (a command that can --resume) says how to go on. ``command``
     (``generate``, ``toy experiment``) picks the words of the hints."""
+    from ..dpo.trainer import NonFiniteError
     from ..runs.callables import UserCodeError
     from ..runs.config import ConfigError
-    from ..dpo.trainer import NonFiniteError
     from ..runs.interrupts import Stopped, install
     from ..runs.run_folder import ConfigChangedError, FolderInUseError, RunLockedError
 
@@ -144,13 +155,23 @@ def user_errors(prog: str, resume_command: list[str] | None = None, command: str
     except UserCodeError as err:  # the user's own traceback helps them; ours would not
         sys.stderr.write(f"{err.details}{prog}: error: {err}\n")
         raise SystemExit(2) from None
-    except (ConfigError, ConfigChangedError, FolderInUseError, RunLockedError, NonFiniteError, FileNotFoundError,
-            FileExistsError, ValueError) as err:
+    except (
+        ConfigError,
+        ConfigChangedError,
+        FolderInUseError,
+        RunLockedError,
+        NonFiniteError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
         sys.stderr.write(f"{prog}: error: {err}\n(run with --debug for the traceback)\n")
         raise SystemExit(2) from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            sys.stderr.write(f"{prog}: error: no space left on {err.filename or 'the device'}: {full_disk_hint(command)}\n")
+            sys.stderr.write(
+                f"{prog}: error: no space left on {err.filename or 'the device'}: {full_disk_hint(command)}\n"
+            )
         else:  # a path the command cannot read or write: which one, and why
             where = f": {err.filename}" if err.filename else ""
             sys.stderr.write(f"{prog}: error: {err.strerror or err}{where}\n(run with --debug for the traceback)\n")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..runs.quiet import silence_third_party_noise
+from ..toy import PRETRAIN_STEPS
 from .arguments import (
     OneLineParser,
     add_config_arguments,
@@ -20,8 +22,6 @@ from .arguments import (
     seed_int,
     user_errors,
 )
-from ..runs.quiet import silence_third_party_noise
-from ..toy import PRETRAIN_STEPS
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -52,21 +52,24 @@ def _check(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.repeats
-        print(f"  {backend:9s} max |diff| vs reference {err:.2e}   {seconds * 1e3:8.2f} ms   {bytes_read / seconds / 1e9:6.1f} GB/s")
+        print(
+            f"  {backend:9s} max |diff| vs reference {err:.2e}   {seconds * 1e3:8.2f} ms   {bytes_read / seconds / 1e9:6.1f} GB/s"
+        )
 
 
 def _train(args: argparse.Namespace) -> None:
     from ..runs.config import load_config
-    from ..train import run_sail, run_training
+    from .train import run_sail, run_training
 
     config = load_config(args.config, args.set)
-    (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
-                                                             allow_config_change=args.allow_config_change)
+    (run_sail if config.sail is not None else run_training)(
+        config, resume=args.resume, allow_config_change=args.allow_config_change
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
     from ..runs.config import load_config
-    from ..train import run_sail
+    from .train import run_sail
 
     config = load_config(args.config, args.set)
     if config.sail is None:
@@ -77,9 +80,17 @@ def _run(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from .generate import generate_to_dir
 
-    written = generate_to_dir(args.checkpoint, args.prompts, args.num_images, args.out, seed=args.seed,
-                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
-                              compile=args.compile)
+    written = generate_to_dir(
+        args.checkpoint,
+        args.prompts,
+        args.num_images,
+        args.out,
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        compile=args.compile,
+    )
     print(f"wrote {written} images to {args.out}")
 
 
@@ -91,8 +102,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, load_metrics
     from ..diffusion.prompts import read_prompt_set
+    from .evaluate import evaluate, load_metrics
 
     weights = {}
     for item in args.weights:
@@ -104,9 +115,19 @@ def _eval(args: argparse.Namespace) -> None:
     prompt_set = read_prompt_set(args.prompts, args.prompt_set).limit(args.limit)
     # Load every metric before sampling anything, so a missing weights file fails in seconds.
     metrics = load_metrics(names, args.weights_dir, weights, device=args.device)
-    result = evaluate(args.checkpoint, prompt_set, metrics, args.out, images_per_prompt=args.images_per_prompt,
-                      seed=args.seed, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
-                      batch_size=args.batch_size, save_images=args.save_images)
+    result = evaluate(
+        args.checkpoint,
+        prompt_set,
+        metrics,
+        args.out,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        save_images=args.save_images,
+    )
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'} ({len(result['checkpoints'])} checkpoints)")
 
@@ -114,16 +135,24 @@ def _eval(args: argparse.Namespace) -> None:
 def _label(args: argparse.Namespace) -> None:
     import torch
 
-    from .label import label_pairs
     from ..metrics import load_metric
+    from .label import label_pairs
 
     # LO >= HI would invert (or flatten) every label without a word: refused before the metric loads.
     if args.range and not args.range[0] < args.range[1]:
-        raise ValueError(f"--range: LO must be below HI (the metric's lowest and highest score), got {args.range[0]:g} "
-                         f"{args.range[1]:g}")
+        raise ValueError(
+            f"--range: LO must be below HI (the metric's lowest and highest score), got {args.range[0]:g} "
+            f"{args.range[1]:g}"
+        )
     metric = load_metric(args.metric, args.weights, **({"device": torch.device(args.device)} if args.device else {}))
-    out = label_pairs(args.pairs, metric, args.out, score_range=tuple(args.range) if args.range else None,
-                      temperature=args.temperature, batch_size=args.batch_size)
+    out = label_pairs(
+        args.pairs,
+        metric,
+        args.out,
+        score_range=tuple(args.range) if args.range else None,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+    )
     print(f"wrote {out}")
 
 
@@ -131,8 +160,13 @@ def _toy_pretrain(args: argparse.Namespace) -> None:
     from ..diffusion.stack import TOY_MODEL_DIR
     from ..toy.pretrain import pretrain
 
-    report = pretrain(args.out or TOY_MODEL_DIR, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                      shipped=args.out is None)
+    report = pretrain(
+        args.out or TOY_MODEL_DIR,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shipped=args.out is None,
+    )
     print(json.dumps(report, indent=2))
 
 
@@ -146,16 +180,31 @@ def _toy_experiment(args: argparse.Namespace) -> None:
         rounds = load_config(args.config, args.set).sail.rounds
         print(write_table(Path(args.out), args.seeds, rounds, args.ablation_rounds or rounds).read_text())
         return
-    table = run_experiment(args.config, args.out, args.seeds, conditions=args.conditions or CONDITIONS, overrides=args.set,
-                           ablation_rounds=args.ablation_rounds)
+    table = run_experiment(
+        args.config,
+        args.out,
+        args.seeds,
+        conditions=args.conditions or CONDITIONS,
+        overrides=args.set,
+        ablation_rounds=args.ablation_rounds,
+    )
     print(table.read_text())
 
 
 def _toy_transfer(args: argparse.Namespace) -> None:
     from ..toy.studies.sampler_transfer import sampler_transfer
 
-    print(sampler_transfer(args.out, args.seeds, args.conditions, sampler=args.sampler, steps=args.steps,
-                           images_per_prompt=args.images_per_prompt, trust_code=args.trust_code).read_text())
+    print(
+        sampler_transfer(
+            args.out,
+            args.seeds,
+            args.conditions,
+            sampler=args.sampler,
+            steps=args.steps,
+            images_per_prompt=args.images_per_prompt,
+            trust_code=args.trust_code,
+        ).read_text()
+    )
 
 
 def _toy_calibrate(args: argparse.Namespace) -> None:
@@ -167,9 +216,18 @@ def _toy_calibrate(args: argparse.Namespace) -> None:
 def _toy_reward_audit(args: argparse.Namespace) -> None:
     from ..toy.studies.reward_audit import reward_audit
 
-    out = reward_audit(args.run, out=args.out, prompts=args.prompts, candidates=args.candidates, draws=args.draws,
-                       ks=tuple(args.ks), band_k=args.band_k, repeats=args.repeats, heldout_draws=args.heldout_draws,
-                       trust_code=args.trust_code)
+    out = reward_audit(
+        args.run,
+        out=args.out,
+        prompts=args.prompts,
+        candidates=args.candidates,
+        draws=args.draws,
+        ks=tuple(args.ks),
+        band_k=args.band_k,
+        repeats=args.repeats,
+        heldout_draws=args.heldout_draws,
+        trust_code=args.trust_code,
+    )
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
@@ -182,8 +240,11 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="sail-fast", description=__doc__,
-                                     epilog="Errors print one line; add --debug anywhere to see the traceback.")
+    parser = OneLineParser(
+        prog="sail-fast",
+        description=__doc__,
+        epilog="Errors print one line; add --debug anywhere to see the traceback.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="check and time the fused paired_mse kernel on SD-shaped latents")
     check.add_argument("--rows", type=positive_int, default=80, help="rows: candidates x draws (default 8 x 10)")
@@ -192,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     check.add_argument("--repeats", type=positive_int, default=10)
     check.set_defaults(func=_check)
-    train = sub.add_parser("train", help="SAIL (a config with a sail: section) or one Diffusion-DPO stage, "
-                                         "as sail_fast/train.py (which `deepspeed` launches)")
+    train = sub.add_parser(
+        "train",
+        help="SAIL (a config with a sail: section) or one Diffusion-DPO stage, "
+        "as sail_fast/train.py (which `deepspeed` launches)",
+    )
     add_run_arguments(train)
     train.set_defaults(func=_train)
 
@@ -202,8 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     gen = sub.add_parser("generate", help="sample PNGs from a checkpoint")
-    gen.add_argument("--checkpoint", required=True,
-                     help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory")
+    gen.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory",
+    )
     gen.add_argument("--prompts", required=True, help="prompt file: .txt, .tsv, .json or .parquet")
     gen.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     gen.add_argument("--out", required=True, help="directory for the PNGs (and prompts.json)")
@@ -211,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=finite_float, default=None)
-    gen.add_argument("--compile", action="store_true",
-                     help="sample with a torch.compile'd UNet (pays off for many images at SD sizes)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="sample with a torch.compile'd UNet (pays off for many images at SD sizes)",
+    )
     gen.set_defaults(func=_generate)
 
     export = sub.add_parser("export", help="a run's policy for plain diffusers: the LoRA folder, or a merged UNet")
@@ -222,21 +292,41 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", help="sample checkpoints on a prompt set and score them with local-weights metrics")
-    ev.add_argument("--checkpoint", action="append", required=True,
-                    help="as for generate; repeat to compare (win rates are against the first)")
-    ev.add_argument("--prompts", required=True,
-                    help="a prompt file, the HPSv2 benchmark (style folder or .json), or PartiPrompts .tsv")
-    ev.add_argument("--prompt-set", choices=["auto", "hpsv2", "parti", "pickapic", "plain"], default="auto",
-                    help="how to read --prompts (hpsv2: per-style means; parti: per-category means)")
-    ev.add_argument("--metrics", required=True,
-                    help="comma-separated: pickscore, hpsv2, imagereward, aesthetic, clipscore, toy_oracle, digit_accuracy")
+    ev.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="as for generate; repeat to compare (win rates are against the first)",
+    )
+    ev.add_argument(
+        "--prompts",
+        required=True,
+        help="a prompt file, the HPSv2 benchmark (style folder or .json), or PartiPrompts .tsv",
+    )
+    ev.add_argument(
+        "--prompt-set",
+        choices=["auto", "hpsv2", "parti", "pickapic", "plain"],
+        default="auto",
+        help="how to read --prompts (hpsv2: per-style means; parti: per-category means)",
+    )
+    ev.add_argument(
+        "--metrics",
+        required=True,
+        help="comma-separated: pickscore, hpsv2, imagereward, aesthetic, clipscore, toy_oracle, digit_accuracy",
+    )
     ev.add_argument("--weights-dir", default=None, help="a folder with one subfolder per metric, named as the metric")
-    ev.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help="one metric's weights (repeatable)")
+    ev.add_argument(
+        "--weights", action="append", default=[], metavar="NAME=PATH", help="one metric's weights (repeatable)"
+    )
     ev.add_argument("--out", required=True, help="directory for eval.json, eval.md, sample grids and per-image scores")
     ev.add_argument("--images-per-prompt", type=positive_int, default=1)
-    ev.add_argument("--limit", type=positive_int, default=None, help="first N prompts (of each group, for grouped sets)")
+    ev.add_argument(
+        "--limit", type=positive_int, default=None, help="first N prompts (of each group, for grouped sets)"
+    )
     ev.add_argument("--seed", type=seed_int, default=0)
-    ev.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None, help="default: the run's, else the paper's")
+    ev.add_argument(
+        "--sampler", choices=["ddpm", "ddim", "dpmsolver"], default=None, help="default: the run's, else the paper's"
+    )
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--guidance-scale", type=finite_float, default=None)
     ev.add_argument("--batch-size", type=positive_int, default=16, help="prompts sampled and scored at a time")
@@ -244,13 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-images", action="store_true", help="also write every picture as PNG")
     ev.set_defaults(func=_eval)
 
-    label = sub.add_parser("label", help="SmPO's offline soft labels: order each pair by a metric (PickScore) and "
-                                         "label it p = softmax of min-max normalised scores -> pairs.jsonl")
+    label = sub.add_parser(
+        "label",
+        help="SmPO's offline soft labels: order each pair by a metric (PickScore) and "
+        "label it p = softmax of min-max normalised scores -> pairs.jsonl",
+    )
     label.add_argument("pairs", nargs="+", help="pairs.jsonl files or Pick-a-Pic parquet (files or folders)")
     label.add_argument("--metric", default="pickscore", help="a sail_fast.metrics name (default: pickscore)")
     label.add_argument("--weights", default=None, help="the metric's local weights")
-    label.add_argument("--range", type=finite_float, nargs=2, metavar=("LO", "HI"), default=None,
-                       help="min-max range of the metric's score (default: its published one; PickScore's ships)")
+    label.add_argument(
+        "--range",
+        type=finite_float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="min-max range of the metric's score (default: its published one; PickScore's ships)",
+    )
     label.add_argument("--temperature", type=positive_float, default=1.0)
     label.add_argument("--batch-size", type=positive_int, default=16)
     label.add_argument("--device", default=None)
@@ -267,55 +366,91 @@ def build_parser() -> argparse.ArgumentParser:
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     pre = toy_sub.add_parser("pretrain", help="train the toy base model and the oracle's classifier")
     pre.add_argument("--out", default=None, help="where to write them (default: the package's shipped toy_model/)")
-    pre.add_argument("--steps", type=positive_int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}, as the shipped model")
+    pre.add_argument(
+        "--steps", type=positive_int, default=PRETRAIN_STEPS, help=f"default {PRETRAIN_STEPS}, as the shipped model"
+    )
     pre.add_argument("--batch-size", type=positive_int, default=64)
     pre.add_argument("--seed", type=seed_int, default=0)
     pre.set_defaults(func=_toy_pretrain)
-    exp = toy_sub.add_parser("experiment", help="SAIL vs full-label DPO and the ablations over seeds: the table in docs/toy_results.md")
+    exp = toy_sub.add_parser(
+        "experiment", help="SAIL vs full-label DPO and the ablations over seeds: the table in docs/toy_results.md"
+    )
     add_config_arguments(exp, config_default="configs/toy.yaml")
     exp.add_argument("--out", default="runs/toy-experiment")
     exp.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
-    exp.add_argument("--conditions", nargs="+", default=None,
-                     help="default: all of them (sail dpo-6 dpo-12 dpo-25 dpo-50 dpo-full no-mixup random-pairs smoothed-self "
-                          "online-dpo-proxy online-dpo smpo realalign sail-realalign); sail first, the others reuse its iter0")
-    exp.add_argument("--ablation-rounds", type=positive_int, default=None, help="rounds of the ablations and other systems (default: as SAIL)")
+    exp.add_argument(
+        "--conditions",
+        nargs="+",
+        default=None,
+        help="default: all of them (sail dpo-6 dpo-12 dpo-25 dpo-50 dpo-full no-mixup random-pairs smoothed-self "
+        "online-dpo-proxy online-dpo smpo realalign sail-realalign); sail first, the others reuse its iter0",
+    )
+    exp.add_argument(
+        "--ablation-rounds",
+        type=positive_int,
+        default=None,
+        help="rounds of the ablations and other systems (default: as SAIL)",
+    )
     exp.add_argument("--table-only", action="store_true", help="rewrite results.md from finished runs, run nothing")
     exp.set_defaults(func=_toy_experiment)
-    tr = toy_sub.add_parser("transfer", help="evaluate a finished toy experiment's stages again under another sampler "
-                                             "(same prompts and seeds): does the gain carry over?")
+    tr = toy_sub.add_parser(
+        "transfer",
+        help="evaluate a finished toy experiment's stages again under another sampler "
+        "(same prompts and seeds): does the gain carry over?",
+    )
     tr.add_argument("out", help="the experiment folder (toy experiment --out)")
     tr.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     tr.add_argument("--conditions", nargs="+", default=["sail", "dpo-6", "dpo-full"])
     tr.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver"], default="ddpm")
     tr.add_argument("--steps", type=positive_int, default=50)
-    tr.add_argument("--images-per-prompt", type=positive_int, default=None, help="default: as the run evaluated (toy: 10)")
+    tr.add_argument(
+        "--images-per-prompt", type=positive_int, default=None, help="default: as the run evaluated (toy: 10)"
+    )
     add_trust_code_argument(tr)
     tr.set_defaults(func=_toy_transfer)
-    cal = toy_sub.add_parser("calibrate", help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: "
-                                              "the toy world's calibration table")
+    cal = toy_sub.add_parser(
+        "calibrate",
+        help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: the toy world's calibration table",
+    )
     add_config_arguments(cal, config_default="configs/toy.yaml")
     cal.add_argument("--out", default="runs/toy-calibration")
     cal.add_argument("--seed", type=seed_int, default=0)
     cal.set_defaults(func=_toy_calibrate)
-    audit = toy_sub.add_parser("reward-audit", help="what a finished toy run's implicit reward measures, policy by policy: "
-                                                    "estimators by K and t band, test-retest, ink, legibility, cost")
+    audit = toy_sub.add_parser(
+        "reward-audit",
+        help="what a finished toy run's implicit reward measures, policy by policy: "
+        "estimators by K and t band, test-retest, ink, legibility, cost",
+    )
     audit.add_argument("run", help="the run folder (output_dir of a finished toy `sail-fast run`)")
-    audit.add_argument("--out", default="bench/results/toy_reward_audit.md", help="the report (its numbers go beside it as .json)")
+    audit.add_argument(
+        "--out", default="bench/results/toy_reward_audit.md", help="the report (its numbers go beside it as .json)"
+    )
     audit.add_argument("--prompts", type=positive_int, default=48, help="prompts no round used (default 48)")
     audit.add_argument("--candidates", type=int, default=8, help="candidates per prompt (default 8)")
-    audit.add_argument("--draws", type=positive_int, default=140, help="the fixed bank of (t, eps) draws per prompt (default 140)")
-    audit.add_argument("--ks", type=positive_int, nargs="+", default=[6, 10, 20, 40, 80], help="draw counts K to compare")
-    audit.add_argument("--band-k", type=positive_int, default=10, help="K for the timestep bands and the estimators (default 10)")
+    audit.add_argument(
+        "--draws", type=positive_int, default=140, help="the fixed bank of (t, eps) draws per prompt (default 140)"
+    )
+    audit.add_argument(
+        "--ks", type=positive_int, nargs="+", default=[6, 10, 20, 40, 80], help="draw counts K to compare"
+    )
+    audit.add_argument(
+        "--band-k", type=positive_int, default=10, help="K for the timestep bands and the estimators (default 10)"
+    )
     audit.add_argument("--repeats", type=positive_int, default=20, help="fresh draw subsets per estimate (default 20)")
-    audit.add_argument("--heldout-draws", type=nonnegative_int, default=40, help="draws per held-out human pair (0: skip them)")
+    audit.add_argument(
+        "--heldout-draws", type=nonnegative_int, default=40, help="draws per held-out human pair (0: skip them)"
+    )
     add_trust_code_argument(audit)
     audit.set_defaults(func=_toy_reward_audit)
     return parser
 
 
 def add_trust_code_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-code", action="store_true",
-                        help="run the code a run folder's config.yaml names (toy.preference); only for folders you trust")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="run the code a run folder's config.yaml names (toy.preference); only for folders you trust",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,6 +486,7 @@ def _main(argv: list[str]) -> None:
     resumable = ["sail-fast", *argv] if hasattr(args, "resume") else None  # the commands that train
     with user_errors(parser.prog, resume_command=resumable, command=_command(args)):
         args.func(args)
+
 
 if __name__ == "__main__":
     main()

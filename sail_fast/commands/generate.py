@@ -12,16 +12,16 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ..diffusion.build import build_stack
-from ..runs.config import RunConfig
 from ..diffusion.images import decode_latents, enlarge, image_grid, is_finite
 from ..diffusion.lora import LORA_WEIGHTS, POLICY, has_adapter, merged_unet
-from ..diffusion.stack import DiffusionStack, load_stack
-from ..runs.output_folder import OutputFolder
 from ..diffusion.prompts import read_prompts
-from ..runs.readback import check_run_weights, run_root
-from ..runs.layout import RunLayout
-from ..runs.run_folder import load_recorded_config
 from ..diffusion.sampling import DEFAULTS, candidate_seeds, generate_candidates
+from ..diffusion.stack import DiffusionStack, load_stack
+from ..runs.config import RunConfig
+from ..runs.layout import RunLayout
+from ..runs.output_folder import OutputFolder
+from ..runs.readback import check_run_weights, run_root
+from ..runs.run_folder import load_recorded_config
 
 
 def _final_unet(run: Path) -> Path:
@@ -31,8 +31,10 @@ def _final_unet(run: Path) -> Path:
             return final / "unet"
         if (final / "lora" / LORA_WEIGHTS).is_file():
             return final / "lora"
-    raise FileNotFoundError(f"{run} holds no trained UNet or LoRA yet (looked for round-*/train/final/{{unet,lora}}, "
-                            "iter0/final/{unet,lora}, final/{unet,lora})")
+    raise FileNotFoundError(
+        f"{run} holds no trained UNet or LoRA yet (looked for round-*/train/final/{{unet,lora}}, "
+        "iter0/final/{unet,lora}, final/{unet,lora})"
+    )
 
 
 def _weights_dir(path: Path) -> Path:
@@ -119,21 +121,43 @@ def sampling_settings(stack: DiffusionStack, run_sampling: dict, sampler=None, s
 
 def check_picturable(stack: DiffusionStack, checkpoint) -> None:
     if stack.vae is None and stack.latent_channels not in (1, 3):
-        raise ValueError(f"{checkpoint}: this stack has no VAE, so its {stack.latent_channels}-channel latents cannot be "
-                         "written as pictures; load it with its vae/ directory")
+        raise ValueError(
+            f"{checkpoint}: this stack has no VAE, so its {stack.latent_channels}-channel latents cannot be "
+            "written as pictures; load it with its vae/ directory"
+        )
 
 
-def sample_pictures(stack: DiffusionStack, prompts: list[str], num_images: int, sampling: dict, *, seeds: torch.Tensor,
-                    batch_size: int = 64, progress: bool = True) -> tuple[list[Image.Image], torch.Tensor]:
+def sample_pictures(
+    stack: DiffusionStack,
+    prompts: list[str],
+    num_images: int,
+    sampling: dict,
+    *,
+    seeds: torch.Tensor,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[list[Image.Image], torch.Tensor]:
     """``num_images`` pictures per prompt, prompt-major (``seeds`` [P, num_images] fixes each one's noise),
     and which of them are finite ([P * num_images] bool; the others are drawn as a NaN marker)."""
-    latents = generate_candidates(stack, prompts, num_images, seeds=seeds, batch_size=batch_size, progress=progress,
-                                  **sampling).latents.flatten(0, 1)
+    latents = generate_candidates(
+        stack, prompts, num_images, seeds=seeds, batch_size=batch_size, progress=progress, **sampling
+    ).latents.flatten(0, 1)
     return decode_latents(latents, stack.vae), is_finite(latents)
 
 
-def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed: int = 0, sampler=None, steps=None,
-                    guidance_scale=None, batch_size: int = 64, compile: bool = False) -> int:
+def generate_to_dir(
+    checkpoint,
+    prompts_file,
+    num_images: int,
+    out_dir,
+    *,
+    seed: int = 0,
+    sampler=None,
+    steps=None,
+    guidance_scale=None,
+    batch_size: int = 64,
+    compile: bool = False,
+) -> int:
     """Write ``num_images`` PNGs per prompt (``PPPP-NN.png``), ``prompts.json`` and ``grid.png``; returns the count.
     ``compile`` samples with a ``torch.compile``'d UNet."""
     if num_images < 1:
@@ -146,8 +170,14 @@ def generate_to_dir(checkpoint, prompts_file, num_images: int, out_dir, *, seed:
     check_picturable(stack, checkpoint)
     prompts = read_prompts(prompts_file)
     sampling = sampling_settings(stack, run_sampling, sampler, steps, guidance_scale)
-    images, finite = sample_pictures(stack, prompts, num_images, sampling,
-                                     seeds=candidate_seeds(seed, len(prompts), num_images), batch_size=batch_size)
+    images, finite = sample_pictures(
+        stack,
+        prompts,
+        num_images,
+        sampling,
+        seeds=candidate_seeds(seed, len(prompts), num_images),
+        batch_size=batch_size,
+    )
     if not finite.all():
         print(f"WARNING: {int((~finite).sum())} of {len(images)} pictures hold NaN or inf (drawn as a red NaN marker)")
     for i, image in enumerate(images):

@@ -18,8 +18,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.records import (PairRecord, _png_ready, open_image, read_pairs_jsonl, read_pickapic_parquet,
-                           write_pairs_jsonl)
+from ..data.records import (
+    PairRecord,
+    _png_ready,
+    open_image,
+    read_pairs_jsonl,
+    read_pickapic_parquet,
+    write_pairs_jsonl,
+)
 from ..runs.output_folder import writable_folder
 from ..sail.ranking import soft_labels
 
@@ -32,14 +38,23 @@ def read_records(source: str | Path) -> list[PairRecord]:
     return records
 
 
-def relabel(records: Sequence[PairRecord], metric, *, score_range: tuple[float, float] | None = None,
-            temperature: float = 1.0, batch_size: int = 16, progress: bool = True) -> list[PairRecord]:
+def relabel(
+    records: Sequence[PairRecord],
+    metric,
+    *,
+    score_range: tuple[float, float] | None = None,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[PairRecord]:
     """Each pair ordered by ``metric`` (a ``sail_fast.metrics`` Metric) with its min-max soft label."""
     score_range = score_range or metric.soft_label_range
     if score_range is None:
         raise ValueError(f"{metric.name} has no published score range for min-max labels; pass --range LO HI")
     out = []
-    for start in tqdm(range(0, len(records), batch_size), desc=f"label by {metric.name}", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(records), batch_size), desc=f"label by {metric.name}", unit="batch", disable=not progress
+    ):
         chunk = records[start : start + batch_size]
         prompts = [r.prompt for r in chunk]
         first = metric.score([open_image(r.win, r.origin, "win") for r in chunk], prompts)
@@ -58,7 +73,9 @@ def label_pairs(sources: Sequence[str | Path], metric, out: str | Path, **kw) ->
     """Read ``sources``, relabel them with ``metric`` and write ``out`` (a pairs.jsonl); returns it."""
     out = Path(out)
     if out.exists():  # the commands' rule: never replace a file (sail_fast.runs.output_folder)
-        raise FileExistsError(f"--out {out} already exists; `sail-fast label` never replaces a file: name a new pairs.jsonl")
+        raise FileExistsError(
+            f"--out {out} already exists; `sail-fast label` never replaces a file: name a new pairs.jsonl"
+        )
     writable_folder(out.parent, "--out")  # a read-only place is refused now, not after every pair is scored
     records = [r for source in sources for r in read_records(source)]
     if not records:
@@ -77,14 +94,21 @@ def write_images(records: Sequence[PairRecord], out: Path) -> list[PairRecord]:
     """The records with their in-memory pictures (Pick-a-Pic's jpg bytes) written as PNGs in ``images/`` beside
     ``out``, named as ``write_pairs_jsonl`` names them; pictures already in files stay where they are. A picture
     name that already exists is refused before any is written: label never replaces a file."""
+
     def target_of(i: int, key: str) -> Path:
         return out.parent / "images" / f"{out.stem}-{i:06d}-{key}.png"
 
-    taken = [target_of(i, key) for i, rec in enumerate(records) for key in ("win", "lose")
-             if not isinstance(getattr(rec, key), (str, os.PathLike)) and os.path.lexists(target_of(i, key))]
+    taken = [
+        target_of(i, key)
+        for i, rec in enumerate(records)
+        for key in ("win", "lose")
+        if not isinstance(getattr(rec, key), (str, os.PathLike)) and os.path.lexists(target_of(i, key))
+    ]
     if taken:
-        raise FileExistsError(f"{taken[0]} already exists ({len(taken)} picture names taken); label never replaces a "
-                              "file: choose another --out name, or move those pictures away")
+        raise FileExistsError(
+            f"{taken[0]} already exists ({len(taken)} picture names taken); label never replaces a "
+            "file: choose another --out name, or move those pictures away"
+        )
 
     def on_disk(rec: PairRecord, i: int, key: str):
         src = getattr(rec, key)
@@ -94,8 +118,10 @@ def write_images(records: Sequence[PairRecord], out: Path) -> list[PairRecord]:
         save_png_whole(open_image(src, rec.origin or f"record {i}", key), target)
         return target
 
-    return [PairRecord(rec.prompt, on_disk(rec, i, "win"), on_disk(rec, i, "lose"), rec.label, rec.source, rec.origin)
-            for i, rec in enumerate(records)]
+    return [
+        PairRecord(rec.prompt, on_disk(rec, i, "win"), on_disk(rec, i, "lose"), rec.label, rec.source, rec.origin)
+        for i, rec in enumerate(records)
+    ]
 
 
 def save_png_whole(image, target: Path) -> None:

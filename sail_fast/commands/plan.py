@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from ..diffusion.architectures import UNET_CONFIGS
-from ..runs.config import LoraSettings, ModelConfig, TrainConfig
 from ..dpo.trainer import DTYPES
+from ..runs.config import LoraSettings, ModelConfig, TrainConfig
 
 GIB = 2**30
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -61,7 +61,9 @@ def unet_config_for(model) -> dict:
     if model.tiny is not None:
         from ..diffusion.tiny import tiny_stack
 
-        return dict(tiny_stack(model.tiny, sample_size=model.tiny_sample_size, in_channels=model.tiny_in_channels).unet.config)
+        return dict(
+            tiny_stack(model.tiny, sample_size=model.tiny_sample_size, in_channels=model.tiny_in_channels).unet.config
+        )
     local = Path(model.path) / "unet" / "config.json"
     if local.is_file():
         return json.loads(local.read_text())
@@ -90,7 +92,9 @@ def lora_shapes(unet: torch.nn.Module, lora) -> list[tuple[int, int]]:
     """The adapter's weight shapes (A and B of every targeted linear layer) that peft would add."""
     shapes = []
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in lora.target_modules):
+        if isinstance(module, torch.nn.Linear) and any(
+            name == t or name.endswith("." + t) for t in lora.target_modules
+        ):
             shapes += [(lora.rank, module.in_features), (module.out_features, lora.rank)]
     return shapes
 
@@ -131,8 +135,9 @@ class _SavedTensors:
         return t
 
 
-def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
-                     text_tokens: int = 77) -> int:
+def activation_bytes(
+    config: dict, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool, text_tokens: int = 77
+) -> int:
     """Bytes autograd holds between the forward and backward of one micro batch."""
     unet = meta_unet(config, dtype)
     saved = _SavedTensors()
@@ -156,7 +161,9 @@ def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, 
 
     def after(module, args, output):
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        blocks.append((saved.total - starts.pop(id(module)), 0 if first is None else first.numel() * first.element_size()))
+        blocks.append(
+            (saved.total - starts.pop(id(module)), 0 if first is None else first.numel() * first.element_size())
+        )
 
     hooks = []
     if checkpointing:  # diffusers checkpoints each resnet and transformer of every block
@@ -175,8 +182,12 @@ def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, 
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             x = torch.zeros(batch, config["in_channels"], latent, latent, **meta, requires_grad=True)
-            unet(x, torch.zeros(batch, dtype=torch.long, device="meta"),
-                 encoder_hidden_states=torch.zeros(batch, text_tokens, cross, **meta), added_cond_kwargs=added)
+            unet(
+                x,
+                torch.zeros(batch, dtype=torch.long, device="meta"),
+                encoder_hidden_states=torch.zeros(batch, text_tokens, cross, **meta),
+                added_cond_kwargs=added,
+            )
     finally:
         F.scaled_dot_product_attention = sdpa
         for h in hooks:
@@ -187,9 +198,20 @@ def activation_bytes(config: dict, batch: int, latent: int, dtype: torch.dtype, 
     return saved.total - inside + sum(i for _, i in blocks) + max(b for b, _ in blocks)
 
 
-def plan_memory(model: ModelConfig, gpus: int, *, zero_stage: int, optimizer: str, mixed_precision: str, checkpointing: bool,
-                micro_batch_pairs: int, latent: int, deepspeed: bool | None = None,
-                activations: int | None = None, lora=None) -> MemoryPlan:
+def plan_memory(
+    model: ModelConfig,
+    gpus: int,
+    *,
+    zero_stage: int,
+    optimizer: str,
+    mixed_precision: str,
+    checkpointing: bool,
+    micro_batch_pairs: int,
+    latent: int,
+    deepspeed: bool | None = None,
+    activations: int | None = None,
+    lora=None,
+) -> MemoryPlan:
     """The per-rank memory plan (bytes) of one training configuration (``activations``: reuse a count;
     ``lora``: a LoraSettings, to train an adapter instead of the UNet)."""
     unet_config = unet_config_for(model)
@@ -232,8 +254,14 @@ def latent_size(model: ModelConfig, resolution: int) -> int:
     return resolution // 8
 
 
-def format_plan(model: ModelConfig, train: TrainConfig, resolution: int, gpus: int, gpu_memory_gb: float = 80.0,
-                overhead_gb: float = 2.0) -> str:
+def format_plan(
+    model: ModelConfig,
+    train: TrainConfig,
+    resolution: int,
+    gpus: int,
+    gpu_memory_gb: float = 80.0,
+    overhead_gb: float = 2.0,
+) -> str:
     """A table over optimizers, ZeRO stages and checkpointing for ``model`` trained by ``train`` on images of
     ``resolution``; the train section's own row is marked."""
     if gpus < 1:
@@ -244,8 +272,10 @@ def format_plan(model: ModelConfig, train: TrainConfig, resolution: int, gpus: i
     if train.deepspeed:
         ds_file = Path(train.deepspeed)
         if not ds_file.is_file():
-            raise FileNotFoundError(f"train.deepspeed={ds_file} not found from {Path.cwd()}; run from the repository root "
-                                    "or give an absolute path")
+            raise FileNotFoundError(
+                f"train.deepspeed={ds_file} not found from {Path.cwd()}; run from the repository root "
+                "or give an absolute path"
+            )
         own_stage = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 0)
     latent = latent_size(model, resolution)
     lines = [
@@ -257,23 +287,41 @@ def format_plan(model: ModelConfig, train: TrainConfig, resolution: int, gpus: i
     ]
     compute = DTYPES[train.mixed_precision]
     unet_config = unet_config_for(model)
-    activations = {ckpt: activation_bytes(unet_config, 2 * train.micro_batch_pairs, latent, compute, ckpt)
-                   for ckpt in (False, True)}
+    activations = {
+        ckpt: activation_bytes(unet_config, 2 * train.micro_batch_pairs, latent, compute, ckpt)
+        for ckpt in (False, True)
+    }
     lora = train.lora or LoraSettings()  # the config's adapter, else the default one
     settings = [(None, ("adamw", "adamw8bit", "adafactor"), (0, 2, 3)), (lora, ("adamw", "adamw8bit"), (0, 2))]
     for adapter, optimizers, stages in settings:
         for optimizer in optimizers:
             for stage in stages:
                 for ckpt in (False, True):
-                    plan = plan_memory(model, gpus, zero_stage=stage, optimizer=optimizer,
-                                       mixed_precision=train.mixed_precision, checkpointing=ckpt, lora=adapter,
-                                       micro_batch_pairs=train.micro_batch_pairs, latent=latent, activations=activations[ckpt])
-                    own = (optimizer == train.optimizer and stage == own_stage and ckpt == train.gradient_checkpointing
-                           and (adapter is None) == (train.lora is None))
+                    plan = plan_memory(
+                        model,
+                        gpus,
+                        zero_stage=stage,
+                        optimizer=optimizer,
+                        mixed_precision=train.mixed_precision,
+                        checkpointing=ckpt,
+                        lora=adapter,
+                        micro_batch_pairs=train.micro_batch_pairs,
+                        latent=latent,
+                        activations=activations[ckpt],
+                    )
+                    own = (
+                        optimizer == train.optimizer
+                        and stage == own_stage
+                        and ckpt == train.gradient_checkpointing
+                        and (adapter is None) == (train.lora is None)
+                    )
                     fits = plan.total / GIB + overhead_gb <= gpu_memory_gb
                     cells = [plan.weights, plan.gradients, plan.optimizer, plan.reference, plan.activations, plan.total]
                     name = f"**{optimizer}** (config)" if own else optimizer
                     trains = "UNet" if adapter is None else f"LoRA r{adapter.rank}"
-                    lines.append(f"| {trains} | {name} | {stage or '-'} | {'on' if ckpt else 'off'} | "
-                                 + " | ".join(f"{c / GIB:.2f}" for c in cells) + f" | {'yes' if fits else 'no'} |")
+                    lines.append(
+                        f"| {trains} | {name} | {stage or '-'} | {'on' if ckpt else 'off'} | "
+                        + " | ".join(f"{c / GIB:.2f}" for c in cells)
+                        + f" | {'yes' if fits else 'no'} |"
+                    )
     return "\n".join(lines)

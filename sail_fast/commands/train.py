@@ -32,8 +32,14 @@ def run_training(config: RunConfig, *, resume: bool = False, allow_config_change
     dist = init_distributed()
     out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
     with RunLock(out, log=print) if dist.is_main else contextlib.nullcontext():
-        record_config(out, config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
-                      log=print, write=dist.is_main)
+        record_config(
+            out,
+            config.model_dump(mode="json"),
+            resume=resume,
+            allow_change=allow_config_change,
+            log=print,
+            write=dist.is_main,
+        )
         return _train_stage(config, dist, resume)
 
 
@@ -41,9 +47,16 @@ def _train_stage(config: RunConfig, dist, resume: bool) -> Path:
     device = compute_device(dist)
     out = Path(config.output_dir)
     stack = build_stack(config.model, seed=config.seed, device=device)
-    pairs = load_pairs(config.data.seed_pairs, stack, model=config.model, data=config.data,
-                       cache_dir=config.data.cache_dir or RunLayout(out).cache, seed=config.seed, dist=dist,
-                       log=print if dist.is_main else (lambda *_: None))
+    pairs = load_pairs(
+        config.data.seed_pairs,
+        stack,
+        model=config.model,
+        data=config.data,
+        cache_dir=config.data.cache_dir or RunLayout(out).cache,
+        seed=config.seed,
+        dist=dist,
+        log=print if dist.is_main else (lambda *_: None),
+    )
     trainer_for(config, stack.unet, stack.scheduler, pairs, dist=dist, device=device).train(resume=resume)
     return TrainingLayout(out).final
 
@@ -52,7 +65,9 @@ def run_sail(config: RunConfig, *, resume: bool = False, allow_config_change: bo
     from ..sail.loop import SailLoop
 
     dist = init_distributed()
-    return SailLoop(config, dist=dist, device=compute_device(dist)).run(resume=resume, allow_config_change=allow_config_change)
+    return SailLoop(config, dist=dist, device=compute_device(dist)).run(
+        resume=resume, allow_config_change=allow_config_change
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     command = [Path(sys.executable).name, "sail_fast/train.py", *(sys.argv[1:] if argv is None else argv)]
     with user_errors("train.py", resume_command=[w for w in command if not w.startswith("--local_rank")]):
         config = load_config(args.config, args.set)
-        (run_sail if config.sail is not None else run_training)(config, resume=args.resume,
-                                                                 allow_config_change=args.allow_config_change)
-
+        (run_sail if config.sail is not None else run_training)(
+            config, resume=args.resume, allow_config_change=args.allow_config_change
+        )

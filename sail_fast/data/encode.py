@@ -73,7 +73,9 @@ def image_mode(stack: DiffusionStack, resolution: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def prompt_table(prompts: Sequence[str], stack: DiffusionStack, *, batch_size: int = 16, dtype: torch.dtype = torch.float32):
+def prompt_table(
+    prompts: Sequence[str], stack: DiffusionStack, *, batch_size: int = 16, dtype: torch.dtype = torch.float32
+):
     """(unique prompts in first-seen order with "" last, their embeddings [U, L, D], pooled [U, D2] or None)."""
     unique = list(dict.fromkeys(p for p in prompts if p != ""))
     unique.append("")
@@ -85,7 +87,9 @@ def prompt_table(prompts: Sequence[str], stack: DiffusionStack, *, batch_size: i
     return unique, embeds, pooled
 
 
-def encode_pixels(pixels: torch.Tensor, stack: DiffusionStack, seeds: Sequence[int], origins: Sequence[str]) -> torch.Tensor:
+def encode_pixels(
+    pixels: torch.Tensor, stack: DiffusionStack, seeds: Sequence[int], origins: Sequence[str]
+) -> torch.Tensor:
     """Pixels [B, C, H, W] in [-1, 1] to float32 CPU latents (scaled; unchanged for a pixel-space stack).
 
     Each image samples the VAE's latent distribution with its own seed, so the result does not
@@ -143,7 +147,9 @@ def encode_pairs(
         if not 0.0 <= float(r.label) <= 1.0:
             raise ValueError(f"{r.origin or 'record'}: label must be in [0, 1], got {r.label}")
 
-    prompts, prompt_embeds, pooled = prompt_table([r.prompt for r in records], stack, batch_size=batch_size, dtype=dtype)
+    prompts, prompt_embeds, pooled = prompt_table(
+        [r.prompt for r in records], stack, batch_size=batch_size, dtype=dtype
+    )
     row_of = {p: i for i, p in enumerate(prompts)}
     flips = _flip_decisions(len(records), flip, seed)
     seeds = image_seeds(seed, len(records))
@@ -160,8 +166,12 @@ def encode_pairs(
                 arr, ids = prepare_image(img, resolution, mode, flips[start + j])
                 arrays.append(arr)
                 time_ids[side, start + j] = torch.tensor(ids, dtype=torch.float32)
-            latents = encode_pixels(torch.from_numpy(np.stack(arrays)), stack, seeds[start : start + len(chunk), side],
-                                    [rec.origin for rec in chunk])
+            latents = encode_pixels(
+                torch.from_numpy(np.stack(arrays)),
+                stack,
+                seeds[start : start + len(chunk), side],
+                [rec.origin for rec in chunk],
+            )
             if win is None:
                 win = torch.empty(len(records), *latents.shape[1:], dtype=dtype)
                 lose = torch.empty_like(win)

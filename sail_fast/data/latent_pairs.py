@@ -86,7 +86,9 @@ class LatentPairs:
         if self.win.dim() != 4 or self.win.shape != self.lose.shape:
             problems.append(f"win {tuple(self.win.shape)} and lose {tuple(self.lose.shape)} must both be [M, C, H, W]")
         if self.prompt_index.shape != (m,) or self.prompt_index.dtype != torch.int64:
-            problems.append(f"prompt_index must be int64 [{m}], got {self.prompt_index.dtype} {tuple(self.prompt_index.shape)}")
+            problems.append(
+                f"prompt_index must be int64 [{m}], got {self.prompt_index.dtype} {tuple(self.prompt_index.shape)}"
+            )
         if not self.prompts or self.prompts[-1] != "":
             problems.append('prompts must end with "" (the unconditional prompt)')
         elif "" in self.prompts[:-1] or len(set(self.prompts)) != len(self.prompts):
@@ -132,7 +134,9 @@ class LatentPairs:
         first = items[0]
         for i, it in enumerate(items[1:], start=1):
             if it.win.shape[1:] != first.win.shape[1:]:
-                raise ValueError(f"item {i} has latents {tuple(it.win.shape[1:])}, item 0 has {tuple(first.win.shape[1:])}")
+                raise ValueError(
+                    f"item {i} has latents {tuple(it.win.shape[1:])}, item 0 has {tuple(first.win.shape[1:])}"
+                )
             if it.prompt_embeds.shape[1:] != first.prompt_embeds.shape[1:]:
                 raise ValueError(
                     f"item {i} has prompt embeddings {tuple(it.prompt_embeds.shape[1:])}, item 0 has "
@@ -237,7 +241,16 @@ class LatentPairs:
 
     # ------------------------------------------------------------------ storage
 
-    _TENSORS = ("win", "lose", "prompt_index", "prompt_embeds", "pooled_prompt_embeds", "time_ids_win", "time_ids_lose", "label")
+    _TENSORS = (
+        "win",
+        "lose",
+        "prompt_index",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "time_ids_win",
+        "time_ids_lose",
+        "label",
+    )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors shard: the tensors, plus prompts/sources/format in its JSON metadata.

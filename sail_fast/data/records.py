@@ -54,8 +54,10 @@ class ReadStats:
     def __str__(self) -> str:
         text = f"read {self.read} rows, kept {self.kept} pairs, dropped {self.dropped_ties} ties"
         if self.duplicates:
-            text += (f"; WARNING: {self.duplicates} rows repeat an earlier pair (same prompt, winner and loser) and are "
-                     "trained as often as they appear: remove them to weight every pair once")
+            text += (
+                f"; WARNING: {self.duplicates} rows repeat an earlier pair (same prompt, winner and loser) and are "
+                "trained as often as they appear: remove them to weight every pair once"
+            )
         return text
 
 
@@ -159,7 +161,9 @@ def read_pairs_jsonl(path: str | os.PathLike) -> tuple[list[PairRecord], ReadSta
                     'write one object per line, e.g. {"prompt": "...", "win": "a.png", "lose": "b.png"}'
                 ) from e
             if not isinstance(obj, dict):
-                raise ValueError(f"{origin}: expected a JSON object with prompt, win and lose, got {type(obj).__name__}")
+                raise ValueError(
+                    f"{origin}: expected a JSON object with prompt, win and lose, got {type(obj).__name__}"
+                )
             missing = [k for k in ("prompt", "win", "lose") if k not in obj]
             if missing:
                 raise ValueError(f"{origin}: missing key(s) {missing}; every line needs prompt, win and lose")
@@ -179,7 +183,9 @@ def read_pairs_jsonl(path: str | os.PathLike) -> tuple[list[PairRecord], ReadSta
                 images[key] = full
             label = obj.get("label", 1.0)
             if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
-                raise ValueError(f"{origin}: label must be a number in [0, 1] (probability win is preferred), got {label!r}")
+                raise ValueError(
+                    f"{origin}: label must be a number in [0, 1] (probability win is preferred), got {label!r}"
+                )
             source = obj.get("source", "human")
             if not isinstance(source, str):
                 raise ValueError(f"{origin}: source must be a string, got {source!r}")
@@ -208,8 +214,10 @@ def open_image(src: ImageSource, origin: str, which: str) -> Image.Image:
         # Camera photos store their rotation in EXIF; the real size is the rotated one.
         return eight_bit(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"{origin or 'record'}: the {which} image ({what}) has more than {Image.MAX_IMAGE_PIXELS:,} "
-                         "pixels, Pillow's limit against decompression bombs; downscale it") from None
+        raise ValueError(
+            f"{origin or 'record'}: the {which} image ({what}) has more than {Image.MAX_IMAGE_PIXELS:,} "
+            "pixels, Pillow's limit against decompression bombs; downscale it"
+        ) from None
     except (OSError, UnidentifiedImageError, TypeError, ValueError, SyntaxError) as e:
         raise ValueError(f"{origin or 'record'}: could not decode the {which} image ({what}): {e}") from e
 
@@ -246,8 +254,10 @@ def _scaled_grey(img: Image.Image, top: float, kind: str) -> Image.Image:
     values = np.asarray(img, dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     if not (np.isfinite(values).all() and 0 <= low and high <= top):
-        raise ValueError(f"{img.mode} ({kind}) grey values span [{low:g}, {high:g}], outside [0, {top:g}]; save it as an "
-                         "8- or 16-bit PNG")
+        raise ValueError(
+            f"{img.mode} ({kind}) grey values span [{low:g}, {high:g}], outside [0, {top:g}]; save it as an "
+            "8- or 16-bit PNG"
+        )
     return Image.fromarray(np.round(values * (255.0 / top)).astype(np.uint8))
 
 

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..diffusion.stack import DiffusionStack
 from ..runs.config import DataConfig, ModelConfig
 from ..runs.distributed import DistInfo
-from ..diffusion.stack import DiffusionStack
 from .encode import encode_pairs
 from .latent_pairs import LatentPairs
 from .records import PairRecord, read_pairs_jsonl, read_pickapic_parquet
@@ -88,20 +88,30 @@ def load_pairs(
         found, stats = read_pairs_jsonl(path) if kind == "jsonl" else read_pickapic_parquet(path)
         log(f"{path}: {stats}")
         if not found:
-            raise ValueError(f"{path} holds no usable pairs ({stats}); fill it or remove it from the config's pair list")
+            raise ValueError(
+                f"{path} holds no usable pairs ({stats}); fill it or remove it from the config's pair list"
+            )
         records += found
         image_sources.append(path)
     if records:
         # The images a pairs.jsonl names are part of the key too (size and mtime: an image fixed on disk
         # is encoded again; parquet holds its images' bytes, covered by the file's own entry).
-        named = sorted({str(src) for rec in records for src in (rec.win, rec.lose) if isinstance(src, (str, os.PathLike))})
-        settings = {"model": model.model_dump(), "resolution": data.resolution, "flip": data.flip, "seed": seed,
-                    "images": [_stat(name) for name in named]}
+        named = sorted(
+            {str(src) for rec in records for src in (rec.win, rec.lose) if isinstance(src, (str, os.PathLike))}
+        )
+        settings = {
+            "model": model.model_dump(),
+            "resolution": data.resolution,
+            "flip": data.flip,
+            "seed": seed,
+            "images": [_stat(name) for name in named],
+        }
         cache = Path(cache_dir) / f"pairs-{fingerprint(image_sources, settings)}.safetensors"
         if dist.is_main and not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            encoded = encode_pairs(records, stack, resolution=data.resolution, flip=data.flip, seed=seed,
-                                   batch_size=data.encode_batch_size)
+            encoded = encode_pairs(
+                records, stack, resolution=data.resolution, flip=data.flip, seed=seed, batch_size=data.encode_batch_size
+            )
             encoded.save(cache)  # written under a temporary name and renamed
         dist.barrier()
         parts.append(LatentPairs.load(cache, fix="delete it and rerun: the pairs are encoded again"))

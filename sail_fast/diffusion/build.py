@@ -14,11 +14,15 @@ def build_stack(model, *, seed: int = 0, device: torch.device | str = "cpu") -> 
     """The stack a config's ``model:`` section names (a ModelConfig): a directory or hub id,
     a tiny random stack, or the toy world's shipped one."""
     if model.toy:
-
         stack = load_stack(TOY_MODEL_DIR, kind="sd15", with_vae=False)
     elif model.tiny is not None:
-        stack = tiny_stack(model.tiny, seed=seed, sample_size=model.tiny_sample_size,
-                           in_channels=model.tiny_in_channels, with_vae=model.with_vae)
+        stack = tiny_stack(
+            model.tiny,
+            seed=seed,
+            sample_size=model.tiny_sample_size,
+            in_channels=model.tiny_in_channels,
+            with_vae=model.with_vae,
+        )
     else:
         stack = load_stack(model.path, kind=model.kind, with_vae=model.with_vae)
     for part in (stack.unet, stack.text_encoder, stack.text_encoder_2, stack.vae):

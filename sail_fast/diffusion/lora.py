@@ -33,8 +33,13 @@ def peft_config(settings):
     """peft's LoraConfig for ``train.lora`` (a LoraSettings). B starts at zero: the adapter adds nothing."""
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), init_lora_weights=True)
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha or settings.rank,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        init_lora_weights=True,
+    )
 
 
 def has_adapter(unet: nn.Module, name: str = POLICY) -> bool:
@@ -80,7 +85,8 @@ def activate(unet: nn.Module, adapter: str | None) -> None:
         raise ValueError("this UNet has no LoRA adapter")
     first = layers[0]
     if (adapter is None and first.disable_adapters) or (
-            adapter is not None and not first.disable_adapters and list(first.active_adapters) == [adapter]):
+        adapter is not None and not first.disable_adapters and list(first.active_adapters) == [adapter]
+    ):
         return  # already so: the common case, every forward of a stage
     trainable = [p for p in unet.parameters() if p.requires_grad]
     for layer in layers:
@@ -162,8 +168,12 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], unet: nn.Mo
     config = unet.peft_config[POLICY].to_dict()
     metadata = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "lora_dropout")}
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    pipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
-                               unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    pipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(state),
+        unet_lora_adapter_metadata=metadata,
+        safe_serialization=True,
+    )
     return Path(folder) / LORA_WEIGHTS
 
 
@@ -190,7 +200,6 @@ def merged_unet(unet: nn.Module, name: str = POLICY) -> nn.Module:
     """A plain UNet (no peft layers) with adapter ``name`` merged into its weights: W + delta (peft's
     ``get_delta_weight``). ``unet`` is left untouched (fusing and unfusing in place would round its weights)."""
     from diffusers import UNet2DConditionModel
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if "lora_" not in k}

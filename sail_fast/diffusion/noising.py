@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def noised_and_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noised_and_target(
+    scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x_t = add_noise(x0, noise, t)`` and what the UNet regresses onto at ``x_t``: the noise for an
     epsilon-prediction scheduler, the velocity for v-prediction. Draws nothing: ``noise`` and ``t`` are the caller's."""
     x_t = scheduler.add_noise(x0, noise, t)

@@ -21,12 +21,16 @@ FORMATS = ".txt (one prompt per line), .tsv (a 'Prompt' column), .json (a list o
 def _read_text(path: Path) -> str:
     size = path.stat().st_size
     if size > MAX_PROMPT_FILE_BYTES:
-        raise ValueError(f"{path}: {size / 2**20:.0f} MB, over the {MAX_PROMPT_FILE_BYTES // 2**20} MB limit for a prompt "
-                         "file; split it or give fewer prompts")
+        raise ValueError(
+            f"{path}: {size / 2**20:.0f} MB, over the {MAX_PROMPT_FILE_BYTES // 2**20} MB limit for a prompt "
+            "file; split it or give fewer prompts"
+        )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the prompt file as UTF-8") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the prompt file as UTF-8"
+        ) from None
 
 
 def _read_json(path: Path):
@@ -57,7 +61,9 @@ def read_prompts(path: str | Path) -> list[str]:
         for i, item in enumerate(data):
             text = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(text, str):
-                raise ValueError(f"{path}: entry {i} is neither a string nor an object with a string 'prompt': {item!r}")
+                raise ValueError(
+                    f"{path}: entry {i} is neither a string nor an object with a string 'prompt': {item!r}"
+                )
             prompts.append(text)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -80,8 +86,10 @@ def _check_lengths(path: Path, prompts: list[str]) -> None:
     """Refuse a prompt far longer than any text encoder reads: a file that is not a prompt list."""
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     if len(prompts[longest]) > MAX_PROMPT_CHARS:
-        raise ValueError(f"{path}: prompt {longest + 1} has {len(prompts[longest]):,} characters, over the limit of "
-                         f"{MAX_PROMPT_CHARS:,} (a text encoder reads about 300); is this a prompt file, one prompt a line?")
+        raise ValueError(
+            f"{path}: prompt {longest + 1} has {len(prompts[longest]):,} characters, over the limit of "
+            f"{MAX_PROMPT_CHARS:,} (a text encoder reads about 300); is this a prompt file, one prompt a line?"
+        )
 
 
 # The HPSv2 benchmark's four styles, in its published order.
@@ -120,8 +128,9 @@ def _hpsv2(path: Path) -> PromptSet:
         files = [path / f"{style}.json" for style in HPS_STYLES]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{path}: an HPSv2 benchmark folder needs {', '.join(f.name for f in files)}; "
-                                    f"missing {missing}")
+            raise FileNotFoundError(
+                f"{path}: an HPSv2 benchmark folder needs {', '.join(f.name for f in files)}; missing {missing}"
+            )
         prompts, groups = [], []
         for style, file in zip(HPS_STYLES, files):
             part = read_prompts(file)
@@ -130,13 +139,17 @@ def _hpsv2(path: Path) -> PromptSet:
         return PromptSet("hpsv2", prompts, groups)
     data = _read_json(path) if path.suffix.lower() == ".json" else None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: an HPSv2 prompt set is a folder of {', '.join(HPS_STYLES)} .json files or one .json list")
+        raise ValueError(
+            f"{path}: an HPSv2 prompt set is a folder of {', '.join(HPS_STYLES)} .json files or one .json list"
+        )
     prompts = read_prompts(path)
     if all(isinstance(item, dict) and "style" in item for item in data):
         return PromptSet("hpsv2", prompts, [str(item["style"]) for item in data])
     if len(prompts) % len(HPS_STYLES):
-        raise ValueError(f"{path}: {len(prompts)} prompts do not split into the {len(HPS_STYLES)} HPSv2 styles "
-                         f"({', '.join(HPS_STYLES)}) in equal blocks; give each entry a \"style\" or use the style folder")
+        raise ValueError(
+            f"{path}: {len(prompts)} prompts do not split into the {len(HPS_STYLES)} HPSv2 styles "
+            f'({", ".join(HPS_STYLES)}) in equal blocks; give each entry a "style" or use the style folder'
+        )
     block = len(prompts) // len(HPS_STYLES)
     return PromptSet("hpsv2", prompts, [HPS_STYLES[i // block] for i in range(len(prompts))])
 
@@ -157,7 +170,9 @@ def read_prompt_set(path: str | Path, kind: str = "auto") -> PromptSet:
         raise ValueError(f"unknown prompt set kind {kind!r}; choose from {', '.join(PROMPT_SETS)}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prompt set {str(path)!r} does not exist; expected {FORMATS}, or an HPSv2 style folder")
+        raise FileNotFoundError(
+            f"prompt set {str(path)!r} does not exist; expected {FORMATS}, or an HPSv2 style folder"
+        )
     if kind == "auto":
         if path.is_dir():
             kind = "hpsv2"

@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .stack import DiffusionStack, PromptEmbeds
 from ..runs.seeding import derive_seed
+from .stack import DiffusionStack, PromptEmbeds
 
 # dpmsolver: DPM-Solver++ (2nd order, multistep), the sampler of RealAlign's replay buffer.
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
@@ -71,8 +71,9 @@ def _guided_step(stack: DiffusionStack, scheduler, x, t, both: PromptEmbeds, add
     # One timestep per row, as the scorer and the trainer call the UNet: a compiled UNet then
     # serves all three with one graph per batch shape.
     t_rows = t.reshape(1).repeat(len(model_in))
-    pred = stack.unet(model_in, t_rows, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added,
-                      return_dict=False)[0]
+    pred = stack.unet(
+        model_in, t_rows, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=added, return_dict=False
+    )[0]
     pred_uncond, pred_cond = pred.chunk(2)
     pred = pred_uncond + guidance * (pred_cond - pred_uncond)
     return scheduler.step(pred, t, x, generator=gens, return_dict=False, **step_options(scheduler))[0]
@@ -134,7 +135,9 @@ def generate_candidates(
     if seeds is None:
         seeds = candidate_seeds(seed, len(prompts), n_per_prompt)
     elif tuple(seeds.shape) != (len(prompts), n_per_prompt):
-        raise ValueError(f"seeds must be [{len(prompts)}, {n_per_prompt}] (prompts x candidates), got {tuple(seeds.shape)}")
+        raise ValueError(
+            f"seeds must be [{len(prompts)}, {n_per_prompt}] (prompts x candidates), got {tuple(seeds.shape)}"
+        )
     flat_seeds = seeds.flatten().tolist()
     total = len(flat_seeds)
     out = torch.empty(total, unet.config.in_channels, height, width, dtype=torch.float32)
@@ -183,8 +186,10 @@ def regenerate_region(
     prompts = list(prompts)
     b = len(latents)
     if len(prompts) != b or masks.shape != (b, 1, *latents.shape[2:]) or tuple(seeds.shape) != (b,):
-        raise ValueError(f"need one prompt, one [1, H, W] mask and one seed per latent: got {len(prompts)} prompts, "
-                         f"masks {tuple(masks.shape)}, seeds {tuple(seeds.shape)} for latents {tuple(latents.shape)}")
+        raise ValueError(
+            f"need one prompt, one [1, H, W] mask and one seed per latent: got {len(prompts)} prompts, "
+            f"masks {tuple(masks.shape)}, seeds {tuple(seeds.shape)} for latents {tuple(latents.shape)}"
+        )
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     scheduler, steps, guidance = _sampler(stack, sampler, num_inference_steps, guidance_scale)
@@ -211,7 +216,11 @@ def regenerate_region(
         scheduler.set_timesteps(steps, device=device)  # a multistep solver keeps state along one trajectory
         for i, t in enumerate(timesteps):
             x = _guided_step(stack, scheduler, x, t, both, added, guidance, gens)
-            known = clean if i + 1 == len(timesteps) else scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2].repeat(len(rows)))
+            known = (
+                clean
+                if i + 1 == len(timesteps)
+                else scheduler.add_noise(clean, noise, timesteps[i + 1 : i + 2].repeat(len(rows)))
+            )
             x = mask * x + (1 - mask) * known
         out[rows] = x.float().cpu()
         bar.update(len(rows))

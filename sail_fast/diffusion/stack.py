@@ -281,8 +281,11 @@ def _warn_if_cut(tokenizer, prompts: list[str]) -> None:
     cut = [p for p in long if len(tokenizer(p, truncation=True, max_length=limit + 1).input_ids) > limit]
     if cut:
         _warned_cut = True
-        print(f"WARNING: {len(cut)} prompt(s) are longer than the text encoder's {limit} tokens and are cut there "
-              f"(first: {cut[0][:60]!r}..., {len(cut[0])} characters); later ones are not reported", file=sys.stderr)
+        print(
+            f"WARNING: {len(cut)} prompt(s) are longer than the text encoder's {limit} tokens and are cut there "
+            f"(first: {cut[0][:60]!r}..., {len(cut[0])} characters); later ones are not reported",
+            file=sys.stderr,
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -330,8 +333,10 @@ def _check_local_dir(root: Path, kind: str, with_vae: bool) -> None:
     where = "does not exist" if not root.exists() else "is incomplete"
     raise FileNotFoundError(
         f"diffusers model directory {str(root)!r} {where} (kind={kind}, with_vae={with_vae}).\n"
-        "Expected files:\n" + "".join(f"  {fmt(a)}\n" for a in expected)
-        + "Missing files:\n" + "".join(f"  {fmt(a)}\n" for a in missing)
+        "Expected files:\n"
+        + "".join(f"  {fmt(a)}\n" for a in expected)
+        + "Missing files:\n"
+        + "".join(f"  {fmt(a)}\n" for a in missing)
     )
 
 

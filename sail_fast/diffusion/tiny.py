@@ -23,8 +23,15 @@ from .stack import KINDS, DiffusionStack, _finalize
 
 # A few merges so the tiny tokenizer exercises real BPE merging, not just characters.
 _TINY_MERGES = [
-    ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"),
-    ("i", "n"), ("in", "g</w>"), ("o", "n</w>"), ("e", "r</w>"),
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "n"),
+    ("an", "d</w>"),
+    ("o", "f</w>"),
+    ("i", "n"),
+    ("in", "g</w>"),
+    ("o", "n</w>"),
+    ("e", "r</w>"),
 ]
 
 

@@ -11,5 +11,12 @@ def trainer_for(config: RunConfig, policy, scheduler, seed_pairs, **options) -> 
     """A DPOTrainer with ``config``'s train section, seed and caption dropout, in ``config.output_dir`` unless
     ``options`` names another ``output_dir``; ``options``: DPOTrainer's other keywords (dist, device, ...)."""
     options.setdefault("output_dir", config.output_dir)
-    return DPOTrainer(config.train, policy, scheduler, seed_pairs, seed=config.seed,
-                      caption_dropout=config.data.caption_dropout, **options)
+    return DPOTrainer(
+        config.train,
+        policy,
+        scheduler,
+        seed_pairs,
+        seed=config.seed,
+        caption_dropout=config.data.caption_dropout,
+        **options,
+    )

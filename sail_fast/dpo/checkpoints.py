@@ -51,7 +51,9 @@ class TrainerCheckpoints:
     def _save_unet(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:  # never write NaN weights where the next stage would load them
-            raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+            raise NonFiniteError(
+                f"refusing to save {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})"
+            )
         if self.lora:
             save_adapter(path, state, self.policy)
             return
@@ -155,8 +157,10 @@ def weights_only_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StateFileError(f"refusing {path}: it is not a plain tensor file ({first}); a checkpoint that names code "
-                             "is never loaded: resume from a checkpoint you wrote, or train that stage again") from None
+        raise StateFileError(
+            f"refusing {path}: it is not a plain tensor file ({first}); a checkpoint that names code "
+            "is never loaded: resume from a checkpoint you wrote, or train that stage again"
+        ) from None
 
 
 def check_deepspeed_files(folder: Path) -> None:
@@ -173,7 +177,7 @@ def _deepspeed_safe_globals() -> list:
     """The plain data types DeepSpeed's checkpoints hold besides tensors (enums and a config namespace)."""
     from argparse import Namespace
 
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     return [Namespace, ZeroStageEnum, LossScaler, DynamicLossScaler]

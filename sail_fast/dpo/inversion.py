@@ -26,8 +26,9 @@ import torch
 
 
 @torch.no_grad()
-def ddim_invert(model, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, *, steps: int,
-                **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_invert(
+    model, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, *, steps: int, **model_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t [B, ...] and its noise eps for clean latents x0 [B, ...] at integer timesteps t [B].
 
     ``model(x, timesteps, **model_kwargs).sample`` predicts eps; ``alphas_cumprod`` is the
@@ -60,4 +61,3 @@ def ddim_invert(model, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.
         x, a, tau = a_next.sqrt() * x_hat + (1 - a_next).sqrt() * e_bar, a_next, tau_next
     eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
     return x, eps
-

@@ -1,5 +1,4 @@
-"""The mixup sampler: every batch holds a fixed share of generated pairs, the rest seed pairs.
-"""
+"""The mixup sampler: every batch holds a fixed share of generated pairs, the rest seed pairs."""
 
 from __future__ import annotations
 

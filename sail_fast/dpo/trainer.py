@@ -32,16 +32,26 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.latent_pairs import LatentPairs, PairBatch
+from ..diffusion.lora import (
+    POLICY,
+    REFERENCE,
+    AdapterView,
+    activate,
+    add_policy_adapter,
+    copy_adapter,
+    has_adapter,
+    is_identity,
+    train_only_policy,
+    unwrap,
+)
+from ..diffusion.noising import noised_and_target
 from ..runs import interrupts
 from ..runs.config import TrainConfig
-from ..data.latent_pairs import LatentPairs, PairBatch
 from ..runs.denormals import flush_denormal
 from ..runs.distributed import DistInfo, deepspeed_config
-from ..diffusion.lora import (POLICY, REFERENCE, AdapterView, activate, add_policy_adapter, copy_adapter, has_adapter, is_identity,
-                    train_only_policy, unwrap)
-from ..diffusion.noising import noised_and_target
-from ..runs.run_folder import latest_checkpoint
 from ..runs.layout import TrainingLayout
+from ..runs.run_folder import latest_checkpoint
 from ..runs.seeding import generator
 from .checkpoints import NonFiniteError, TrainerCheckpoints
 from .inversion import ddim_invert
@@ -85,12 +95,16 @@ class DPOTrainer(TrainerCheckpoints):
         self.layout = TrainingLayout(output_dir)
         self.scheduler = scheduler
         if cfg.noising == "ddim_inversion" and scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"train.noising: ddim_inversion needs an epsilon-prediction model; this scheduler predicts "
-                             f"{scheduler.config.prediction_type!r} (use train.noising: forward)")
+            raise ValueError(
+                f"train.noising: ddim_inversion needs an epsilon-prediction model; this scheduler predicts "
+                f"{scheduler.config.prediction_type!r} (use train.noising: forward)"
+            )
         per_step = cfg.micro_batch_pairs * dist.world_size
         if cfg.pairs_per_step % per_step:
-            raise ValueError(f"train.pairs_per_step={cfg.pairs_per_step} is not a multiple of micro_batch_pairs x ranks = "
-                             f"{cfg.micro_batch_pairs} x {dist.world_size}; change one of them")
+            raise ValueError(
+                f"train.pairs_per_step={cfg.pairs_per_step} is not a multiple of micro_batch_pairs x ranks = "
+                f"{cfg.micro_batch_pairs} x {dist.world_size}; change one of them"
+            )
         self.accumulation = cfg.pairs_per_step // per_step
         self.compute_dtype = DTYPES[cfg.mixed_precision]
         self._build_data(seed_pairs, generated_pairs, per_step)
@@ -116,8 +130,9 @@ class DPOTrainer(TrainerCheckpoints):
         sdxl = self.pairs.pooled_prompt_embeds is not None
         self.inversion_steps = cfg.inversion_steps or (10 if sdxl else 5)
         self.dspo_sdxl = cfg.dspo_form == "sdxl" if cfg.dspo_form else sdxl  # DSPO's form follows the model's kind
-        self.loss_options = LossOptions(gamma=cfg.mapo_gamma, smpo_scale=cfg.smpo_scale, dmpo_alpha=cfg.dmpo_alpha,
-                                        dro_margin=cfg.dro_margin)
+        self.loss_options = LossOptions(
+            gamma=cfg.mapo_gamma, smpo_scale=cfg.smpo_scale, dmpo_alpha=cfg.dmpo_alpha, dro_margin=cfg.dro_margin
+        )
 
     def _build_policy_and_reference(self, policy: UNet2DConditionModel, reference: nn.Module | None) -> None:
         """The trainable policy, and the reference as it starts, frozen, in the compute dtype: with LoRA, the
@@ -152,8 +167,10 @@ class DPOTrainer(TrainerCheckpoints):
         cfg = self.cfg
         self.use_deepspeed = cfg.deepspeed is not None or self.dist.enabled
         if self.use_deepspeed and cfg.compile:
-            raise ValueError("train.compile is not supported under DeepSpeed yet (the engine wraps the policy); "
-                             "set train.compile: false, or train in one process without train.deepspeed")
+            raise ValueError(
+                "train.compile is not supported under DeepSpeed yet (the engine wraps the policy); "
+                "set train.compile: false, or train in one process without train.deepspeed"
+            )
         optimizer = build_optimizer(cfg.optimizer, self.policy.parameters(), cfg)
         lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
         self.ema = EMAModel(self.policy.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -161,8 +178,11 @@ class DPOTrainer(TrainerCheckpoints):
             import deepspeed
 
             self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
-                model=self.policy, optimizer=optimizer, lr_scheduler=lr_schedule,
-                config=deepspeed_config(cfg, self.accumulation, ema=self.ema is not None))
+                model=self.policy,
+                optimizer=optimizer,
+                lr_scheduler=lr_schedule,
+                config=deepspeed_config(cfg, self.accumulation, ema=self.ema is not None),
+            )
             self.model = self.engine
         else:
             self.engine, self.optimizer, self.lr_schedule = None, optimizer, lr_schedule
@@ -190,8 +210,15 @@ class DPOTrainer(TrainerCheckpoints):
         if self.cfg.noising == "ddim_inversion":
             # SmPO: winner and loser share t; each is inverted along the policy's own trajectory, and the
             # inverted noise is the target (an epsilon-prediction model: __init__ checks).
-            x_t, target = ddim_invert(self.model, x0, t, self.scheduler.alphas_cumprod, steps=self.inversion_steps,
-                                      encoder_hidden_states=embeds_in, added_cond_kwargs=added_in)
+            x_t, target = ddim_invert(
+                self.model,
+                x0,
+                t,
+                self.scheduler.alphas_cumprod,
+                steps=self.inversion_steps,
+                encoder_hidden_states=embeds_in,
+                added_cond_kwargs=added_in,
+            )
         else:
             x_t, target = noised_and_target(self.scheduler, x0, noise, t)
         autocast = (
@@ -200,7 +227,9 @@ class DPOTrainer(TrainerCheckpoints):
             else contextlib.nullcontext()
         )
         with autocast:
-            pred = self.model(x_t.to(input_dtype), t, encoder_hidden_states=embeds_in, added_cond_kwargs=added_in).sample
+            pred = self.model(
+                x_t.to(input_dtype), t, encoder_hidden_states=embeds_in, added_cond_kwargs=added_in
+            ).sample
             pred_ref = None
             reference = self.reference
             if self.lora and self.cfg.loss not in REFERENCE_FREE:
@@ -210,15 +239,24 @@ class DPOTrainer(TrainerCheckpoints):
                 with torch.no_grad():
                     ref_in = {k: v.to(self.compute_dtype) for k, v in added.items()} if added else None
                     pred_ref = reference(
-                        x_t.to(self.compute_dtype), t, encoder_hidden_states=embeds.to(self.compute_dtype),
+                        x_t.to(self.compute_dtype),
+                        t,
+                        encoder_hidden_states=embeds.to(self.compute_dtype),
                         added_cond_kwargs=ref_in,
                     ).sample
             if self.lora:
                 activate(self.policy, POLICY)
         cfg = self.cfg
         return preference_loss(
-            cfg.loss, target, pred, pred_ref, beta=cfg.beta, labels=batch.label, options=self.loss_options,
-            winner_preserving_mu=cfg.winner_preserving_mu, dspo_sdxl=self.dspo_sdxl,
+            cfg.loss,
+            target,
+            pred,
+            pred_ref,
+            beta=cfg.beta,
+            labels=batch.label,
+            options=self.loss_options,
+            winner_preserving_mu=cfg.winner_preserving_mu,
+            dspo_sdxl=self.dspo_sdxl,
         )
 
     def train_step(self) -> dict[str, float]:
@@ -271,10 +309,18 @@ class DPOTrainer(TrainerCheckpoints):
             self.load_checkpoint(existing)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._log_line(f"{self.sampler.describe()}; {self.accumulation} micro steps of "
-                           f"{cfg.micro_batch_pairs} pairs x {self.dist.world_size} ranks per optimizer step")
+            self._log_line(
+                f"{self.sampler.describe()}; {self.accumulation} micro steps of "
+                f"{cfg.micro_batch_pairs} pairs x {self.dist.world_size} ranks per optimizer step"
+            )
         metrics_path = self.layout.metrics_of_rank(self.dist.rank)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="dpo", unit="step", disable=not (cfg.progress and self.dist.is_main))
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="dpo",
+            unit="step",
+            disable=not (cfg.progress and self.dist.is_main),
+        )
         start_step, started = self.step, time.perf_counter()
         last_finite = None  # (step, loss) for the error message
         with interrupts.deferred():  # SIGTERM waits for the step to end: _stop_on_sigterm
@@ -298,7 +344,11 @@ class DPOTrainer(TrainerCheckpoints):
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_acc']:.2f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                acc=f"{metrics['implicit_acc']:.2f}",
+                pairs_s=f"{metrics['pairs_per_s']:.1f}",
+            )
             bar.update(1)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
@@ -320,11 +370,15 @@ class DPOTrainer(TrainerCheckpoints):
         if not saved and self.step > 0 and self._checkpoint_seconds <= interrupts.QUICK_CHECKPOINT_S:
             saved = self.save_checkpoint() is not None
         newest = this_step if saved else max(self.layout.written_checkpoints(), default=None)
-        where = f"checkpoint {newest} (step {self.layout.step_of(newest)})" if newest is not None else "no checkpoint yet"
+        where = (
+            f"checkpoint {newest} (step {self.layout.step_of(newest)})" if newest is not None else "no checkpoint yet"
+        )
         if self.dist.is_main:
             self._log_line(f"stopped by SIGTERM at step {self.step}; {'wrote ' if saved else 'the newest is '}{where}")
-        raise interrupts.Stopped(f"stopped by SIGTERM at DPO step {self.step} of {self.cfg.steps} in "
-                                 f"{self.output_dir}; it resumes from {where}")
+        raise interrupts.Stopped(
+            f"stopped by SIGTERM at DPO step {self.step} of {self.cfg.steps} in "
+            f"{self.output_dir}; it resumes from {where}"
+        )
 
     def _stop_if_non_finite(self, metrics: dict, last_finite) -> None:
         """Stop at once on a NaN/inf loss or gradient norm (averaged over ranks, so every rank stops):
@@ -333,7 +387,11 @@ class DPOTrainer(TrainerCheckpoints):
         if math.isfinite(loss) and math.isfinite(norm):
             return
         kept = latest_checkpoint(self.output_dir)
-        before = f"the last finite loss was {last_finite[1]:.4g} at step {last_finite[0]}" if last_finite else "no step had a finite loss"
+        before = (
+            f"the last finite loss was {last_finite[1]:.4g} at step {last_finite[0]}"
+            if last_finite
+            else "no step had a finite loss"
+        )
         raise NonFiniteError(
             f"{self.output_dir}: training diverged at step {self.step}: loss {loss}, gradient norm {norm}; {before}. "
             f"Nothing of this step was saved; the newest checkpoint is {kept or 'none'}. Lower train.learning_rate "

@@ -21,8 +21,10 @@ def require_files(root: str | Path, metric: str, expected: dict[str, tuple[str, 
     """
     root = Path(root)
     if not root.is_dir():
-        raise MissingWeightsError(f"{metric}: weights directory {str(root)!r} does not exist; it should hold "
-                                  + "; ".join(" or ".join(names) for names in expected.values()))
+        raise MissingWeightsError(
+            f"{metric}: weights directory {str(root)!r} does not exist; it should hold "
+            + "; ".join(" or ".join(names) for names in expected.values())
+        )
     found, missing = {}, []
     for role, names in expected.items():
         hit = next((root / n for n in names if (root / n).exists()), None)
@@ -62,8 +64,10 @@ class Metric:
         """Float32 scores [len(images)] on the CPU; ``prompts[i]`` is the prompt of ``images[i]``."""
         if len(images) != len(prompts):
             raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts; give one prompt per image")
-        out = [self._score_batch(images[i:i + self.batch_size], prompts[i:i + self.batch_size]).float().cpu()
-               for i in range(0, len(images), self.batch_size)]
+        out = [
+            self._score_batch(images[i : i + self.batch_size], prompts[i : i + self.batch_size]).float().cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0)
 
     def describe(self) -> dict:
@@ -74,9 +78,12 @@ def mlp_head() -> nn.Sequential:
     """The linear head of the LAION aesthetic predictor and of ImageReward: 768-1024-128-64-16-1, dropouts
     between, no activations. Layer indices match both published state dicts (layers.0, .2, .4, .6, .7)."""
     return nn.Sequential(
-        nn.Linear(768, 1024), nn.Dropout(0.2),
-        nn.Linear(1024, 128), nn.Dropout(0.2),
-        nn.Linear(128, 64), nn.Dropout(0.1),
+        nn.Linear(768, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
         nn.Linear(64, 16),
         nn.Linear(16, 1),
     )

@@ -46,8 +46,15 @@ class ClipFeatures:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_dir(cls, root: str | Path, metric: str, *, with_tokenizer: bool = True, device=None,
-                 dtype: torch.dtype = torch.float32) -> "ClipFeatures":
+    def from_dir(
+        cls,
+        root: str | Path,
+        metric: str,
+        *,
+        with_tokenizer: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "ClipFeatures":
         """From a local transformers CLIP directory; never reaches for a hub."""
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -66,9 +73,12 @@ class ClipFeatures:
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         limit = self.model.config.text_config.max_position_embeddings
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=limit, return_tensors="pt")
-        pooled = self.model.text_model(input_ids=tokens.input_ids.to(self.device),
-                                       attention_mask=tokens.attention_mask.to(self.device)).pooler_output
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=limit, return_tensors="pt"
+        )
+        pooled = self.model.text_model(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        ).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
@@ -120,8 +130,10 @@ class AestheticScore(Metric):
         embed_dim = self.clip.model.config.projection_dim
         self.head = mlp_head()
         if embed_dim != self.head[0].in_features:
-            raise ValueError(f"aesthetic: the head takes 768-d ViT-L/14 embeddings but {found['CLIP ViT-L/14 directory']} "
-                             f"projects to {embed_dim}; point clip/ at CLIP ViT-L/14")
+            raise ValueError(
+                f"aesthetic: the head takes 768-d ViT-L/14 embeddings but {found['CLIP ViT-L/14 directory']} "
+                f"projects to {embed_dim}; point clip/ at CLIP ViT-L/14"
+            )
         self.head.load_state_dict(load_head_state(found["head"]))
         self.head.to(self.clip.device).eval()
 

@@ -41,15 +41,27 @@ def transformers_clip_config(oc: dict, *, bos_token_id: int, eos_token_id: int, 
     v, t = oc["vision_cfg"], oc["text_cfg"]
     act = "quick_gelu" if oc.get("quick_gelu", False) else "gelu"
     vision = {
-        "hidden_size": v["width"], "intermediate_size": int(v["width"] * v.get("mlp_ratio", 4.0)),
-        "num_hidden_layers": v["layers"], "num_attention_heads": v["width"] // v.get("head_width", 64),
-        "image_size": v["image_size"], "patch_size": v["patch_size"], "hidden_act": act, "layer_norm_eps": 1e-5,
+        "hidden_size": v["width"],
+        "intermediate_size": int(v["width"] * v.get("mlp_ratio", 4.0)),
+        "num_hidden_layers": v["layers"],
+        "num_attention_heads": v["width"] // v.get("head_width", 64),
+        "image_size": v["image_size"],
+        "patch_size": v["patch_size"],
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
     }
     text = {
-        "hidden_size": t["width"], "intermediate_size": int(t["width"] * t.get("mlp_ratio", 4.0)),
-        "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"], "vocab_size": t["vocab_size"],
-        "max_position_embeddings": t["context_length"], "hidden_act": act, "layer_norm_eps": 1e-5,
-        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+        "hidden_size": t["width"],
+        "intermediate_size": int(t["width"] * t.get("mlp_ratio", 4.0)),
+        "num_hidden_layers": t["layers"],
+        "num_attention_heads": t["heads"],
+        "vocab_size": t["vocab_size"],
+        "max_position_embeddings": t["context_length"],
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
     }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=oc["embed_dim"])
 
@@ -57,8 +69,13 @@ def transformers_clip_config(oc: dict, *, bos_token_id: int, eos_token_id: int, 
 def _blocks(src: str, dst: str, state: dict, out: dict, layers: int) -> None:
     for i in range(layers):
         s, d = f"{src}.resblocks.{i}", f"{dst}.layers.{i}"
-        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for a, b in (
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             out[f"{d}.{b}.weight"] = state[f"{s}.{a}.weight"]
             out[f"{d}.{b}.bias"] = state[f"{s}.{a}.bias"]
         for kind in ("weight", "bias"):
@@ -117,8 +134,12 @@ class HPSv2(_ImageTextCosine):
         config_file = folder / "open_clip_config.json"
         oc = json.loads(config_file.read_text()) if config_file.is_file() else VIT_H_14
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        config = transformers_clip_config(oc, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                          pad_token_id=tokenizer.pad_token_id)
+        config = transformers_clip_config(
+            oc,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
         try:
@@ -141,8 +162,10 @@ def _check_filled(model, file: Path) -> None:
     """Every parameter came from the checkpoint (buffers such as position ids are rebuilt)."""
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
-        raise MissingWeightsError(f"hpsv2: {file} lacks {len(empty)} weights the model needs, e.g. {empty[:3]}; "
-                                  "is open_clip_config.json right for this checkpoint?")
+        raise MissingWeightsError(
+            f"hpsv2: {file} lacks {len(empty)} weights the model needs, e.g. {empty[:3]}; "
+            "is open_clip_config.json right for this checkpoint?"
+        )
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             if not name.endswith("position_ids"):

@@ -41,7 +41,7 @@ VISION_RENAMES = (
 
 
 def _section(state: dict, prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def blip_vision_to_transformers(visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,27 +63,43 @@ def vision_config_from_state(visual: dict[str, torch.Tensor]):
     patch = visual["patch_embed.proj.weight"].shape[-1]
     layers = 1 + max(int(m.group(1)) for k in visual if (m := re.match(r"blocks\.(\d+)\.", k)))
     side = math.isqrt(visual["pos_embed"].shape[1] - 1)
-    return BlipVisionConfig(hidden_size=width, intermediate_size=visual["blocks.0.mlp.fc1.weight"].shape[0],
-                            num_hidden_layers=layers, num_attention_heads=width // 64, image_size=side * patch,
-                            patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6)
+    return BlipVisionConfig(
+        hidden_size=width,
+        intermediate_size=visual["blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        image_size=side * patch,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    )
 
 
 def text_config_from_med(med: dict, encoder_width: int):
     from transformers import BlipTextConfig
 
-    return BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=med["hidden_size"],
-                          encoder_hidden_size=encoder_width, intermediate_size=med["intermediate_size"],
-                          num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
-                          max_position_embeddings=med["max_position_embeddings"], hidden_act=med.get("hidden_act", "gelu"),
-                          layer_norm_eps=med.get("layer_norm_eps", 1e-12), pad_token_id=med.get("pad_token_id", 0))
+    return BlipTextConfig(
+        vocab_size=med["vocab_size"],
+        hidden_size=med["hidden_size"],
+        encoder_hidden_size=encoder_width,
+        intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med.get("hidden_act", "gelu"),
+        layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+        pad_token_id=med.get("pad_token_id", 0),
+    )
 
 
 def _load_strict(module, state: dict, what: str, file: Path) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise MissingWeightsError(f"imagereward: {file} does not fit the {what}: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}; is med_config.json the one published with it?")
+        raise MissingWeightsError(
+            f"imagereward: {file} does not fit the {what}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; is med_config.json the one published with it?"
+        )
 
 
 class ImageReward(Metric):
@@ -94,8 +110,15 @@ class ImageReward(Metric):
         from transformers.models.blip.modeling_blip import BlipVisionModel
         from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-        found = require_files(root, self.name, {"checkpoint": ("ImageReward.pt",), "BERT config": ("med_config.json",),
-                                                "tokenizer": ("tokenizer/vocab.txt",)})
+        found = require_files(
+            root,
+            self.name,
+            {
+                "checkpoint": ("ImageReward.pt",),
+                "BERT config": ("med_config.json",),
+                "tokenizer": ("tokenizer/vocab.txt",),
+            },
+        )
         self.weights = str(found["checkpoint"])
         self.device = torch.device(device) if device is not None else default_device()
         state = torch.load(found["checkpoint"], map_location="cpu", weights_only=True)
@@ -118,20 +141,29 @@ class ImageReward(Metric):
         self.tokenizer = BertTokenizer.from_pretrained(found["tokenizer"].parent, local_files_only=True)
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
         if len(self.tokenizer) != med["vocab_size"]:
-            raise ValueError(f"imagereward: tokenizer/vocab.txt plus [DEC] and [ENC] gives {len(self.tokenizer)} tokens "
-                             f"but med_config.json says {med['vocab_size']}; use bert-base-uncased's vocab.txt")
+            raise ValueError(
+                f"imagereward: tokenizer/vocab.txt plus [DEC] and [ENC] gives {len(self.tokenizer)} tokens "
+                f"but med_config.json says {med['vocab_size']}; use bert-base-uncased's vocab.txt"
+            )
         size = vision_config.image_size
-        self.image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        self.image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
 
     def raw_reward(self, images, prompts) -> torch.Tensor:
         """The head's output before standardisation."""
         pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
         image_embeds = self.vision(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
+        ).to(self.device)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        text = self.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        text = self.text(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )
         return self.head(text.last_hidden_state[:, 0]).squeeze(-1).float()
 
     def _score_batch(self, images, prompts):

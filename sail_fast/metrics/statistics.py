@@ -25,5 +25,7 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(mean of a - b, its prompt-clustered standard error) for [P, n] scores of two models drawn with
     the same prompts and seeds."""
     if a.shape != b.shape:
-        raise ValueError(f"paired scores must have the same [prompts, samples] shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"paired scores must have the same [prompts, samples] shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return clustered_mean(a.double() - b.double())

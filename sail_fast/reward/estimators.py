@@ -32,12 +32,16 @@ def per_draw_gap(mse_policy: torch.Tensor, mse_ref: torch.Tensor, beta: float) -
     return -0.5 * beta * (mse_policy.double() - mse_ref.double())
 
 
-def combine_draws(mse_policy: torch.Tensor, mse_ref: torch.Tensor, beta: float, estimator: str = "mean") -> torch.Tensor:
+def combine_draws(
+    mse_policy: torch.Tensor, mse_ref: torch.Tensor, beta: float, estimator: str = "mean"
+) -> torch.Tensor:
     """Rewards [P, N] from per-draw errors [P, N, K] by ``estimator`` (see the module docstring)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown reward estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if mse_policy.shape != mse_ref.shape or mse_policy.dim() != 3:
-        raise ValueError(f"mse_policy and mse_ref must both be [P, N, K], got {tuple(mse_policy.shape)} and {tuple(mse_ref.shape)}")
+        raise ValueError(
+            f"mse_policy and mse_ref must both be [P, N, K], got {tuple(mse_policy.shape)} and {tuple(mse_ref.shape)}"
+        )
     if estimator == "mean":
         return implicit_reward(mse_policy, mse_ref, beta)
     dtype = mse_policy.dtype

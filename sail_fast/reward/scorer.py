@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import implicit_reward, paired_mse
 from ..diffusion.noising import noised_and_target
+from ..kernels import implicit_reward, paired_mse
 from .estimators import ESTIMATORS, combine_draws
 
 
@@ -104,7 +104,9 @@ class ImplicitRewardScorer:
             )
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
+            raise ValueError(
+                f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction"
+            )
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown reward estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
         num_train = scheduler.config.num_train_timesteps
@@ -122,7 +124,10 @@ class ImplicitRewardScorer:
         self.prediction_type = prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = next(policy_unet.parameters()).device
-        self._unets = (policy_unet, reference_unet)  # as the caller gave them (the compiled wrappers share their weights)
+        self._unets = (
+            policy_unet,
+            reference_unet,
+        )  # as the caller gave them (the compiled wrappers share their weights)
         self._layout_depth = 0  # > 0 inside scoring_layout(): the weights are channels_last already
         self.policy_unet = torch.compile(policy_unet) if compile else policy_unet
         self.reference_unet = torch.compile(reference_unet) if compile else reference_unet
@@ -262,7 +267,13 @@ class ImplicitRewardScorer:
         draws = self._draws(latents, timesteps, noise, generator)
         full = 2 * num_prompts * num_cands * draws.num_draws
         if not adaptive:
-            rewards = self.score_many(latents, prompt_embeds, added_cond_kwargs=added_cond_kwargs, timesteps=draws.timesteps, noise=draws.noise)
+            rewards = self.score_many(
+                latents,
+                prompt_embeds,
+                added_cond_kwargs=added_cond_kwargs,
+                timesteps=draws.timesteps,
+                noise=draws.noise,
+            )
             return BestWorst(rewards.argmax(1), rewards.argmin(1), rewards, full, full)
         best, worst, rewards, forwards = [], [], [], 0
         per_candidate = _check_embeds(prompt_embeds, num_prompts, num_cands)
@@ -270,7 +281,9 @@ class ImplicitRewardScorer:
             rows = slice(p * num_cands, (p + 1) * num_cands) if per_candidate else slice(p, p + 1)
             added = None if added_cond_kwargs is None else {key: v[rows] for key, v in added_cond_kwargs.items()}
             prompt_draws = Draws(draws.timesteps[p : p + 1], draws.noise[p : p + 1])
-            b, w, r, f = self._race(latents[p], prompt_embeds[rows], added, prompt_draws, min_draws, draws_per_stage, confidence_z)
+            b, w, r, f = self._race(
+                latents[p], prompt_embeds[rows], added, prompt_draws, min_draws, draws_per_stage, confidence_z
+            )
             best.append(b)
             worst.append(w)
             rewards.append(r)
@@ -349,7 +362,9 @@ class ImplicitRewardScorer:
             stop = min(k, min_draws if used == 0 else used + draws_per_stage)
             alive = (in_best | in_worst).nonzero().flatten()
             embeds_alive = embeds[alive] if embeds.shape[0] > 1 else embeds
-            added_alive = None if added is None else {key: (v[alive] if v.shape[0] > 1 else v) for key, v in added.items()}
+            added_alive = (
+                None if added is None else {key: (v[alive] if v.shape[0] > 1 else v) for key, v in added.items()}
+            )
             mse_p, mse_r = self.per_draw_mse(
                 latents[alive][None], embeds_alive, draws.slice(used, stop), added_cond_kwargs=added_alive
             )

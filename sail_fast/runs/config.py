@@ -34,14 +34,18 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is not None) + (self.tiny is not None) + self.toy != 1:
-            raise ValueError("set exactly one of model.path (a diffusers directory or hub id), model.tiny (sd15 or sdxl) "
-                             "and model.toy (true)")
+            raise ValueError(
+                "set exactly one of model.path (a diffusers directory or hub id), model.tiny (sd15 or sdxl) "
+                "and model.toy (true)"
+            )
         return self
 
     def schedule_length(self) -> int:
         """num_train_timesteps of a local model folder's scheduler; else 1000, as the toy, tiny, SD1.5 and SDXL have."""
         try:
-            return int(json.loads((Path(self.path) / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"])
+            return int(
+                json.loads((Path(self.path) / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+            )
         except (TypeError, OSError, ValueError, KeyError):  # no path, a hub id; a damaged file fails as the model loads
             return 1000
 
@@ -110,11 +114,15 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _combinations(self):
         if self.winner_preserving_mu is not None and self.loss in ("sft", "mapo"):
-            raise ValueError(f"train.winner_preserving_mu scales the loser's gradient in the DPO logit; train.loss="
-                             f"{self.loss!r} has no reference and no logit. Unset one of them")
+            raise ValueError(
+                f"train.winner_preserving_mu scales the loser's gradient in the DPO logit; train.loss="
+                f"{self.loss!r} has no reference and no logit. Unset one of them"
+            )
         if self.lora is not None and self.ema_decay is not None:
-            raise ValueError("train.ema_decay is not supported with train.lora (the EMA would cover the frozen base "
-                             "weights too); unset one of them")
+            raise ValueError(
+                "train.ema_decay is not supported with train.lora (the EMA would cover the frozen base "
+                "weights too); unset one of them"
+            )
         return self
 
 
@@ -129,11 +137,15 @@ class RealAlignConfig(Section):
     # (image and caption columns). The toy world writes real MNIST digits when this is unset.
     data: str | None = None
     loser: RealLoser = "own_sample"
-    per_round: int | None = Field(None, ge=1)  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
+    per_round: int | None = Field(
+        None, ge=1
+    )  # real pairs per round, disjoint across rounds (default sail.prompts_per_round)
     blur_sigma: float = Field(2.0, gt=0)  # pixels at data.resolution
     noise_std: float = Field(0.2, gt=0)  # pixels in [-1, 1]
     mask_fraction: float = Field(0.25, gt=0, le=1)  # area of the redrawn rectangle (masked_renoise)
-    renoise_strength: float = Field(0.6, gt=0, le=1)  # how far towards noise the rectangle is taken before it is redrawn
+    renoise_strength: float = Field(
+        0.6, gt=0, le=1
+    )  # how far towards noise the rectangle is taken before it is redrawn
     # inpaint (RealAlign's loser): the salient subject redrawn. The soft mask [0, 1] (1 = redraw) comes from
     # a folder of masks named as the images, or 'path/to/file.py:function' (pixels [B, C, H, W] in [-1, 1]
     # -> masks [B, 1, H, W]); unset: the world's own (the toy world: the stroke dilated by one pixel).
@@ -157,20 +169,27 @@ class RealAlignConfig(Section):
 
     def sampling(self, fallback: dict) -> dict:
         """The sampler settings of the policy's losers: these, else the run's."""
-        mine = {"sampler": self.sampler, "num_inference_steps": self.sampling_steps, "guidance_scale": self.guidance_scale}
+        mine = {
+            "sampler": self.sampler,
+            "num_inference_steps": self.sampling_steps,
+            "guidance_scale": self.guidance_scale,
+        }
         return {k: fallback[k] if v is None else v for k, v in mine.items()}
 
     @model_validator(mode="after")
     def _ranges(self):
         if (self.top_k is not None or self.min_margin is not None) and self.filter_metric is None:
-            raise ValueError("sail.real.top_k and sail.real.min_margin score images with sail.real.filter_metric "
-                             "(e.g. pickscore, or toy_oracle in the toy world); set it")
+            raise ValueError(
+                "sail.real.top_k and sail.real.min_margin score images with sail.real.filter_metric "
+                "(e.g. pickscore, or toy_oracle in the toy world); set it"
+            )
         if self.filter_metric is not None:
             from ..metrics import METRICS
 
             if self.filter_metric not in METRICS:
-                raise ValueError(f"sail.real.filter_metric {self.filter_metric!r} is not a metric; choose from "
-                                 f"{', '.join(METRICS)}")
+                raise ValueError(
+                    f"sail.real.filter_metric {self.filter_metric!r} is not a metric; choose from {', '.join(METRICS)}"
+                )
         return self
 
 
@@ -234,7 +253,11 @@ class SailConfig(Section):
 
     def sampling(self) -> dict:
         """The sampler settings as generate_candidates takes them (None: the paper's default)."""
-        return {"sampler": self.sampler, "num_inference_steps": self.sampling_steps, "guidance_scale": self.guidance_scale}
+        return {
+            "sampler": self.sampler,
+            "num_inference_steps": self.sampling_steps,
+            "guidance_scale": self.guidance_scale,
+        }
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -244,19 +267,29 @@ class SailConfig(Section):
             from ..metrics import METRICS
 
             if self.ranker_metric not in METRICS:
-                raise ValueError(f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}")
+                raise ValueError(
+                    f"sail.ranker_metric {self.ranker_metric!r} is not a metric; choose from {', '.join(METRICS)}"
+                )
         if self.reward_timesteps is not None and not 0 <= self.reward_timesteps[0] < self.reward_timesteps[1]:
-            raise ValueError(f"sail.reward_timesteps must be [lo, hi) with 0 <= lo < hi, got {list(self.reward_timesteps)}")
+            raise ValueError(
+                f"sail.reward_timesteps must be [lo, hi) with 0 <= lo < hi, got {list(self.reward_timesteps)}"
+            )
         if self.adaptive and self.reward_estimator != "mean":
-            raise ValueError(f"sail.adaptive races with the mean estimator only; set sail.reward_estimator: mean "
-                             f"or sail.adaptive: false (got {self.reward_estimator})")
+            raise ValueError(
+                f"sail.adaptive races with the mean estimator only; set sail.reward_estimator: mean "
+                f"or sail.adaptive: false (got {self.reward_estimator})"
+            )
         if self.soft_label_range is not None and not self.soft_label_range[0] < self.soft_label_range[1]:
             raise ValueError(f"sail.soft_label_range must be [lo, hi] with lo < hi, got {list(self.soft_label_range)}")
         if self.label_norm() == "minmax" and self.soft_label_range is None and not self._ranked_by_pickscore():
-            raise ValueError("sail.soft_label_norm: minmax needs sail.soft_label_range: [lo, hi] in the ranker's score "
-                             "units (only PickScore ships a published range)")
+            raise ValueError(
+                "sail.soft_label_norm: minmax needs sail.soft_label_range: [lo, hi] in the ranker's score "
+                "units (only PickScore ships a published range)"
+            )
         if any(not 1 <= r <= self.rounds for r in self.round_overrides):
-            raise ValueError(f"sail.round_overrides names rounds {sorted(self.round_overrides)}; rounds run 1..{self.rounds}")
+            raise ValueError(
+                f"sail.round_overrides names rounds {sorted(self.round_overrides)}; rounds run 1..{self.rounds}"
+            )
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self
@@ -308,38 +341,69 @@ class RunConfig(Section):
     def _cross_section_rules(self):
         # Settings a SAIL run would silently ignore are refused instead.
         if self.sail is not None and self.train.ema_decay is not None:
-            raise ValueError("train.ema_decay writes an EMA twin (final/unet_ema) that no SAIL round reads: each round "
-                             "trains the policy itself. Unset it, or use `sail-fast train` for one stage with an EMA")
-        if self.sail is not None and self.sail.adaptive and (self.sail.pairing != "best_worst" or self.sail.ranker != "implicit"):
-            raise ValueError("sail.adaptive races candidates for best and worst by their implicit reward; it needs "
-                             "sail.pairing: best_worst and sail.ranker: implicit")
+            raise ValueError(
+                "train.ema_decay writes an EMA twin (final/unet_ema) that no SAIL round reads: each round "
+                "trains the policy itself. Unset it, or use `sail-fast train` for one stage with an EMA"
+            )
+        if (
+            self.sail is not None
+            and self.sail.adaptive
+            and (self.sail.pairing != "best_worst" or self.sail.ranker != "implicit")
+        ):
+            raise ValueError(
+                "sail.adaptive races candidates for best and worst by their implicit reward; it needs "
+                "sail.pairing: best_worst and sail.ranker: implicit"
+            )
         if self.sail is not None and "real" in self.sail.pair_sources and self.data.flip != "none":
-            raise ValueError(f"data.flip={self.data.flip!r} is not applied to RealAlign's real images; set data.flip: none "
-                             "for a run with sail.pair_sources: real")
+            raise ValueError(
+                f"data.flip={self.data.flip!r} is not applied to RealAlign's real images; set data.flip: none "
+                "for a run with sail.pair_sources: real"
+            )
         if self.sail is not None and self.model.toy and self.sail.prompts is not None:
-            raise ValueError(f"sail.prompts={self.sail.prompts!r} is set, but the toy world draws its rounds' prompts from "
-                             "its own digit prompts; unset sail.prompts")
+            raise ValueError(
+                f"sail.prompts={self.sail.prompts!r} is set, but the toy world draws its rounds' prompts from "
+                "its own digit prompts; unset sail.prompts"
+            )
         if self.toy is not None and not self.model.toy:
             raise ValueError("the toy: section needs model.toy: true (its oracle judges the toy digits)")
         if self.sail is not None and self.sail.soft_labels and self.train.loss != "smpo":
-            raise ValueError(f"sail.soft_labels needs train.loss: smpo (the loss that reads soft labels), got {self.train.loss!r}")
-        if self.sail is not None and "real" in self.sail.pair_sources and self.sail.real.data is None and not self.model.toy:
-            raise ValueError("sail.pair_sources includes real, so set sail.real.data to a folder or parquet of real images "
-                             "with captions")
+            raise ValueError(
+                f"sail.soft_labels needs train.loss: smpo (the loss that reads soft labels), got {self.train.loss!r}"
+            )
+        if (
+            self.sail is not None
+            and "real" in self.sail.pair_sources
+            and self.sail.real.data is None
+            and not self.model.toy
+        ):
+            raise ValueError(
+                "sail.pair_sources includes real, so set sail.real.data to a folder or parquet of real images "
+                "with captions"
+            )
         if self.sail is not None and self.sail.iter0_steps != 0 and not self.data.seed_pairs and not self.model.toy:
-            raise ValueError("data.seed_pairs is empty; list the human pairs iter0 trains on, or set sail.iter0_steps: 0 "
-                             "to start the rounds from the base model")
+            raise ValueError(
+                "data.seed_pairs is empty; list the human pairs iter0 trains on, or set sail.iter0_steps: 0 "
+                "to start the rounds from the base model"
+            )
         if self.sail is not None and not self.data.seed_pairs and not self.model.toy and self.train.mixup_alpha != 1:
-            raise ValueError(f"without data.seed_pairs every batch comes from the rounds' pairs; set train.mixup_alpha: 1 "
-                             f"(now {self.train.mixup_alpha})")
+            raise ValueError(
+                f"without data.seed_pairs every batch comes from the rounds' pairs; set train.mixup_alpha: 1 "
+                f"(now {self.train.mixup_alpha})"
+            )
         rounds = [round_config(self, r) for r in range(1, self.sail.rounds + 1)] if self.sail is not None else []
-        if self.sail is not None and self.sail.real.inpaint_pipeline and "real" in self.sail.pair_sources and not any(
-                c.sail.real.loser == "inpaint" for c in rounds):
+        if (
+            self.sail is not None
+            and self.sail.real.inpaint_pipeline
+            and "real" in self.sail.pair_sources
+            and not any(c.sail.real.loser == "inpaint" for c in rounds)
+        ):
             raise ValueError("sail.real.inpaint_pipeline is set, but no round uses sail.real.loser: inpaint")
         timesteps = self.sail.reward_timesteps if self.sail is not None else None
         if timesteps is not None and timesteps[1] > (n := self.model.schedule_length()):
-            raise ValueError(f"sail.reward_timesteps = {list(timesteps)}: hi must be <= {n}, the model's training schedule "
-                             "length (num_train_timesteps); draws take t in [lo, hi)")
+            raise ValueError(
+                f"sail.reward_timesteps = {list(timesteps)}: hi must be <= {n}, the model's training schedule "
+                "length (num_train_timesteps); draws take t in [lo, hi)"
+            )
         return self
 
 
@@ -375,10 +439,16 @@ def _explain(error: ValidationError, source: str) -> str:
             section = key.rpartition(".")[0]
             siblings = [k for k in valid if k.rpartition(".")[0] == section]
             if not section:  # a top-level name: the sections are what one usually meant
-                siblings += [f"{name}: ({', '.join(dict.fromkeys(k.split('.')[1] for k in valid if k.startswith(name + '.')))})"
-                             for name in dict.fromkeys(k.split(".")[0] for k in valid if "." in k)]
+                siblings += [
+                    f"{name}: ({', '.join(dict.fromkeys(k.split('.')[1] for k in valid if k.startswith(name + '.')))})"
+                    for name in dict.fromkeys(k.split(".")[0] for k in valid if "." in k)
+                ]
             close = difflib.get_close_matches(key, [*valid, *(s.split(":")[0] for s in siblings)], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; {section or 'the top level'} has: {', '.join(siblings)}"
+            hint = (
+                f"; did you mean '{close[0]}'?"
+                if close
+                else f"; {section or 'the top level'} has: {', '.join(siblings)}"
+            )
             lines.append(f"config key '{key}' does not exist{hint}")
         elif err["loc"] and not isinstance(err.get("input"), dict):
             lines.append(f"{key} = {err.get('input')!r}: {err['msg'].replace('Value error, ', '')}")
@@ -415,7 +485,9 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
         except YamlError as err:
             raise ConfigError(str(err)) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of sections (model:, data:, train:), got {type(data).__name__}"
+            )
     for assignment in overrides or []:
         _apply_override(data, assignment)
     try:
@@ -424,10 +496,25 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
         raise ConfigError(_explain(err, str(path) if path else "overrides")) from None
 
 
-ROUND_KEYS_FIXED = ("sail.rounds", "sail.prompts", "sail.prompts_per_round", "sail.pair_sources", "sail.iter0",
-                    "sail.round_overrides", "sail.real.data", "sail.real.per_round", "sail.real.top_k",
-                    "sail.real.disjoint", "sail.real.mask", "sail.real.inpaint_pipeline", "sail.real.inpaint_steps",
-                    "sail.heldout_pairs", "sail.eval", "sail.ranker", "train.lora")  # read once, before the rounds
+ROUND_KEYS_FIXED = (
+    "sail.rounds",
+    "sail.prompts",
+    "sail.prompts_per_round",
+    "sail.pair_sources",
+    "sail.iter0",
+    "sail.round_overrides",
+    "sail.real.data",
+    "sail.real.per_round",
+    "sail.real.top_k",
+    "sail.real.disjoint",
+    "sail.real.mask",
+    "sail.real.inpaint_pipeline",
+    "sail.real.inpaint_steps",
+    "sail.heldout_pairs",
+    "sail.eval",
+    "sail.ranker",
+    "train.lora",
+)  # read once, before the rounds
 
 
 def round_config(config: RunConfig, r: int) -> RunConfig:
@@ -438,8 +525,10 @@ def round_config(config: RunConfig, r: int) -> RunConfig:
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if not key.startswith(("train.", "sail.")) or key.startswith(ROUND_KEYS_FIXED):
-            raise ConfigError(f"sail.round_overrides[{r}]: {key!r} cannot change between rounds; a round may change "
-                              f"train.* and sail.* keys other than {', '.join(ROUND_KEYS_FIXED)}")
+            raise ConfigError(
+                f"sail.round_overrides[{r}]: {key!r} cannot change between rounds; a round may change "
+                f"train.* and sail.* keys other than {', '.join(ROUND_KEYS_FIXED)}"
+            )
     data = config.model_dump(mode="json")
     data["sail"]["round_overrides"] = {}
     for assignment in overrides:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 DONE = "done.json"  # a stage's marker, written last
 EVAL_JSON = "eval.json"
 EVAL_SAMPLES = "eval_samples.safetensors"  # a stage's eval latents and per-sample judged terms [P, n]
@@ -37,7 +36,7 @@ class TrainingLayout:
 
     @staticmethod
     def step_of(checkpoint: Path) -> int:
-        return int(checkpoint.name[len("step-"):])
+        return int(checkpoint.name[len("step-") :])
 
 
 class RunLayout:
@@ -145,7 +144,10 @@ class RunLayout:
     def finals(self) -> list[Path]:
         """Every stage's final folder that exists, newest first: the rounds, iter0, then a plain training run's."""
         rounds = sorted(self.root.glob("round-[0-9]*"), reverse=True)
-        found = [TrainingLayout(p / "train").final for p in rounds] + [self.training(0).final, TrainingLayout(self.root).final]
+        found = [TrainingLayout(p / "train").final for p in rounds] + [
+            self.training(0).final,
+            TrainingLayout(self.root).final,
+        ]
         return [f for f in found if f.exists()]
 
 

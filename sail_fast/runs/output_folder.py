@@ -47,8 +47,9 @@ def writable_folder(path: str | Path, what: str) -> Path:
             pass
     except OSError as err:
         reason = err.strerror or str(err)
-        raise UnwritableFolderError(f"{what} {path} cannot be written ({reason}: {err.filename or path}); "
-                                    "choose a folder you can write to") from None
+        raise UnwritableFolderError(
+            f"{what} {path} cannot be written ({reason}: {err.filename or path}); choose a folder you can write to"
+        ) from None
     return path
 
 
@@ -93,8 +94,10 @@ class OutputFolder:
         foreign = self._foreign(recorded_by)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise FolderInUseError(f"{what} {self.path} holds files `sail-fast {command}` did not write ({shown}); "
-                                   "it never deletes or replaces them: name a new or empty folder")
+            raise FolderInUseError(
+                f"{what} {self.path} holds files `sail-fast {command}` did not write ({shown}); "
+                "it never deletes or replaces them: name a new or empty folder"
+            )
         writable_folder(self.path, what)
         self._lock = self._take_lock()
         if recorded_by is None:
@@ -121,8 +124,10 @@ class OutputFolder:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.close()
-            raise FolderInUseError(f"{self.what} {self.path} is being written by another sail-fast command right now; "
-                                   "wait for it to finish or name another folder") from None
+            raise FolderInUseError(
+                f"{self.what} {self.path} is being written by another sail-fast command right now; "
+                "wait for it to finish or name another folder"
+            ) from None
         return lock
 
     def _append(self, entry: dict) -> None:
@@ -139,12 +144,16 @@ class OutputFolder:
         target = self.path / name
         for parent in [*reversed(Path(name).parents)][1:]:  # never write through a link placed in the folder
             if (self.path / parent).is_symlink():
-                raise FolderInUseError(f"{self.what} {self.path}: {parent} is a symbolic link; sail-fast never writes "
-                                       "through one: name a new or empty folder")
+                raise FolderInUseError(
+                    f"{self.what} {self.path}: {parent} is a symbolic link; sail-fast never writes "
+                    "through one: name a new or empty folder"
+                )
         target.parent.mkdir(parents=True, exist_ok=True)
         if (target.exists() or target.is_symlink()) and name not in self.files:
-            raise FolderInUseError(f"{self.what} {self.path}: {name} appeared while `sail-fast {self.command}` was "
-                                   "writing; it never replaces a file it did not write")
+            raise FolderInUseError(
+                f"{self.what} {self.path}: {name} appeared while `sail-fast {self.command}` was "
+                "writing; it never replaces a file it did not write"
+            )
         return name, target
 
     @contextlib.contextmanager

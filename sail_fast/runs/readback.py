@@ -81,12 +81,15 @@ def load_checked_tensors(path: str | Path, fix: str, *, require_digest: bool = F
     recorded = metadata.get(DIGEST_KEY)
     if recorded is None:
         if require_digest:
-            raise DamagedFileError(f"{path} carries no sha256 of its contents (written by an older sail-fast, or its "
-                                   f"header was changed), so it cannot be checked; {fix}")
+            raise DamagedFileError(
+                f"{path} carries no sha256 of its contents (written by an older sail-fast, or its "
+                f"header was changed), so it cannot be checked; {fix}"
+            )
         return tensors, metadata
     if content_digest(tensors, metadata) != recorded:
-        raise DamagedFileError(f"{path} is damaged (its contents do not match the sha256 recorded when it was "
-                               f"written); {fix}")
+        raise DamagedFileError(
+            f"{path} is damaged (its contents do not match the sha256 recorded when it was written); {fix}"
+        )
     return tensors, metadata
 
 
@@ -109,7 +112,8 @@ def check_run_weights(folder: str | Path) -> None:
         raise UncheckedWeightsError(
             f"{folder} has no {MANIFEST} (nor has {folder.parent}), so its weights cannot be checked; restore the "
             f"{MANIFEST} written with them, or train that stage again (delete its folder and the later stages' "
-            "folders, then rerun with --resume)")
+            "folders, then rerun with --resume)"
+        )
     check_weights(folder)
 
 

@@ -120,8 +120,10 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None:  # our locks are whole from the start (linked into place): this one is not ours
-                    raise RunLockedError(f"{self.path} is not a lock sail-fast wrote (unreadable); if no run is using "
-                                         f"{self.path.parent}, delete {self.path} and run again") from None
+                    raise RunLockedError(
+                        f"{self.path} is not a lock sail-fast wrote (unreadable); if no run is using "
+                        f"{self.path.parent}, delete {self.path} and run again"
+                    ) from None
                 if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
                     self.log(f"removing a stale lock {self.path} ({holder}): its process has ended")
                     self.path.unlink(missing_ok=True)
@@ -185,8 +187,11 @@ def file_sha256(path: str | Path) -> str:
 def write_manifest(folder: str | Path) -> None:
     """List every file under ``folder`` with its size and sha256, in ``manifest.json`` (written last)."""
     folder = Path(folder)
-    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    files = {
+        str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
     write_json(folder / MANIFEST, {"files": files})
 
 
@@ -226,8 +231,10 @@ def check_weights(folder: str | Path) -> None:
         return
     problem = verify_manifest(owner)
     if problem is not None:
-        raise WeightsChangedError(f"refusing the weights in {folder}: {problem}; restore the file, or train that "
-                                  "stage again (delete its folder and the later stages' folders, then --resume)")
+        raise WeightsChangedError(
+            f"refusing the weights in {folder}: {problem}; restore the file, or train that "
+            "stage again (delete its folder and the later stages' folders, then --resume)"
+        )
 
 
 # ------------------------------------------------------------------------ configs
@@ -243,8 +250,11 @@ def _flatten(data, prefix: str = "") -> dict:
 def config_changes(before: dict, after: dict) -> dict[str, tuple]:
     """{key: (before, after)} for every key whose value differs, except the result-neutral ones."""
     old, new = _flatten(before), _flatten(after)
-    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and k not in RESULT_NEUTRAL_KEYS}
+    return {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and k not in RESULT_NEUTRAL_KEYS
+    }
 
 
 def describe_changes(changes: dict[str, tuple]) -> str:
@@ -272,7 +282,9 @@ def current_names(recorded: dict) -> dict:
         if key in part:
             part[renamed] = part.pop(key)
         for r, items in (part.get("round_overrides") or {}).items():
-            part["round_overrides"][r] = [new + item[len(old):] if item.split("=")[0].strip() == old else item for item in items]
+            part["round_overrides"][r] = [
+                new + item[len(old) :] if item.split("=")[0].strip() == old else item for item in items
+            ]
     return recorded
 
 
@@ -311,8 +323,10 @@ def load_recorded_config(run_dir: str | Path, overrides: list[str] | None = None
     named = named_code(recorded)
     if named and code == "refuse":
         shown = ", ".join(f"{key}: {spec}" for key, spec in named.items())
-        raise UntrustedCodeError(f"{path} names code to run ({shown}); reading a run folder never runs its code "
-                                 "unless you say so: pass --trust-code if you trust whoever wrote that file")
+        raise UntrustedCodeError(
+            f"{path} names code to run ({shown}); reading a run folder never runs its code "
+            "unless you say so: pass --trust-code if you trust whoever wrote that file"
+        )
     if code == "drop":
         for key in named:
             *parents, last = key.split(".")
@@ -323,8 +337,9 @@ def load_recorded_config(run_dir: str | Path, overrides: list[str] | None = None
     return load_config(recorded, overrides)
 
 
-def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_change: bool = False, log=None,
-                  write: bool = True) -> None:
+def record_config(
+    run_dir: str | Path, config: dict, *, resume: bool, allow_change: bool = False, log=None, write: bool = True
+) -> None:
     """Write ``config.yaml`` for a new run; on resume, refuse a changed config (the keys and values
     are listed) unless ``allow_change``, which keeps the first config and adds the new one beside it.
     ``write``: False on the ranks other than the main one, which check but leave the writing to it."""
@@ -358,16 +373,20 @@ def record_config(run_dir: str | Path, config: dict, *, resume: bool, allow_chan
         k += 1
     atomic_write_text(layout.resumed_config(k), dump_yaml(config))
     if log is not None:
-        log(f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
-            f"{describe_changes(changes)}")
+        log(
+            f"resumed with a changed config (--allow-config-change), recorded in config.resume-{k}.yaml:\n"
+            f"{describe_changes(changes)}"
+        )
 
 
 def check_new_run_folder(layout: RunLayout) -> None:
     """A new run never replaces a file it did not write: none of the files a run writes whole may be there yet."""
     found = [p.name for p in layout.replaced_files() if p.exists() or p.is_symlink()]
     if found:
-        raise FolderInUseError(f"output_dir {layout.root} holds {', '.join(found)}, which no sail-fast run recorded "
-                               "there; a run never replaces files it did not write: choose a new or empty output_dir")
+        raise FolderInUseError(
+            f"output_dir {layout.root} holds {', '.join(found)}, which no sail-fast run recorded "
+            "there; a run never replaces files it did not write: choose a new or empty output_dir"
+        )
 
 
 def began_before_records(layout: RunLayout) -> bool:
@@ -384,7 +403,9 @@ def check_run_record(layout: RunLayout, log=None) -> None:
     elif not layout.record.is_file() and began_before_records(layout):
         write_json(layout.record, {"config_sha256": file_sha256(layout.config)})
         if log is not None:
-            log(f"{layout.root} was begun by a sail-fast older than run records; recorded its config.yaml in {layout.record}")
+            log(
+                f"{layout.root} was begun by a sail-fast older than run records; recorded its config.yaml in {layout.record}"
+            )
         return
     elif not layout.record.is_file():
         problem = f"it has no {layout.record.name} (the record a run writes beside its config.yaml)"
@@ -396,10 +417,14 @@ def check_run_record(layout: RunLayout, log=None) -> None:
             problem = f"{layout.record} is unreadable ({type(err).__name__}: {err})"
         else:
             if recorded_hash != file_sha256(layout.config):
-                problem = f"{layout.config} is not the file the run recorded in {layout.record.name} (its bytes changed)"
+                problem = (
+                    f"{layout.config} is not the file the run recorded in {layout.record.name} (its bytes changed)"
+                )
     if problem is not None:
-        raise FolderInUseError(f"output_dir {layout.root} is not a sail-fast run this command can continue: {problem}; "
-                               "a run never replaces files it did not write: choose a new or empty output_dir")
+        raise FolderInUseError(
+            f"output_dir {layout.root} is not a sail-fast run this command can continue: {problem}; "
+            "a run never replaces files it did not write: choose a new or empty output_dir"
+        )
     change = describe_version_change(record, version_record())
     if change and log is not None:
         log(change)
@@ -434,4 +459,3 @@ def drop_metrics_after(path: Path, step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(row + "\n" for row in rows))
-

@@ -40,8 +40,10 @@ def _encode(value, tensors: dict[str, torch.Tensor]):
         if all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value), None) in _TAGS):
             return {k: _encode(v, tensors) for k, v in value.items()}
         return {"items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
-    raise TypeError(f"cannot write a {type(value).__name__} into a state file (tensors, numbers, strings, "
-                    "lists, tuples and dicts only)")
+    raise TypeError(
+        f"cannot write a {type(value).__name__} into a state file (tensors, numbers, strings, "
+        "lists, tuples and dicts only)"
+    )
 
 
 def _decode(value, tensors: dict[str, torch.Tensor], where: str):
@@ -101,5 +103,7 @@ def load_state(folder: str | Path, name: str) -> dict:
     try:
         tensors = load_file(str(tensor_path))
     except (OSError, SafetensorError) as err:
-        raise StateFileError(f"{tensor_path} is not a readable safetensors file ({err}); the checkpoint is damaged") from None
+        raise StateFileError(
+            f"{tensor_path} is not a readable safetensors file ({err}); the checkpoint is damaged"
+        ) from None
     return _decode(encoded, tensors, str(text_path))

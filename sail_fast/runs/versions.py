@@ -18,7 +18,9 @@ def _installed(distribution: str) -> str | None:
 
 def version_record() -> dict:
     """{"sail_fast": ..., "torch": ..., "diffusers": ...}: the versions running now (None for one not installed)."""
-    from .. import __version__  # the source's own version: an editable install's metadata keeps the one it was installed at
+    from .. import (
+        __version__,  # the source's own version: an editable install's metadata keeps the one it was installed at
+    )
 
     return {"sail_fast": __version__, "torch": _installed("torch"), "diffusers": _installed("diffusers")}
 
@@ -26,9 +28,14 @@ def version_record() -> dict:
 def describe_version_change(recorded: dict, now: dict) -> str | None:
     """One line naming every package whose version differs between ``recorded`` (what the run began with) and
     ``now``; None when none does. Keys either side lacks (a record from before versions were kept) are not compared."""
-    changed = [f"{PACKAGES.get(key, key)} {recorded[key]} -> {now[key]}" for key in PACKAGES
-               if key in recorded and key in now and recorded[key] != now[key]]
+    changed = [
+        f"{PACKAGES.get(key, key)} {recorded[key]} -> {now[key]}"
+        for key in PACKAGES
+        if key in recorded and key in now and recorded[key] != now[key]
+    ]
     if not changed:
         return None
-    return (f"resuming with other versions than the run began with: {', '.join(changed)}; its finished stages "
-            "were made by the earlier ones")
+    return (
+        f"resuming with other versions than the run began with: {', '.join(changed)}; its finished stages "
+        "were made by the earlier ones"
+    )

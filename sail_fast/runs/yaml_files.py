@@ -26,8 +26,10 @@ def read_yaml(path: str | Path):
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: an alias is one shared node, not a copy
         if root is not None and _expanded_size(root, {}, set()) > MAX_NODES:
-            raise YamlError(f"{path}: its aliases (*name) expand to more than {MAX_NODES:,} values (or refer to "
-                            "themselves); write the values out instead of nesting aliases")
+            raise YamlError(
+                f"{path}: its aliases (*name) expand to more than {MAX_NODES:,} values (or refer to "
+                "themselves); write the values out instead of nesting aliases"
+            )
         if duplicate := _duplicate_key(root):
             raise YamlError(f"{path}: {duplicate}")
         return yaml.safe_load(text)

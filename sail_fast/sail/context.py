@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..runs.config import DataConfig, ModelConfig, SailConfig
-from ..runs.distributed import DistInfo
 from ..diffusion.images import decode_latents, enlarge
 from ..diffusion.stack import DiffusionStack
+from ..runs.config import DataConfig, ModelConfig, SailConfig
+from ..runs.distributed import DistInfo
 from ..runs.layout import RunLayout
 from .world import World
 

@@ -13,15 +13,14 @@ from safetensors.torch import load_file
 
 from ..data.latent_pairs import LatentPairs
 from ..diffusion.images import image_grid
+from ..diffusion.sampling import generate_candidates
 from ..metrics.statistics import paired_difference
 from ..runs.layout import RunLayout
 from ..runs.run_folder import atomic_save_tensors, read_json, write_json
-from ..diffusion.sampling import generate_candidates
 from ..runs.seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
 from .context import RunContext
 from .label_quality import eval_label_quality
 from .ranking import implicit_scorer
-
 
 
 def sample_diversity(latents: torch.Tensor) -> float:
@@ -43,15 +42,23 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     prompts = ctx.world.eval_prompts()
     n = ctx.sail.eval_images_per_prompt
     # The same seeds at every stage, so stages differ only by their weights.
-    latents = generate_candidates(ctx.stack_with(unet), prompts, n, seed=derive_seed(ctx.seed, EVAL_SAMPLE_SEEDS),
-                                  batch_size=ctx.sail.generation_batch, progress=ctx.progress, **ctx.sampling).latents
+    latents = generate_candidates(
+        ctx.stack_with(unet),
+        prompts,
+        n,
+        seed=derive_seed(ctx.seed, EVAL_SAMPLE_SEEDS),
+        batch_size=ctx.sail.generation_batch,
+        progress=ctx.progress,
+        **ctx.sampling,
+    ).latents
     metrics = {"stage": name, "diversity": sample_diversity(latents)}
     samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
     if unet is not ctx.base and (heldout is not None or samples is not None):
         scorer = implicit_scorer(ctx.sail, ctx.beta, ctx.stack.scheduler, unet, ctx.base)
         if heldout is not None:
             metrics["self_label_agreement"] = scorer.pair_accuracy(
-                heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_AGREEMENT_DRAWS)))
+                heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_AGREEMENT_DRAWS))
+            )
         if samples is not None:  # how well the stage's reward ranks its own samples, by the judge (a diagnostic)
             metrics |= eval_label_quality(ctx, scorer, latents, prompts, samples)
     if samples is not None:
@@ -69,6 +76,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     ctx.log(f"{name}: {shown}")
     return metrics
+
 
 def paired_with_earlier(layout: RunLayout, name: str, samples: dict[str, torch.Tensor]) -> dict:
     """Paired differences (mean, prompt-clustered SE) of every term against the base and iter0,
@@ -99,6 +107,7 @@ def metric_rows(layout: RunLayout, rounds: int) -> list[dict]:
         rows.append(row)
     return rows
 
+
 def write_metrics(layout: RunLayout, rounds: int) -> None:
     """``metrics.json`` (one row per evaluated stage) and ``curves.png``."""
     rows = metric_rows(layout, rounds)
@@ -113,8 +122,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity", "reward_spread_mean")
-            if any(k in row for row in rows)]
+    keys = [
+        k
+        for k in ("oracle_score", "digit_accuracy", "self_label_agreement", "diversity", "reward_spread_mean")
+        if any(k in row for row in rows)
+    ]
     if not rows or not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)

@@ -27,8 +27,10 @@ def mask_source(spec: str | None, world_masks: Callable[[torch.Tensor], torch.Te
     """The subject-mask function ``sail.real.mask`` names (unset: the world's own)."""
     if spec is None:
         if world_masks is None:
-            raise ValueError("sail.real.loser: inpaint needs subject masks: set sail.real.mask to a folder of masks "
-                             "named as the images, or to a saliency model 'path/to/file.py:function'")
+            raise ValueError(
+                "sail.real.loser: inpaint needs subject masks: set sail.real.mask to a folder of masks "
+                "named as the images, or to a saliency model 'path/to/file.py:function'"
+            )
         return lambda items, pixels: world_masks(pixels)
     if spec.rpartition(":")[0].endswith(".py"):
         saliency = load_callable(spec, "sail.real.mask")
@@ -43,8 +45,10 @@ def _masks_from_folder(folder: Path, items: Sequence[RealImage], size) -> torch.
     masks = []
     for item in items:
         if not isinstance(item.image, (str, Path)):
-            raise ValueError(f"{item.origin}: a mask folder pairs masks with image files by name; this image has no "
-                             "file name (parquet). Give sail.real.mask as a saliency function instead")
+            raise ValueError(
+                f"{item.origin}: a mask folder pairs masks with image files by name; this image has no "
+                "file name (parquet). Give sail.real.mask as a saliency function instead"
+            )
         stem = Path(item.image).stem
         found = [folder / (stem + suffix) for suffix in IMAGE_SUFFIXES if (folder / (stem + suffix)).is_file()]
         if not found:
@@ -59,11 +63,15 @@ def subject_masks(mask_fn: MaskFn, items: Sequence[RealImage], pixels: torch.Ten
     masks = torch.as_tensor(mask_fn(items, pixels)).float()
     want = (len(pixels), 1, *pixels.shape[-2:])
     if tuple(masks.shape) != want:
-        raise ValueError(f"the subject mask function returned shape {tuple(masks.shape)}; expected {want} "
-                         "(one [1, H, W] mask per image)")
+        raise ValueError(
+            f"the subject mask function returned shape {tuple(masks.shape)}; expected {want} "
+            "(one [1, H, W] mask per image)"
+        )
     if not torch.isfinite(masks).all() or masks.min() < -1e-4 or masks.max() > 1 + 1e-4:
-        raise ValueError(f"subject masks must lie in [0, 1] (1 = redraw); got [{masks.min():.3g}, {masks.max():.3g}] "
-                         f"for {items[0].origin}...")
+        raise ValueError(
+            f"subject masks must lie in [0, 1] (1 = redraw); got [{masks.min():.3g}, {masks.max():.3g}] "
+            f"for {items[0].origin}..."
+        )
     return masks.clamp(0, 1)
 
 
@@ -81,8 +89,10 @@ class PipelineInpainter:
 
         path = Path(path)
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"sail.real.inpaint_pipeline={path} is not a diffusers pipeline directory "
-                                    "(no model_index.json); save one with pipeline.save_pretrained(path)")
+            raise FileNotFoundError(
+                f"sail.real.inpaint_pipeline={path} is not a diffusers pipeline directory "
+                "(no model_index.json); save one with pipeline.save_pretrained(path)"
+            )
         self.pipe = AutoPipelineForInpainting.from_pretrained(path, local_files_only=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if getattr(self.pipe, "safety_checker", None) is not None:
@@ -90,9 +100,19 @@ class PipelineInpainter:
         self.steps, self.strength, self.device = steps, strength, device
 
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, masks: torch.Tensor, captions: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    def __call__(
+        self, pixels: torch.Tensor, masks: torch.Tensor, captions: Sequence[str], seeds: Sequence[int]
+    ) -> torch.Tensor:
         gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        out = self.pipe(prompt=list(captions), image=(pixels + 1) / 2, mask_image=masks, height=pixels.shape[-2],
-                        width=pixels.shape[-1], num_inference_steps=self.steps, strength=self.strength,
-                        generator=gens, output_type="pt").images
+        out = self.pipe(
+            prompt=list(captions),
+            image=(pixels + 1) / 2,
+            mask_image=masks,
+            height=pixels.shape[-2],
+            width=pixels.shape[-1],
+            num_inference_steps=self.steps,
+            strength=self.strength,
+            generator=gens,
+            output_type="pt",
+        ).images
         return (out.float().cpu() * 2 - 1).clamp(-1, 1)

@@ -41,8 +41,13 @@ def within_prompt_spearman(a, b) -> float:
     return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
 
 
-def label_quality(judged: dict[str, torch.Tensor], rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
-                  correlates: tuple[str, ...] = ()) -> dict:
+def label_quality(
+    judged: dict[str, torch.Tensor],
+    rewards: torch.Tensor,
+    win: torch.Tensor,
+    lose: torch.Tensor,
+    correlates: tuple[str, ...] = (),
+) -> dict:
     """The diagnostics above, for prompts whose rewards are all finite."""
     keep = torch.isfinite(rewards).all(1)
     if not keep.any():
@@ -57,7 +62,9 @@ def label_quality(judged: dict[str, torch.Tensor], rewards: torch.Tensor, win: t
         "label_gap_share": float(gap.mean() / own_gap) if own_gap > 0 else float("nan"),
         "reward_human_spearman": within_prompt_spearman(rewards, score),
     }
-    out |= {f"reward_{term}_spearman": within_prompt_spearman(rewards, terms[term]) for term in correlates if term in terms}
+    out |= {
+        f"reward_{term}_spearman": within_prompt_spearman(rewards, terms[term]) for term in correlates if term in terms
+    }
     if "correct" in terms:
         out["best_wrong_digit"] = int((terms["correct"][rows, win] == 0).sum())
         out["worst_wrong_digit"] = int((terms["correct"][rows, lose] == 0).sum())
@@ -75,7 +82,15 @@ def eval_label_quality(ctx, scorer, latents: torch.Tensor, prompts: list[str], j
     latents = latents[:, :n].to(ctx.device)
     embeds = ctx.stack.encode_prompts(prompts).to(ctx.device, scorer.dtype)
     added = ctx.stack.added_cond_kwargs(embeds, *latents.shape[-2:])
-    rewards = scorer.score_many(latents, embeds.prompt_embeds, added_cond_kwargs=added,
-                                generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_LABEL_QUALITY_DRAWS))).float().cpu()
+    rewards = (
+        scorer.score_many(
+            latents,
+            embeds.prompt_embeds,
+            added_cond_kwargs=added,
+            generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_LABEL_QUALITY_DRAWS)),
+        )
+        .float()
+        .cpu()
+    )
     judged = {k: v[:, :n] for k, v in judged.items()}
     return label_quality(judged, rewards, rewards.argmax(1), rewards.argmin(1), ctx.world.reward_correlates)

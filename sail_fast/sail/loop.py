@@ -28,17 +28,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..diffusion.build import build_stack, check_model_available
-from ..runs.config import RunConfig, round_config
 from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
-from ..runs.distributed import DistInfo
+from ..diffusion.build import build_stack, check_model_available
+from ..diffusion.lora import PREVIOUS
 from ..dpo.builder import trainer_for
 from ..dpo.trainer import DPOTrainer
-from ..diffusion.lora import PREVIOUS
+from ..runs.config import RunConfig, round_config
+from ..runs.distributed import DistInfo
+from ..runs.layout import RunLayout
 from ..runs.output_folder import writable_folder
 from ..runs.readback import check_run_records
-from ..runs.layout import RunLayout
 from ..runs.run_folder import RunLock, atomic_write_text, record_config, write_json
 from ..runs.seeding import STAGE_TRAINING, derive_seed
 from ..runs.yaml_files import dump_yaml
@@ -54,20 +54,34 @@ from .world import world_class
 class SailLoop:
     """Runs ``config``'s SAIL rounds in ``config.output_dir`` (see the module docstring)."""
 
-    def __init__(self, config: RunConfig, *, dist: DistInfo = DistInfo(), device: torch.device | str = "cpu",
-                 log=None) -> None:
+    def __init__(
+        self, config: RunConfig, *, dist: DistInfo = DistInfo(), device: torch.device | str = "cpu", log=None
+    ) -> None:
         if config.sail is None:
-            raise ValueError("this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`")
+            raise ValueError(
+                "this config has no sail: section; add one (see configs/toy.yaml) or use `sail-fast train`"
+            )
         self.config, self.sail, self.dist, self._log = config, config.sail, dist, log
         check_model_available(config.model)
         self.out = writable_folder(config.output_dir, "output_dir")  # a path mistake ends here, before any work
         self.layout = RunLayout(self.out, config.sail.iter0_from)  # before anything can log
         stack = build_stack(config.model, seed=config.seed, device=torch.device(device))
-        self.policies = Policies(stack.unet, config.train.lora, config.seed)  # whole UNets, or LoRA adapters on the one base UNet
-        world = world_class(config.model.toy)(config.sail, config.data.seed_pairs, seed=config.seed, out=self.out,
-                                              log=self.log, toy=config.toy)
-        shared = {"stack": stack, "base": self.policies.base, "dist": dist, "device": torch.device(device), "out": self.out,
-                  "world": world, "log": self.log, "progress": config.train.progress and dist.is_main}
+        self.policies = Policies(
+            stack.unet, config.train.lora, config.seed
+        )  # whole UNets, or LoRA adapters on the one base UNet
+        world = world_class(config.model.toy)(
+            config.sail, config.data.seed_pairs, seed=config.seed, out=self.out, log=self.log, toy=config.toy
+        )
+        shared = {
+            "stack": stack,
+            "base": self.policies.base,
+            "dist": dist,
+            "device": torch.device(device),
+            "out": self.out,
+            "world": world,
+            "log": self.log,
+            "progress": config.train.progress and dist.is_main,
+        }
         self.ctx = self.context_for(config, **shared)
         self.base = self.ctx.base
 
@@ -75,8 +89,14 @@ class SailLoop:
         """What the stages read of ``config`` (its sections and values, never the whole of it), with ``shared``
         (the stack, ranks, folder, world, log) or else this loop's."""
         sails = tuple(round_config(config, r).sail for r in range(1, config.sail.rounds + 1))
-        sections = {"sail": config.sail, "data": config.data, "model": config.model, "beta": config.train.beta, "seed": config.seed,
-                    "round_sails": sails}
+        sections = {
+            "sail": config.sail,
+            "data": config.data,
+            "model": config.model,
+            "beta": config.train.beta,
+            "seed": config.seed,
+            "round_sails": sails,
+        }
         return RunContext(**sections, **shared) if shared else dataclasses.replace(self.ctx, **sections)
 
     def log(self, text: str) -> None:
@@ -95,16 +115,30 @@ class SailLoop:
             )
         rounds = self._round_prompts()  # enough prompts for every round? Found out now, not after iter0 has trained.
         with RunLock(self.out, log=self.log) if self.dist.is_main else contextlib.nullcontext():
-            record_config(self.out, self.config.model_dump(mode="json"), resume=resume, allow_change=allow_config_change,
-                          log=self.log, write=self.dist.is_main)
+            record_config(
+                self.out,
+                self.config.model_dump(mode="json"),
+                resume=resume,
+                allow_change=allow_config_change,
+                log=self.log,
+                write=self.dist.is_main,
+            )
             return self._run_stages(rounds)
 
     def _run_stages(self, rounds: list[list[str]]) -> Path:
         check_run_records(self.layout, self.sail.rounds)  # a finished stage's damaged record: named before any work
         seed_sources, heldout_sources = self.ctx.world.human_pairs(self.ctx)
-        pair_args = {"model": self.config.model, "data": self.config.data, "cache_dir": self.config.data.cache_dir or self.layout.cache,
-                     "seed": self.config.seed, "dist": self.dist, "log": self.log}
-        seed_pairs = load_pairs(seed_sources, self.ctx.stack, **pair_args) if seed_sources else None  # None: rounds alone
+        pair_args = {
+            "model": self.config.model,
+            "data": self.config.data,
+            "cache_dir": self.config.data.cache_dir or self.layout.cache,
+            "seed": self.config.seed,
+            "dist": self.dist,
+            "log": self.log,
+        }
+        seed_pairs = (
+            load_pairs(seed_sources, self.ctx.stack, **pair_args) if seed_sources else None
+        )  # None: rounds alone
         heldout = load_pairs(heldout_sources, self.ctx.stack, **pair_args) if heldout_sources else None
         # The seed file is the human budget: a cap meant for real data must not cut it silently.
         self.log(f"seed: {len(seed_pairs or [])} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
@@ -117,7 +151,11 @@ class SailLoop:
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
             # Round r trains its input policy in place, so the next round's reference (sail.ranking_reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.
-            previous = self.policies.load(self.policy_dir(r - 1), PREVIOUS) if self.sail.ranking_reference == "previous" else self.base
+            previous = (
+                self.policies.load(self.policy_dir(r - 1), PREVIOUS)
+                if self.sail.ranking_reference == "previous"
+                else self.base
+            )
         self._write_metrics()
         last = RunLayout.stage_name(self.sail.rounds)
         self.ctx.world.report(self.ctx, metric_rows(self.layout, self.sail.rounds), last)
@@ -142,14 +180,19 @@ class SailLoop:
     def _stage_config(self, stage: int, steps: int | None, config: RunConfig) -> RunConfig:
         """The config one training stage runs with; recorded in its folder (``config.yaml``) when it starts."""
         train = config.train.model_copy(update={"steps": steps or config.train.steps})
-        config = config.model_copy(update={"seed": derive_seed(config.seed, STAGE_TRAINING + stage) % 2**31, "train": train})
+        config = config.model_copy(
+            update={"seed": derive_seed(config.seed, STAGE_TRAINING + stage) % 2**31, "train": train}
+        )
         if self.dist.is_main and not self.layout.stage_config(stage).exists():
             atomic_write_text(self.layout.stage_config(stage), dump_yaml(config.model_dump(mode="json")))
         return config
 
-    def _trainer(self, config: RunConfig, policy, seed_pairs, **options) -> DPOTrainer:  # the stage config's section and seed
-        return trainer_for(config, policy, self.ctx.stack.scheduler, seed_pairs, dist=self.dist, device=self.ctx.device,
-                           **options)
+    def _trainer(
+        self, config: RunConfig, policy, seed_pairs, **options
+    ) -> DPOTrainer:  # the stage config's section and seed
+        return trainer_for(
+            config, policy, self.ctx.stack.scheduler, seed_pairs, dist=self.dist, device=self.ctx.device, **options
+        )
 
     def _write_metrics(self) -> None:
         if self.dist.is_main:
@@ -168,15 +211,21 @@ class SailLoop:
                     self.policies.save_fresh(layout.final(0))
             else:
                 self.log(f"iter0: Diffusion-DPO on {len(seed_pairs)} seed pairs against the base model")
-                trainer = self._trainer(self._stage_config(0, self.sail.iter0_steps, self.config), self.policies.fresh(),
-                                        seed_pairs, output_dir=layout.training(0).root)
+                trainer = self._trainer(
+                    self._stage_config(0, self.sail.iter0_steps, self.config),
+                    self.policies.fresh(),
+                    seed_pairs,
+                    output_dir=layout.training(0).root,
+                )
                 trainer.train(resume=True)
                 del trainer
             self.dist.barrier()
             policy = self.policies.load(self.policy_dir(0))
             evaluate_stage(self.ctx, stage, policy, heldout)
             if self.dist.is_main:
-                write_json(layout.done(stage), {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])})
+                write_json(
+                    layout.done(stage), {"seconds": time.perf_counter() - started, "human_pairs": len(seed_pairs or [])}
+                )
             self.dist.barrier()
         self._write_metrics()
         return self.policies.load(self.policy_dir(0))
@@ -188,24 +237,37 @@ class SailLoop:
         config = round_config(self.config, r)  # with sail.round_overrides[r]
         started, ctx = time.perf_counter(), self.context_for(config)
         layout.stage(stage).mkdir(parents=True, exist_ok=True)
-        pairs = round_pairs(ctx, real_set, r, prompts, policy, self.base if ctx.sail.ranking_reference == "base" else previous)
+        pairs = round_pairs(
+            ctx, real_set, r, prompts, policy, self.base if ctx.sail.ranking_reference == "base" else previous
+        )
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:
             pairs.save(layout.pairs(r))
         mixed = f"mixed with {len(seed_pairs)} seed pairs" if seed_pairs and config.train.mixup_alpha < 1 else "alone"
         self.log(f"round {r}: training on {len(pairs)} round pairs ({by_source}) {mixed}")
-        trainer = self._trainer(self._stage_config(r, ctx.sail.round_steps, config), self.policies.trainable(policy),
-                                seed_pairs, generated_pairs=pairs, output_dir=layout.training(r).root,
-                                reference=self.base if ctx.sail.training_reference == "base" else None)
+        trainer = self._trainer(
+            self._stage_config(r, ctx.sail.round_steps, config),
+            self.policies.trainable(policy),
+            seed_pairs,
+            generated_pairs=pairs,
+            output_dir=layout.training(r).root,
+            reference=self.base if ctx.sail.training_reference == "base" else None,
+        )
         trainer.train(resume=True)
         del trainer
         policy = self.policies.load(self.policy_dir(r))
         if self.sail.eval_each_round or r == self.sail.rounds:
             evaluate_stage(self.ctx, stage, policy, heldout)
         if self.dist.is_main:
-            write_json(layout.done(stage), {"seconds": time.perf_counter() - started, "generated_pairs": len(pairs),
-                                       "pairs_by_source": by_source, "human_pairs": len(seed_pairs or [])})
+            write_json(
+                layout.done(stage),
+                {
+                    "seconds": time.perf_counter() - started,
+                    "generated_pairs": len(pairs),
+                    "pairs_by_source": by_source,
+                    "human_pairs": len(seed_pairs or []),
+                },
+            )
         self.dist.barrier()
         self._write_metrics()
         return policy
-

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..diffusion.lora import POLICY, AdapterView, adapter_state, add_policy_adapter, load_adapter, save_adapter
 from ..diffusion.stack import load_unet
-from ..runs.readback import check_run_weights
 from ..runs.layout import DONE
+from ..runs.readback import check_run_weights
 from ..runs.run_folder import write_manifest
 
 
@@ -66,5 +66,7 @@ def missing_policy(folder: Path) -> str:
     done = next((stage / DONE for stage in list(folder.parents)[1:3] if (stage / DONE).is_file()), None)
     if done is None:
         return f"{folder} is missing"
-    return (f"{folder} is missing, though its stage is marked done ({done}); to train that stage again, delete "
-            f"{done.parent} and every later stage's folder, then rerun with --resume")
+    return (
+        f"{folder} is missing, though its stage is marked done ({done}); to train that stage again, delete "
+        f"{done.parent} and every later stage's folder, then rerun with --resume"
+    )

@@ -14,11 +14,11 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..runs.config import SailConfig
 from ..diffusion.images import decode_latents
-from ..metrics import Metric
 from ..diffusion.stack import DiffusionStack, PromptEmbeds
+from ..metrics import Metric
 from ..reward.scorer import Draws, ImplicitRewardScorer
+from ..runs.config import SailConfig
 from ..runs.seeding import ROUND_RANDOM_PAIRS, ROUND_RANKING_DRAWS, derive_seed
 from .context import RunContext
 
@@ -26,20 +26,29 @@ from .context import RunContext
 def implicit_scorer(sail: SailConfig, beta: float, scheduler, policy, reference) -> ImplicitRewardScorer:
     """The implicit-reward scorer as a SAIL run sets it up, for ranking and evaluation alike: K = sail.num_draws,
     sail.scoring_batch noised latents per UNet call, sail.compile, sail's estimator and timestep band."""
-    return ImplicitRewardScorer(policy, reference, scheduler, beta=beta, num_draws=sail.num_draws,
-                                micro_batch=sail.scoring_batch, compile=sail.compile, **sail.scorer_options())
+    return ImplicitRewardScorer(
+        policy,
+        reference,
+        scheduler,
+        beta=beta,
+        num_draws=sail.num_draws,
+        micro_batch=sail.scoring_batch,
+        compile=sail.compile,
+        **sail.scorer_options(),
+    )
 
 
-def external_scores(metric: Metric, stack: DiffusionStack, prompts: list[str], latents: torch.Tensor,
-                    batch_size: int = 64) -> torch.Tensor:
+def external_scores(
+    metric: Metric, stack: DiffusionStack, prompts: list[str], latents: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """``metric``'s score of every candidate: latents [P, N, C, H, W] -> scores [P, N] (float32, CPU)."""
     num_prompts, n = latents.shape[:2]
     flat = latents.flatten(0, 1)
     per_image = [p for p in prompts for _ in range(n)]
     scores = []
     for start in range(0, len(flat), batch_size):
-        pictures = decode_latents(flat[start:start + batch_size], stack.vae)
-        scores.append(metric.score(pictures, per_image[start:start + batch_size]))
+        pictures = decode_latents(flat[start : start + batch_size], stack.vae)
+        scores.append(metric.score(pictures, per_image[start : start + batch_size]))
     return torch.cat(scores).view(num_prompts, n)
 
 
@@ -52,8 +61,14 @@ def finite_mean_std(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
-def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, temperature: float = 1.0,
-                norm: str = "zscore", score_range: tuple[float, float] | None = None) -> torch.Tensor:
+def soft_labels(
+    scores: torch.Tensor,
+    win: torch.Tensor,
+    lose: torch.Tensor,
+    temperature: float = 1.0,
+    norm: str = "zscore",
+    score_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """P(win preferred) per prompt: a two-way softmax over the pair's normalised scores,
     p = exp(n_w / T) / (exp(n_w / T) + exp(n_l / T)) = sigmoid((n_w - n_l) / T).
 
@@ -79,8 +94,9 @@ def soft_labels(scores: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, tem
     return torch.sigmoid((n[rows, win] - n[rows, lose]) / temperature).float()
 
 
-def drop_non_finite(scores: torch.Tensor, latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor,
-                    best_worst: bool = True):
+def drop_non_finite(
+    scores: torch.Tensor, latents: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, best_worst: bool = True
+):
     """Keep non-finite candidates out of the pairs.
 
     A candidate is dropped when its score or any of its latent values is NaN or infinite (one NaN
@@ -124,7 +140,9 @@ class _Pairing:
             return scores.argmax(1), scores.argmin(1)
         win, lose = [], []
         for row, i in enumerate(idx):
-            gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, ROUND_RANDOM_PAIRS + r, self.ctx.global_position(i)))
+            gen = torch.Generator().manual_seed(
+                derive_seed(self.ctx.seed, ROUND_RANDOM_PAIRS + r, self.ctx.global_position(i))
+            )
             a, b = torch.randperm(self.ctx.sail.candidates, generator=gen)[:2].tolist()
             if scores[row, b] > scores[row, a]:
                 a, b = b, a
@@ -145,7 +163,9 @@ class ExternalRanker(_Pairing):
         self.score_range = self.metric.soft_label_range
 
     def rank(self, r, prompts, embeds, latents, policy, reference):
-        scores = external_scores(self.metric, self.ctx.stack, prompts, latents, batch_size=self.ctx.sail.generation_batch)
+        scores = external_scores(
+            self.metric, self.ctx.stack, prompts, latents, batch_size=self.ctx.sail.generation_batch
+        )
         return scores, *self.choose(r, list(range(len(prompts))), scores)
 
 
@@ -159,14 +179,21 @@ class ImplicitRanker(_Pairing):
         chunk = max(1, sail.scoring_batch // (sail.candidates * sail.num_draws))
         rewards, win, lose = [], [], []
         with scorer.scoring_layout():  # the weights copied to channels_last once for all chunks, not per chunk
-            for start in tqdm(range(0, len(prompts), chunk), desc=f"round {r} rank", unit="chunk", disable=not ctx.progress):
+            for start in tqdm(
+                range(0, len(prompts), chunk), desc=f"round {r} rank", unit="chunk", disable=not ctx.progress
+            ):
                 idx = list(range(start, min(start + chunk, len(prompts))))
                 draws = self.draws(r, idx, latents.shape[2:], scorer)
                 part = embeds.index(idx).to(ctx.device, scorer.dtype)
                 added = ctx.stack.added_cond_kwargs(part, height, width)
-                chosen = scorer.best_worst(latents[idx].to(ctx.device), part.prompt_embeds, added_cond_kwargs=added,
-                                           timesteps=draws.timesteps, noise=draws.noise,
-                                           adaptive=sail.adaptive and sail.pairing == "best_worst")
+                chosen = scorer.best_worst(
+                    latents[idx].to(ctx.device),
+                    part.prompt_embeds,
+                    added_cond_kwargs=added,
+                    timesteps=draws.timesteps,
+                    noise=draws.noise,
+                    adaptive=sail.adaptive and sail.pairing == "best_worst",
+                )
                 scores = chosen.rewards.float().cpu()
                 rewards.append(scores)
                 if sail.pairing == "best_worst":
@@ -181,8 +208,13 @@ class ImplicitRanker(_Pairing):
     def draws(self, r: int, idx: list[int], latent_shape, scorer: ImplicitRewardScorer) -> Draws:
         """K draws per prompt, a function of (seed, round, the prompt's global position) only."""
         per_prompt = [
-            scorer.sample_draws(1, tuple(latent_shape), generator=torch.Generator().manual_seed(
-                derive_seed(self.ctx.seed, ROUND_RANKING_DRAWS + r, self.ctx.global_position(i))))
+            scorer.sample_draws(
+                1,
+                tuple(latent_shape),
+                generator=torch.Generator().manual_seed(
+                    derive_seed(self.ctx.seed, ROUND_RANKING_DRAWS + r, self.ctx.global_position(i))
+                ),
+            )
             for i in idx
         ]
         return Draws(torch.cat([d.timesteps for d in per_prompt]), torch.cat([d.noise for d in per_prompt]))

@@ -17,8 +17,8 @@ from ..data.latent_pairs import LatentPairs
 from ..data.records import open_image
 from ..data.sources import fingerprint
 from ..diffusion.images import decode_latents, image_grid
-from ..runs.run_folder import atomic_save_tensors
 from ..diffusion.sampling import generate_candidates, regenerate_region
+from ..runs.run_folder import atomic_save_tensors
 from ..runs.seeding import ROUND_REAL_LOSERS, ROUND_REAL_MASKS, derive_seed
 from .context import RunContext
 from .inpaint import PipelineInpainter, latent_masks, mask_source, subject_masks
@@ -53,7 +53,9 @@ def top_k_real_images(ctx: RunContext, items: list) -> list:
     scores = []
     for start in tqdm(range(0, len(items), 64), desc="score real images", unit="batch", disable=not ctx.progress):
         chunk = items[start : start + 64]
-        scores.append(metric.score([open_image(it.image, it.origin, "real") for it in chunk], [it.caption for it in chunk]))
+        scores.append(
+            metric.score([open_image(it.image, it.origin, "real") for it in chunk], [it.caption for it in chunk])
+        )
     order = torch.cat(scores).argsort(descending=True, stable=True)[:k]
     ctx.log(f"RealAlign: kept the top {min(k, len(items))} of {len(items)} real images by {metric.name}")
     return [items[i] for i in order.tolist()]
@@ -68,17 +70,32 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
     items = read_real_images(source)
     available = min(len(items), real.top_k or len(items))
     if available < need:
-        raise ValueError(f"{source} holds {len(items)} real images" + (f" (keeping top_k={real.top_k})" if real.top_k else "")
-                         + f", but {sail.real_per_round()} real pairs per round"
-                         + (f" x {sail.rounds} rounds" if real.disjoint else "") + f" need {need}; "
-                         "add images or lower sail.real.per_round" + (" (or sail.rounds)" if real.disjoint else ""))
-    settings = {"model": ctx.model.model_dump(), "resolution": ctx.data.resolution, "count": need,
-                "seed": ctx.seed, "loser": real.loser, "top_k": real.top_k, "filter": real.filter_metric}
+        raise ValueError(
+            f"{source} holds {len(items)} real images"
+            + (f" (keeping top_k={real.top_k})" if real.top_k else "")
+            + f", but {sail.real_per_round()} real pairs per round"
+            + (f" x {sail.rounds} rounds" if real.disjoint else "")
+            + f" need {need}; "
+            "add images or lower sail.real.per_round" + (" (or sail.rounds)" if real.disjoint else "")
+        )
+    settings = {
+        "model": ctx.model.model_dump(),
+        "resolution": ctx.data.resolution,
+        "count": need,
+        "seed": ctx.seed,
+        "loser": real.loser,
+        "top_k": real.top_k,
+        "filter": real.filter_metric,
+    }
     if real.loser in ("blur", "noise"):  # the only losers encoded with the real images
         settings[real.loser] = real.blur_sigma if real.loser == "blur" else real.noise_std
     if "inpaint" in loser_kinds:
-        settings |= {"mask": real.mask, "pipeline": real.inpaint_pipeline, "steps": real.inpaint_steps,
-                     "strength": real.inpaint_strength}
+        settings |= {
+            "mask": real.mask,
+            "pipeline": real.inpaint_pipeline,
+            "steps": real.inpaint_steps,
+            "strength": real.inpaint_strength,
+        }
     cache = Path(ctx.data.cache_dir or ctx.layout.cache) / f"real-{fingerprint([Path(source)], settings)}.safetensors"
     masks_file = cache.with_suffix(".masks.safetensors")
     policy_inpaints = "inpaint" in loser_kinds and real.inpaint_pipeline is None
@@ -89,17 +106,29 @@ def encoded_real_images(ctx: RunContext) -> RealSet:
         ctx.log(f"RealAlign: encoding {need} real images from {source} (loser: {real.loser})")
         redraw = None
         if real.inpaint_pipeline is not None:
-            inpainter = PipelineInpainter(real.inpaint_pipeline, steps=real.inpaint_steps, strength=real.inpaint_strength,
-                                          device=ctx.device)
+            inpainter = PipelineInpainter(
+                real.inpaint_pipeline, steps=real.inpaint_steps, strength=real.inpaint_strength, device=ctx.device
+            )
 
             def redraw(pixels, chunk, seeds):
                 return inpainter(pixels, subject_masks(mask_fn, chunk, pixels), [it.caption for it in chunk], seeds)
 
-        encoded = encode_real(items[:need], ctx.stack, resolution=ctx.data.resolution, loser=real.loser,
-                              blur_sigma=real.blur_sigma, noise_std=real.noise_std, seed=ctx.seed,
-                              batch_size=ctx.data.encode_batch_size, redraw=redraw, progress=ctx.progress)
+        encoded = encode_real(
+            items[:need],
+            ctx.stack,
+            resolution=ctx.data.resolution,
+            loser=real.loser,
+            blur_sigma=real.blur_sigma,
+            noise_std=real.noise_std,
+            seed=ctx.seed,
+            batch_size=ctx.data.encode_batch_size,
+            redraw=redraw,
+            progress=ctx.progress,
+        )
         if policy_inpaints:  # written first: the pairs file marks the cache complete
-            atomic_save_tensors({"masks": _latent_subject_masks(ctx, items[:need], mask_fn, encoded.win.shape[-2:])}, masks_file)
+            atomic_save_tensors(
+                {"masks": _latent_subject_masks(ctx, items[:need], mask_fn, encoded.win.shape[-2:])}, masks_file
+            )
         encoded.save(cache)  # written to a temporary name and renamed
     ctx.dist.barrier()
     return RealSet(LatentPairs.load(cache), load_file(masks_file)["masks"] if policy_inpaints else None)
@@ -129,11 +158,15 @@ def real_pairs(ctx: RunContext, real_set: RealSet, r: int, policy) -> LatentPair
     pairs = LatentPairs.cat([g[0] for g in gathered]).subset(order[kept].tolist())
     if ctx.dist.is_main:
         _grid(ctx, ctx.layout.real_pairs_grid(r), pairs)
-    dropped = f"; {int((~kept).sum())} of {len(kept)} dropped by the margin filter" if real.min_margin is not None else ""
+    dropped = (
+        f"; {int((~kept).sum())} of {len(kept)} dropped by the margin filter" if real.min_margin is not None else ""
+    )
     ctx.log(f"round {r}: {len(pairs)} real pairs (RealAlign, loser: {real.loser}{dropped})")
     if not len(pairs):
-        raise ValueError(f"round {r}: no real pair passed sail.real.min_margin={real.min_margin} "
-                         f"({real.filter_metric}); lower the margin or unset it")
+        raise ValueError(
+            f"round {r}: no real pair passed sail.real.min_margin={real.min_margin} "
+            f"({real.filter_metric}); lower the margin or unset it"
+        )
     return pairs
 
 
@@ -145,8 +178,9 @@ def _past_margin(ctx: RunContext, part: LatentPairs) -> torch.Tensor:
     return (real - loser) > ctx.sail.real.min_margin
 
 
-def _losers(ctx: RunContext, r: int, part: LatentPairs, positions: list[int], policy,
-            masks: torch.Tensor | None) -> torch.Tensor:
+def _losers(
+    ctx: RunContext, r: int, part: LatentPairs, positions: list[int], policy, masks: torch.Tensor | None
+) -> torch.Tensor:
     """The round policy's losers (its own sample, or the real latent with a redrawn region or subject),
     seeded by (seed, round, position) and saved so a resumed round does not redraw them."""
     file = ctx.layout.real_losers(r, ctx.dist.rank)
@@ -159,15 +193,44 @@ def _losers(ctx: RunContext, r: int, part: LatentPairs, positions: list[int], po
     height, width = part.win.shape[-2:]
     sampling = real.sampling(ctx.sampling)
     if real.loser == "own_sample":
-        latents = generate_candidates(stack, caps, 1, seeds=seeds.view(-1, 1), height=height, width=width,
-                                      batch_size=sail.generation_batch, progress=ctx.progress, **sampling).latents[:, 0]
+        latents = generate_candidates(
+            stack,
+            caps,
+            1,
+            seeds=seeds.view(-1, 1),
+            height=height,
+            width=width,
+            batch_size=sail.generation_batch,
+            progress=ctx.progress,
+            **sampling,
+        ).latents[:, 0]
     elif real.loser == "inpaint":
-        latents = regenerate_region(stack, part.win, caps, masks, strength=real.inpaint_strength, seeds=seeds,
-                                    batch_size=sail.generation_batch, progress=ctx.progress, **sampling)
+        latents = regenerate_region(
+            stack,
+            part.win,
+            caps,
+            masks,
+            strength=real.inpaint_strength,
+            seeds=seeds,
+            batch_size=sail.generation_batch,
+            progress=ctx.progress,
+            **sampling,
+        )
     else:
-        masks = region_masks(height, width, real.mask_fraction, [derive_seed(ctx.seed, ROUND_REAL_MASKS + r, p) for p in positions])
-        latents = regenerate_region(stack, part.win, caps, masks, strength=real.renoise_strength, seeds=seeds,
-                                    batch_size=sail.generation_batch, progress=ctx.progress, **sampling)
+        masks = region_masks(
+            height, width, real.mask_fraction, [derive_seed(ctx.seed, ROUND_REAL_MASKS + r, p) for p in positions]
+        )
+        latents = regenerate_region(
+            stack,
+            part.win,
+            caps,
+            masks,
+            strength=real.renoise_strength,
+            seeds=seeds,
+            batch_size=sail.generation_batch,
+            progress=ctx.progress,
+            **sampling,
+        )
     atomic_save_tensors({"latents": latents}, file)
     return latents
 
@@ -176,5 +239,7 @@ def _grid(ctx: RunContext, path: Path, pairs: LatentPairs) -> None:
     rows = min(ctx.sail.grid_prompts, len(pairs))
     images = ctx.pictures(torch.stack([pairs.win[:rows], pairs.lose[:rows]], dim=1).flatten(0, 1).float())
     if images is not None:
-        loser = {"own_sample": "sample", "masked_renoise": "redrawn", "inpaint": "inpainted"}.get(ctx.sail.real.loser, ctx.sail.real.loser)
+        loser = {"own_sample": "sample", "masked_renoise": "redrawn", "inpaint": "inpainted"}.get(
+            ctx.sail.real.loser, ctx.sail.real.loser
+        )
         image_grid(images, columns=2, captions=["real", loser] * rows).save(path)

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..runs.config import RealLoser
 from ..data.encode import (
     encode_pixels,
     image_mode,
@@ -40,9 +39,14 @@ from ..data.encode import (
 from ..data.latent_pairs import LatentPairs
 from ..data.records import ImageSource, open_image
 from ..diffusion.stack import DiffusionStack
+from ..runs.config import RealLoser
 
 REAL_LOSERS = get_args(RealLoser)
-PER_ROUND_LOSERS = ("own_sample", "masked_renoise", "inpaint")  # drawn by the round's policy (inpaint: unless a pipeline)
+PER_ROUND_LOSERS = (
+    "own_sample",
+    "masked_renoise",
+    "inpaint",
+)  # drawn by the round's policy (inpaint: unless a pipeline)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image", "jpg", "png", "img")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -78,7 +82,9 @@ def _read_metadata_jsonl(folder: Path) -> list[RealImage]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{origin}: not valid JSON ({e.msg}); write one {{"file_name": ..., "text": ...}} per line') from e
+            raise ValueError(
+                f'{origin}: not valid JSON ({e.msg}); write one {{"file_name": ..., "text": ...}} per line'
+            ) from e
         name = obj.get("file_name") if isinstance(obj, dict) else None
         if not isinstance(name, str):
             raise ValueError(f'{origin}: needs "file_name" (the image, relative to {folder}) and a caption')
@@ -92,8 +98,10 @@ def _read_sidecar_captions(folder: Path) -> list[RealImage]:
     images = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     missing = [f.name for f in images if not f.with_suffix(".txt").is_file()]
     if missing:
-        raise ValueError(f"{folder}: {len(missing)} image(s) have no caption, e.g. {missing[:3]}; put the caption in "
-                         f"{Path(missing[0]).with_suffix('.txt')} beside each image, or list them in metadata.jsonl")
+        raise ValueError(
+            f"{folder}: {len(missing)} image(s) have no caption, e.g. {missing[:3]}; put the caption in "
+            f"{Path(missing[0]).with_suffix('.txt')} beside each image, or list them in metadata.jsonl"
+        )
     items = []
     for f in images:
         caption = f.with_suffix(".txt").read_text(encoding="utf-8").strip()
@@ -116,9 +124,11 @@ def _read_parquet(files: list[Path]) -> list[RealImage]:
         image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
         caption_col = next((c for c in CAPTION_COLUMNS if c in names), None)
         if image_col is None or caption_col is None:
-            raise ValueError(f"{file}: found columns {names}; real-image parquet needs an image column (one of "
-                             f"{list(IMAGE_COLUMNS)}: encoded bytes, or a {{bytes, path}} struct) and a caption column "
-                             f"(one of {list(CAPTION_COLUMNS)})")
+            raise ValueError(
+                f"{file}: found columns {names}; real-image parquet needs an image column (one of "
+                f"{list(IMAGE_COLUMNS)}: encoded bytes, or a {{bytes, path}} struct) and a caption column "
+                f"(one of {list(CAPTION_COLUMNS)})"
+            )
         row = 0
         for batch in pf.iter_batches(batch_size=512, columns=[image_col, caption_col]):
             for image, caption in zip(batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist()):
@@ -146,8 +156,10 @@ def read_real_images(path: str | os.PathLike) -> list[RealImage]:
     elif not path.exists():
         raise FileNotFoundError(f"sail.real.data={path} does not exist")
     else:
-        raise ValueError(f"{path}: not a folder of images with captions (metadata.jsonl, or a .txt beside each image) "
-                         "or real-image parquet")
+        raise ValueError(
+            f"{path}: not a folder of images with captions (metadata.jsonl, or a .txt beside each image) "
+            "or real-image parquet"
+        )
     if not items:
         raise ValueError(f"{path}: holds no real images")
     return items
@@ -200,9 +212,19 @@ def real_pixels(items: Sequence[RealImage], resolution: int, mode: str) -> tuple
     return torch.from_numpy(np.stack([arr for arr, _ in prepared])), [ids for _, ids in prepared]
 
 
-def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution: int, loser: str,
-                blur_sigma: float = 2.0, noise_std: float = 0.2, seed: int = 0, batch_size: int = 16,
-                redraw=None, progress: bool = True) -> LatentPairs:
+def encode_real(
+    items: Sequence[RealImage],
+    stack: DiffusionStack,
+    *,
+    resolution: int,
+    loser: str,
+    blur_sigma: float = 2.0,
+    noise_std: float = 0.2,
+    seed: int = 0,
+    batch_size: int = 16,
+    redraw=None,
+    progress: bool = True,
+) -> LatentPairs:
     """Real images as LatentPairs winners; losers are the perturbed copies for ``blur`` and ``noise``,
     else ``redraw``'s (a callable (pixels, items, seeds) -> pixels: an inpainting pipeline) when given,
     else a copy of the winner, replaced each round by the policy's loser.
@@ -227,7 +249,9 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
         if loser == "blur":
             lose.append(encode_pixels(gaussian_blur(pixels, blur_sigma), stack, chunk_seeds[:, 1], origins))
         elif loser == "noise":
-            lose.append(encode_pixels(pixel_noise(pixels, noise_std, chunk_seeds[:, 2]), stack, chunk_seeds[:, 1], origins))
+            lose.append(
+                encode_pixels(pixel_noise(pixels, noise_std, chunk_seeds[:, 2]), stack, chunk_seeds[:, 1], origins)
+            )
         elif redraw is not None:
             lose.append(encode_pixels(redraw(pixels, chunk, chunk_seeds[:, 2]), stack, chunk_seeds[:, 1], origins))
         else:
@@ -236,11 +260,16 @@ def encode_real(items: Sequence[RealImage], stack: DiffusionStack, *, resolution
     bar.close()
     ids = torch.tensor(time_ids, dtype=torch.float32) if stack.is_sdxl else None
     return LatentPairs(
-        win=torch.cat(win), lose=torch.cat(lose),
+        win=torch.cat(win),
+        lose=torch.cat(lose),
         prompt_index=torch.tensor([row_of[it.caption] for it in items], dtype=torch.int64),
-        prompts=prompts, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-        time_ids_win=ids, time_ids_lose=None if ids is None else ids.clone(),
-        label=torch.ones(len(items)), source=[SOURCE] * len(items),
+        prompts=prompts,
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        time_ids_win=ids,
+        time_ids_lose=None if ids is None else ids.clone(),
+        label=torch.ones(len(items)),
+        source=[SOURCE] * len(items),
     )
 
 

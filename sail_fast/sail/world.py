@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..runs.config import SailConfig, ToyConfig
 from ..diffusion.prompts import read_prompts
+from ..runs.config import SailConfig, ToyConfig
 
 WORLDS = {"toy": "sail_fast.toy.run:ToyWorld"}  # name -> "module:class"
 
@@ -24,9 +24,17 @@ class World:
     """``sail``: the run's sail section; ``seed_pairs``: ``data.seed_pairs``; ``seed``: the run's seed;
     ``toy``: the toy world's own section (read by the toy world only)."""
 
-    def __init__(self, sail: SailConfig, seed_pairs: list[str], *, seed: int, out: Path, log=print,
-                 toy: ToyConfig | None = None) -> None:
-        self.sail, self.seed_pairs, self.seed, self.toy, self.out, self.log = sail, list(seed_pairs), seed, toy, Path(out), log
+    def __init__(
+        self, sail: SailConfig, seed_pairs: list[str], *, seed: int, out: Path, log=print, toy: ToyConfig | None = None
+    ) -> None:
+        self.sail, self.seed_pairs, self.seed, self.toy, self.out, self.log = (
+            sail,
+            list(seed_pairs),
+            seed,
+            toy,
+            Path(out),
+            log,
+        )
 
     def round_pool(self) -> list[str]:
         """Prompts the rounds draw from, in order (disjoint slices per round)."""

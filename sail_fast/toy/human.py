@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..runs.callables import UserCodeError, load_callable
 from ..diffusion.stack import TOY_MODEL_DIR
+from ..runs.callables import UserCodeError, load_callable
 
 ORACLE_FILE = "oracle/classifier.safetensors"
 
@@ -65,9 +65,16 @@ class DigitClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,10 +144,11 @@ def stroke_preference(width_shift: float) -> Preference:
 
     def preference(intensity: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
         parts = oracle.components(intensity.unsqueeze(1) * 2 - 1, digits)
-        return _score(parts["log_prob"], width_term(parts["width"], digits, width_shift), parts["haze"], parts["offset"])
+        return _score(
+            parts["log_prob"], width_term(parts["width"], digits, width_shift), parts["haze"], parts["offset"]
+        )
 
     return preference
-
 
 
 def load_preference(spec: str) -> Preference:
@@ -151,15 +159,20 @@ def load_preference(spec: str) -> Preference:
 class ToyOracle:
     """The hidden human: the preference (built-in or ``toy.preference``) and its Bradley-Terry raters."""
 
-    def __init__(self, classifier: DigitClassifier, temperature: float = TEMPERATURE,
-                 preference: Preference | str | None = None) -> None:
+    def __init__(
+        self, classifier: DigitClassifier, temperature: float = TEMPERATURE, preference: Preference | str | None = None
+    ) -> None:
         self.classifier = classifier.eval().requires_grad_(False)
         self.temperature = float(temperature)
         self.preference = load_preference(preference) if isinstance(preference, str) else preference
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, temperature: float = TEMPERATURE,
-             preference: Preference | str | None = None) -> "ToyOracle":
+    def load(
+        cls,
+        model_dir: str | Path | None = None,
+        temperature: float = TEMPERATURE,
+        preference: Preference | str | None = None,
+    ) -> "ToyOracle":
         root = Path(model_dir) if model_dir is not None else TOY_MODEL_DIR
         file = root / ORACLE_FILE
         if not file.is_file():
@@ -176,15 +189,23 @@ class ToyOracle:
         log_probs = F.log_softmax(self.classifier(x), dim=1)
         log_prob = log_probs.gather(1, digits.view(-1, 1)).squeeze(1).clamp(min=LOG_PROB_FLOOR)
         width, hz, offset = stroke_width(intensity), haze(intensity), centre_offset(intensity)
-        parts = {"log_prob": log_prob, "width": width, "width_term": width_term(width, digits),
-                 "haze": hz, "offset": offset, "predicted": log_probs.argmax(1)}
+        parts = {
+            "log_prob": log_prob,
+            "width": width,
+            "width_term": width_term(width, digits),
+            "haze": hz,
+            "offset": offset,
+            "predicted": log_probs.argmax(1),
+        }
         if self.preference is None:
             parts["score"] = _score(log_prob, parts["width_term"], hz, offset)
         else:
             score = torch.as_tensor(self._preference_scores(intensity, digits)).float().reshape(-1)
             if score.shape != (len(x),) or not torch.isfinite(score).all():
-                raise ValueError(f"toy.preference must return {len(x)} finite scores for {len(x)} images, "
-                                 f"got shape {tuple(score.shape)}")
+                raise ValueError(
+                    f"toy.preference must return {len(x)} finite scores for {len(x)} images, "
+                    f"got shape {tuple(score.shape)}"
+                )
             parts["score"] = score
         return parts
 
@@ -217,4 +238,3 @@ def rater_temperature(score_a: torch.Tensor, score_b: torch.Tensor, agreement: f
         expected = float(torch.sigmoid(gap / math.exp(mid)).mean())
         lo, hi = (mid, hi) if expected > agreement else (lo, mid)
     return math.exp((lo + hi) / 2)
-

@@ -15,9 +15,19 @@ from .human import ToyOracle, rater_temperature
 from .world import digit_of, sample_digits, split_prompts
 
 
-def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Path, *, labelled: int,
-                     seed_fraction: float, heldout: int, seed: int, sampling: dict, progress: bool = True,
-                     auto_temperature: bool = False) -> dict:
+def make_human_pairs(
+    stack: DiffusionStack,
+    oracle: ToyOracle,
+    out_dir: str | Path,
+    *,
+    labelled: int,
+    seed_fraction: float,
+    heldout: int,
+    seed: int,
+    sampling: dict,
+    progress: bool = True,
+    auto_temperature: bool = False,
+) -> dict:
     """The toy's human-labelled pairs, written through the same pairs.jsonl path as real data.
 
     Two base-model samples per prompt (the way Pick-a-Pic pairs are two generations), judged by
@@ -34,7 +44,9 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     _, rest = split_prompts(seed)
     total = labelled + heldout
     prompts = [rest[i % len(rest)] for i in range(total)]
-    images = sample_digits(stack, prompts, 2, seed=derive_seed(seed, TOY_LABEL_SAMPLES), sampling=sampling, progress=progress)
+    images = sample_digits(
+        stack, prompts, 2, seed=derive_seed(seed, TOY_LABEL_SAMPLES), sampling=sampling, progress=progress
+    )
     digits = torch.tensor([digit_of(p) for p in prompts])
     score_a = oracle.score(images[:, 0], digits)
     score_b = oracle.score(images[:, 1], digits)
@@ -55,7 +67,10 @@ def make_human_pairs(stack: DiffusionStack, oracle: ToyOracle, out_dir: str | Pa
     files.seed.write_text("".join(lines[:num_seed]), encoding="utf-8")
     noiseless = score_a > score_b
     summary = {
-        "labelled": labelled, "seed": num_seed, "heldout": heldout, "temperature": oracle.temperature,
+        "labelled": labelled,
+        "seed": num_seed,
+        "heldout": heldout,
+        "temperature": oracle.temperature,
         "labels_agreeing_with_noiseless_oracle": float((first == noiseless).float().mean()),
         "mean_oracle_score": float(torch.cat([score_a, score_b]).mean()),
     }
@@ -81,11 +96,17 @@ def oracle_summary(samples: dict[str, torch.Tensor], prompts: list[str]) -> dict
     per digit, from ``oracle_samples`` tables."""
     from ..metrics.statistics import clustered_mean
 
-    score, score_se = clustered_mean(samples["score"]) if len(prompts) > 1 else (float(samples["score"].mean()), float("nan"))
+    score, score_se = (
+        clustered_mean(samples["score"]) if len(prompts) > 1 else (float(samples["score"].mean()), float("nan"))
+    )
     digits = torch.tensor([digit_of(p) for p in prompts])
     per_digit = {str(d): float(samples["correct"][digits == d].mean()) for d in range(10) if (digits == d).any()}
-    out = {"oracle_score": score, "oracle_score_se": score_se, "digit_accuracy": float(samples["correct"].mean()),
-           "digit_accuracy_per_digit": per_digit}
+    out = {
+        "oracle_score": score,
+        "oracle_score_se": score_se,
+        "digit_accuracy": float(samples["correct"].mean()),
+        "digit_accuracy_per_digit": per_digit,
+    }
     return out | {k: float(samples[k].mean()) for k in ("log_prob", "width", "width_term", "haze", "offset")}
 
 

@@ -37,8 +37,10 @@ class _ToyMetric(Metric):
 
 class ToyOracleScore(_ToyMetric):
     name = "toy_oracle"
-    version = ("toy human: log p_clf(digit) (floored at -10) - ((width - w*) / s)^2 - haze / h0 - 4 offset, "
-               "or toy.preference when given")
+    version = (
+        "toy human: log p_clf(digit) (floored at -10) - ((width - w*) / s)^2 - haze / h0 - 4 offset, "
+        "or toy.preference when given"
+    )
 
     def _score_batch(self, images, prompts):
         return self._components(images, prompts)[0]["score"]

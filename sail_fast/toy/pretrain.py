@@ -23,8 +23,15 @@ from .human import ORACLE_FILE, DigitClassifier
 from .world import build_toy_stack, load_digits, prompt_pool
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 8,
-                     holdout: int = 1000, progress: bool = True) -> tuple[DigitClassifier, float]:
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    epochs: int = 8,
+    holdout: int = 1000,
+    progress: bool = True,
+) -> tuple[DigitClassifier, float]:
     """Train on all but ``holdout`` digits (with small random shifts); returns the held-out accuracy."""
     gen = torch.Generator().manual_seed(derive_seed(seed, TOY_CLASSIFIER_SPLIT))
     order = torch.randperm(len(images), generator=gen)
@@ -51,8 +58,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 
 # ----------------------------------------------------------------------------- pretraining
 
 
-def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: int = 64, learning_rate: float = 1e-3,
-             caption_dropout: float = 0.1, seed: int = 0, progress: bool = True, shipped: bool = False) -> dict:
+def pretrain(
+    out_dir: str | Path,
+    *,
+    steps: int = PRETRAIN_STEPS,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    caption_dropout: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    shipped: bool = False,
+) -> dict:
     """Train the toy base model and the oracle's classifier; write both to ``out_dir``.
 
     The text encoder trains with the UNet (there is no pretrained CLIP offline) and is then
@@ -83,9 +99,16 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: in
         x0, digits = images[idx], labels[idx]
         choice = torch.randint(0, 10**6, (batch_size,), generator=gen).tolist()
         drop = (torch.rand(batch_size, generator=gen) < caption_dropout).tolist()
-        prompts = ["" if dropped else by_digit[d][c % len(by_digit[d])] for d, c, dropped in zip(digits.tolist(), choice, drop)]
-        ids = stack.tokenizer(prompts, padding="max_length", max_length=stack.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        prompts = [
+            "" if dropped else by_digit[d][c % len(by_digit[d])] for d, c, dropped in zip(digits.tolist(), choice, drop)
+        ]
+        ids = stack.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=stack.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
@@ -103,8 +126,12 @@ def pretrain(out_dir: str | Path, *, steps: int = PRETRAIN_STEPS, batch_size: in
     unet.eval()
     text_encoder.eval().requires_grad_(False)
     report = {
-        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
-        "final_loss": float(np.mean(losses[-200:])), "classifier_holdout_accuracy": clf_accuracy,
+        "steps": steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "final_loss": float(np.mean(losses[-200:])),
+        "classifier_holdout_accuracy": clf_accuracy,
         "seconds": time.perf_counter() - started,
     }
     with contextlib.nullcontext(out) if shipped else folder.write_tree() as target:

@@ -15,11 +15,15 @@ from safetensors.torch import load_file
 from ..diffusion.images import decode_latents, enlarge
 from ..runs.layout import RunLayout
 
-
 # The stage's self-label quality on its own evaluation samples (sail_fast.sail.label_quality): columns and keys.
-LABEL_COLUMNS = (("held-out agreement", "self_label_agreement"), ("label accuracy", "label_accuracy"),
-                 ("gap share", "label_gap_share"), ("ρ(reward, human)", "reward_human_spearman"),
-                 ("ρ(reward, width)", "reward_width_spearman"), ("ρ(reward, log p)", "reward_log_prob_spearman"))
+LABEL_COLUMNS = (
+    ("held-out agreement", "self_label_agreement"),
+    ("label accuracy", "label_accuracy"),
+    ("gap share", "label_gap_share"),
+    ("ρ(reward, human)", "reward_human_spearman"),
+    ("ρ(reward, width)", "reward_width_spearman"),
+    ("ρ(reward, log p)", "reward_log_prob_spearman"),
+)
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -35,13 +39,16 @@ def stage_table(rows: list[dict]) -> str:
         change = row.get("vs_base", {}).get("score")
         cell = "-" if change is None else f"{change[0]:+.3f} ± {change[1]:.3f}"
         labels = " | ".join("-" if row.get(key) is None else f"{row[key]:.3f}" for _, key in LABEL_COLUMNS)
-        lines.append(f"| {row['stage']} | {row['oracle_score']:.3f} | {cell} | {row['digit_accuracy']:.3f} "
-                     f"| {row.get('haze', float('nan')):.4f} | {labels} |")
+        lines.append(
+            f"| {row['stage']} | {row['oracle_score']:.3f} | {cell} | {row['digit_accuracy']:.3f} "
+            f"| {row.get('haze', float('nan')):.4f} | {labels} |"
+        )
     return "\n".join(lines)
 
 
-def compare_picture(base_samples: Path, final_samples: Path, prompts: list[str], path: Path, *, per_prompt: int = 4,
-                    rows: int = 10) -> Path:
+def compare_picture(
+    base_samples: Path, final_samples: Path, prompts: list[str], path: Path, *, per_prompt: int = 4, rows: int = 10
+) -> Path:
     """``path``: for ``rows`` prompts (one per digit first), ``per_prompt`` samples of the base beside
     the same seeds drawn by the final model, each row labelled with its prompt."""
     from .world import digit_of
@@ -76,4 +83,3 @@ def report(layout: RunLayout, rows: list[dict], final_stage: str, prompts: list[
         compare_picture(layout.eval_samples(RunLayout.BASE), layout.eval_samples(final_stage), prompts, layout.compare)
     layout.summary.write_text(table + "\n")
     return table
-

@@ -12,8 +12,8 @@ import torch
 from ..runs.layout import HumanPairsLayout, RunLayout
 from ..runs.output_folder import OutputFolder
 from ..runs.run_folder import read_json
-from ..sail.world import World
 from ..runs.seeding import TOY_ROUND_PROMPTS, derive_seed
+from ..sail.world import World
 from .human import TEMPERATURE, ToyOracle
 from .labels import make_human_pairs, oracle_samples, oracle_summary
 from .report import report
@@ -31,7 +31,9 @@ class ToyWorld(World):
 
     def round_pool(self) -> list[str]:
         _, pool = split_prompts(self.seed)
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(self.seed, TOY_ROUND_PROMPTS)))
+        order = torch.randperm(
+            len(pool), generator=torch.Generator().manual_seed(derive_seed(self.seed, TOY_ROUND_PROMPTS))
+        )
         return [pool[i] for i in order.tolist()]
 
     def eval_prompts(self) -> list[str]:
@@ -48,13 +50,20 @@ class ToyWorld(World):
             return seed_sources, heldout_sources
         human = self._human()
         # Everything that decides the labels: a shared folder labelled otherwise is refused, not reused.
-        settings = {"labelled_pairs": toy.labelled_pairs, "seed_fraction": toy.seed_fraction,
-                    "heldout_pairs": toy.heldout_pairs, "seed": self.seed,
-                    "temperature": "auto" if self.auto_temperature else self.oracle.temperature,
-                    "preference": toy.preference, "sampling": ctx.sampling}
+        settings = {
+            "labelled_pairs": toy.labelled_pairs,
+            "seed_fraction": toy.seed_fraction,
+            "heldout_pairs": toy.heldout_pairs,
+            "seed": self.seed,
+            "temperature": "auto" if self.auto_temperature else self.oracle.temperature,
+            "preference": toy.preference,
+            "sampling": ctx.sampling,
+        }
         if human.done.exists():
             labelled_with = read_json(human.done).get("settings", {})
-            changed = {k: (labelled_with[k], v) for k, v in settings.items() if k in labelled_with and labelled_with[k] != v}
+            changed = {
+                k: (labelled_with[k], v) for k, v in settings.items() if k in labelled_with and labelled_with[k] != v
+            }
             if changed:
                 raise ValueError(
                     f"toy.data_dir {human.root} was labelled with other settings: "
@@ -62,19 +71,34 @@ class ToyWorld(World):
                     + ". Point toy.data_dir at a new folder (or unset it) to label with these settings"
                 )
         elif ctx.dist.is_main:
-            self.log(f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human.root}")
+            self.log(
+                f"labelling {toy.labelled_pairs} + {toy.heldout_pairs} toy pairs with the hidden oracle -> {human.root}"
+            )
             # A new or empty folder, or one this labelling began (its ledger proves the files); never a user's.
-            folder = OutputFolder(human.root, "toy label", what="toy.data_dir" if toy.data_dir else "the labelled-pairs folder")
+            folder = OutputFolder(
+                human.root, "toy label", what="toy.data_dir" if toy.data_dir else "the labelled-pairs folder"
+            )
             with folder.write_tree() as staging:
                 summary = make_human_pairs(
-                    ctx.stack, self.oracle, staging, labelled=toy.labelled_pairs, seed_fraction=toy.seed_fraction,
-                    heldout=toy.heldout_pairs, seed=self.seed, sampling=ctx.sampling, progress=ctx.progress,
+                    ctx.stack,
+                    self.oracle,
+                    staging,
+                    labelled=toy.labelled_pairs,
+                    seed_fraction=toy.seed_fraction,
+                    heldout=toy.heldout_pairs,
+                    seed=self.seed,
+                    sampling=ctx.sampling,
+                    progress=ctx.progress,
                     auto_temperature=self.auto_temperature,
                 )
             if self.auto_temperature:
-                self.log(f"toy.temperature auto: {summary['temperature']:.4g} (labels agree with the noiseless "
-                         f"preference {summary['labels_agreeing_with_noiseless_oracle']:.1%} of the time)")
-            folder.write_text(human.done.name, json.dumps(summary | {"settings": settings}, indent=2) + "\n")  # last: finished
+                self.log(
+                    f"toy.temperature auto: {summary['temperature']:.4g} (labels agree with the noiseless "
+                    f"preference {summary['labels_agreeing_with_noiseless_oracle']:.1%} of the time)"
+                )
+            folder.write_text(
+                human.done.name, json.dumps(summary | {"settings": settings}, indent=2) + "\n"
+            )  # last: finished
         ctx.dist.barrier()
         seed = human.all if toy.train_on == "all" else human.seed
         return seed_sources or [str(seed)], heldout_sources or [str(human.heldout)]

@@ -27,15 +27,29 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ..diffusion.stack import TOY_MODEL_DIR, DiffusionStack, load_stack
-from ..runs.seeding import TOY_PROMPT_SPLIT, TOY_REAL_DIGITS, derive_seed
 from ..diffusion.tiny import _tiny_text_config, _tiny_tokenizer
+from ..runs.seeding import TOY_PROMPT_SPLIT, TOY_REAL_DIGITS, derive_seed
 
 SIDE = 16
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ADJECTIVES = (
-    "neat", "quick", "careful", "bold", "thin", "small", "large", "slanted", "messy", "clear",
-    "simple", "tidy", "rough", "round", "narrow", "wide",
+    "neat",
+    "quick",
+    "careful",
+    "bold",
+    "thin",
+    "small",
+    "large",
+    "slanted",
+    "messy",
+    "clear",
+    "simple",
+    "tidy",
+    "rough",
+    "round",
+    "narrow",
+    "wide",
 )
 TEMPLATES = ("a {adj} handwritten {d}", "the number {d}, {adj}", "a {adj} {d} written by hand")
 PLAIN_TEMPLATES = ("a handwritten {d}", "the digit {d}", "{d} written by hand")
@@ -68,7 +82,9 @@ def digit_of(prompt: str) -> int:
 def split_prompts(seed: int, num_eval: int = 100) -> tuple[list[str], list[str]]:
     """(eval prompts, the rest shuffled): eval prompts are fixed and balanced over digits."""
     pool = prompt_pool()
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(derive_seed(seed, TOY_PROMPT_SPLIT))).tolist()
+    order = torch.randperm(
+        len(pool), generator=torch.Generator().manual_seed(derive_seed(seed, TOY_PROMPT_SPLIT))
+    ).tolist()
     per_digit = num_eval // 10
     taken = {d: 0 for d in range(10)}
     eval_prompts, rest = [], []
@@ -132,22 +148,29 @@ def load_toy_stack(path: str | Path | None = None) -> DiffusionStack:
     """The pretrained toy stack (default: the one shipped in the package)."""
     root = Path(path) if path is not None else TOY_MODEL_DIR
     if not (root / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no toy model at {root}; create one with `sail-fast toy pretrain --out {root}`"
-        )
+        raise FileNotFoundError(f"no toy model at {root}; create one with `sail-fast toy pretrain --out {root}`")
     return load_stack(root, kind="sd15", with_vae=False)
 
 
 # ----------------------------------------------------------------------------- samples and real digits
 
 
-def sample_digits(stack: DiffusionStack, prompts: list[str], per_prompt: int, *, seed: int, sampling: dict,
-                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+def sample_digits(
+    stack: DiffusionStack,
+    prompts: list[str],
+    per_prompt: int,
+    *,
+    seed: int,
+    sampling: dict,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
     """``per_prompt`` samples of each prompt as pixels [P, n, 1, 16, 16] in [-1, 1]."""
     from ..diffusion.sampling import generate_candidates
 
-    return generate_candidates(stack, prompts, per_prompt, seed=seed, batch_size=batch_size, progress=progress,
-                               **sampling).latents.clamp(-1, 1)
+    return generate_candidates(
+        stack, prompts, per_prompt, seed=seed, batch_size=batch_size, progress=progress, **sampling
+    ).latents.clamp(-1, 1)
 
 
 def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
@@ -167,7 +190,9 @@ def write_real_digits(out_dir: str | Path, count: int, *, seed: int) -> Path:
     if count > len(labels):
         raise ValueError(f"the toy world has {len(labels)} real digits; {count} were asked for")
     gen = torch.Generator().manual_seed(derive_seed(seed, TOY_REAL_DIGITS))
-    by_digit = [torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)]
+    by_digit = [
+        torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)] for d in range(10)
+    ]
     _, rest = split_prompts(seed)
     prompts_of = [[p for p in rest if digit_of(p) == d] for d in range(10)]
     folder = OutputFolder(out, "toy real digits", what="the real-digits folder")

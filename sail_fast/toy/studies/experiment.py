@@ -61,12 +61,30 @@ DPO_SHARES = {"dpo-6": 0.06, "dpo-12": 0.12, "dpo-25": 0.25, "dpo-50": 0.5, "dpo
 # The paper's levers, each run for every round from the same iter0 (condition -> its override).
 # winner-preserving: Diffusion-SDPO's safeguard (no step may raise the winners' loss) on SAIL's rounds.
 # plain-reward: the implicit reward as the paper computes it (mean over K=6 uniform draws, the old default).
-LEVERS = {"mixup-0.1": ["train.mixup_alpha=0.1"], "candidates-16": ["sail.candidates=16"],
-          "draws-12": ["sail.num_draws=12"], "winner-preserving": ["train.winner_preserving_mu=0.9"],
-          "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"],
-          "anchored": ["sail.training_reference=base"]}
-CONDITIONS = ("sail", *DPO_SHARES, "no-mixup", "random-pairs", "ref-previous", "smoothed-self", "online-dpo-proxy",
-              "online-dpo", "smpo", "realalign", "sail-realalign", *LEVERS, "smpo-published", "realalign-recipe")
+LEVERS = {
+    "mixup-0.1": ["train.mixup_alpha=0.1"],
+    "candidates-16": ["sail.candidates=16"],
+    "draws-12": ["sail.num_draws=12"],
+    "winner-preserving": ["train.winner_preserving_mu=0.9"],
+    "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"],
+    "anchored": ["sail.training_reference=base"],
+}
+CONDITIONS = (
+    "sail",
+    *DPO_SHARES,
+    "no-mixup",
+    "random-pairs",
+    "ref-previous",
+    "smoothed-self",
+    "online-dpo-proxy",
+    "online-dpo",
+    "smpo",
+    "realalign",
+    "sail-realalign",
+    *LEVERS,
+    "smpo-published",
+    "realalign-recipe",
+)
 ORACLE_RANKER = ["sail.ranker=external", "sail.ranker_metric=toy_oracle"]
 # The recorded table ran the smpo loss without SmPO-Diffusion's factor 10 beside beta (the toy's beta is
 # calibrated on the plain DPO logit) and with 4 inversion steps; pinned so the table reproduces.
@@ -78,15 +96,24 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
     """The ``--set`` overrides that turn the base config into one condition of one seed
     (``ablation_rounds``: run the ablations and other systems for fewer rounds than SAIL, to save time)."""
     sail = config.sail
-    common = [f"seed={seed}", f"output_dir={seed_dir / name}", f"toy.data_dir={seed_dir / 'human'}",
-              f"data.cache_dir={seed_dir / 'cache'}"]
+    common = [
+        f"seed={seed}",
+        f"output_dir={seed_dir / name}",
+        f"toy.data_dir={seed_dir / 'human'}",
+        f"data.cache_dir={seed_dir / 'cache'}",
+    ]
     iter0 = f"sail.iter0_from={RunLayout(seed_dir / 'sail').stage(RunLayout.ITER0)}"
     if name == "sail":
         return common
     if name in DPO_SHARES:  # as many optimizer steps as SAIL spends on iter0 plus all its rounds
         steps = (sail.iter0_steps or config.train.steps) + sail.rounds * (sail.round_steps or config.train.steps)
         pairs = max(1, round(config.toy.labelled_pairs * DPO_SHARES[name]))
-        return common + ["toy.train_on=all", f"data.max_seed_pairs={pairs}", "sail.rounds=0", f"sail.iter0_steps={steps}"]
+        return common + [
+            "toy.train_on=all",
+            f"data.max_seed_pairs={pairs}",
+            "sail.rounds=0",
+            f"sail.iter0_steps={steps}",
+        ]
     if name == "ref-previous":  # the paper's reference lever: every round, each evaluated, from the same iter0
         return common + [iter0, "sail.ranking_reference=previous"]
     if name in LEVERS:  # as ref-previous: every round, each evaluated, from the same iter0
@@ -94,12 +121,22 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
     if name == "realalign-recipe":  # no iter0 and no human pairs: its own base-model start
         last = ablation_rounds or sail.rounds
         return common + [
-            "sail.iter0_steps=0", f"sail.rounds={last}", "sail.eval_each_round=false", "sail.pair_sources=[real]",
-            "train.mixup_alpha=1.0", "train.loss=dro", "sail.training_reference=base", "sail.real.disjoint=false",
-            "sail.real.filter_metric=toy_oracle", f"sail.real.top_k={sail.prompts_per_round}",
-            "sail.real.sampler=dpmsolver", "sail.real.sampling_steps=20", "sail.real.guidance_scale=1.0",
+            "sail.iter0_steps=0",
+            f"sail.rounds={last}",
+            "sail.eval_each_round=false",
+            "sail.pair_sources=[real]",
+            "train.mixup_alpha=1.0",
+            "train.loss=dro",
+            "sail.training_reference=base",
+            "sail.real.disjoint=false",
+            "sail.real.filter_metric=toy_oracle",
+            f"sail.real.top_k={sail.prompts_per_round}",
+            "sail.real.sampler=dpmsolver",
+            "sail.real.sampling_steps=20",
+            "sail.real.guidance_scale=1.0",
             f"sail.round_overrides={{{last}: [train.loss=sigmoid, sail.training_reference=round_start, "
-            "sail.real.loser=inpaint, sail.real.min_margin=0.0]}"]
+            "sail.real.loser=inpaint, sail.real.min_margin=0.0]}",
+        ]
     # The ablations are compared at their last round only, so they skip the rounds between.
     ablation = [iter0, "sail.eval_each_round=false", f"sail.rounds={ablation_rounds or sail.rounds}"]
     extra = {
@@ -118,8 +155,14 @@ def condition_overrides(name: str, seed: int, seed_dir: Path, config, ablation_r
     return common + ablation + extra[name]
 
 
-def run_experiment(config_path: str | Path, out: str | Path, seeds: list[int], conditions=CONDITIONS,
-                   overrides: list[str] | None = None, ablation_rounds: int | None = None) -> Path:
+def run_experiment(
+    config_path: str | Path,
+    out: str | Path,
+    seeds: list[int],
+    conditions=CONDITIONS,
+    overrides: list[str] | None = None,
+    ablation_rounds: int | None = None,
+) -> Path:
     """Run (or resume) every condition for every seed, then write the table; returns results.md."""
     out = Path(out)
     base = load_config(config_path, overrides)
@@ -158,25 +201,43 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
         lines.append((f"Diffusion-DPO, {100 * share:.0f}% of labels", f"{pairs} ({100 * share:.0f}%)", name, iter0))
     lines.append(("SAIL iter0 (seed only)", seed_share, "sail", iter0))
     lines += [(f"SAIL round {r}", seed_share, "sail", stage(r)) for r in range(1, rounds + 1)]
-    lines += [(f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, "no-mixup", last),
-              (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last)]
-    lines += [(f"SAIL round {r}, reward reference = previous round", seed_share, "ref-previous", stage(r))
-              for r in range(1, rounds + 1)]
-    lines += [(f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
-              (f"OnlineDPO round {ablation_rounds}, proxy ranker (stroke width)", seed_share, "online-dpo-proxy", last),
-              (f"OnlineDPO round {ablation_rounds}, noiseless human ranks", seed_share, "online-dpo", last),
-              (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
-              (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, "realalign", last),
-              (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last),
-              (f"SmPO round {ablation_rounds}, published settings (x10, 5 inversion steps)", seed_share, "smpo-published", last),
-              (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last)]
-    lever_names = {"mixup-0.1": "mixup alpha 0.1", "candidates-16": "16 candidates", "draws-12": "12 noise draws",
-                   "winner-preserving": "SDPO winner-preserving (mu 0.9)",
-                   "plain-reward": "plain reward (mean of 6 uniform draws)",
-                   "anchored": "every round's DPO held to the base"}
+    lines += [
+        (f"SAIL round {ablation_rounds}, no mixup (alpha = 1)", seed_share, "no-mixup", last),
+        (f"SAIL round {ablation_rounds}, random pairs", seed_share, "random-pairs", last),
+    ]
+    lines += [
+        (f"SAIL round {r}, reward reference = previous round", seed_share, "ref-previous", stage(r))
+        for r in range(1, rounds + 1)
+    ]
+    lines += [
+        (f"SAIL round {ablation_rounds}, smoothed self-labels", seed_share, "smoothed-self", last),
+        (f"OnlineDPO round {ablation_rounds}, proxy ranker (stroke width)", seed_share, "online-dpo-proxy", last),
+        (f"OnlineDPO round {ablation_rounds}, noiseless human ranks", seed_share, "online-dpo", last),
+        (f"SmPO round {ablation_rounds} (human soft labels, DDIM inversion)", seed_share, "smpo", last),
+        (f"RealAlign round {ablation_rounds} (real digit vs own sample)", seed_share, "realalign", last),
+        (f"SAIL + RealAlign round {ablation_rounds}", seed_share, "sail-realalign", last),
+        (
+            f"SmPO round {ablation_rounds}, published settings (x10, 5 inversion steps)",
+            seed_share,
+            "smpo-published",
+            last,
+        ),
+        (f"RealAlign recipe round {ablation_rounds} (DRO, then DPO on redrawn strokes)", "0", "realalign-recipe", last),
+    ]
+    lever_names = {
+        "mixup-0.1": "mixup alpha 0.1",
+        "candidates-16": "16 candidates",
+        "draws-12": "12 noise draws",
+        "winner-preserving": "SDPO winner-preserving (mu 0.9)",
+        "plain-reward": "plain reward (mean of 6 uniform draws)",
+        "anchored": "every round's DPO held to the base",
+    }
     every_round = {"plain-reward", "anchored"}  # compared with SAIL round by round
-    lines += [(f"SAIL round {r}, {lever_names[name]}", seed_share, name, stage(r)) for name in LEVERS
-              for r in (range(1, rounds + 1) if name in every_round else sorted({ablation_rounds, rounds}))]
+    lines += [
+        (f"SAIL round {r}, {lever_names[name]}", seed_share, name, stage(r))
+        for name in LEVERS
+        for r in (range(1, rounds + 1) if name in every_round else sorted({ablation_rounds, rounds}))
+    ]
     return lines
 
 
@@ -199,11 +260,23 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int, vari
         if not found:
             continue
         row = {"model": label, "human_labels": budget, "condition": condition, "stage": stage, "seeds": sorted(found)}
-        for key in ("oracle_score", "digit_accuracy", "haze", "width_term", "log_prob", "offset", "diversity",
-                    "self_label_agreement"):
+        for key in (
+            "oracle_score",
+            "digit_accuracy",
+            "haze",
+            "width_term",
+            "log_prob",
+            "offset",
+            "diversity",
+            "self_label_agreement",
+        ):
             values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
-        against = {"base": ("sail", RunLayout.BASE), "dpo_6": ("dpo-6", RunLayout.ITER0), "dpo_full": ("dpo-full", RunLayout.ITER0)}
+        against = {
+            "base": ("sail", RunLayout.BASE),
+            "dpo_6": ("dpo-6", RunLayout.ITER0),
+            "dpo_full": ("dpo-full", RunLayout.ITER0),
+        }
         if condition != "sail" and RunLayout.round_of(stage) > 0:  # an ablation against SAIL's same round, same seeds
             against["sail"] = ("sail", stage)
         for other, (o_condition, o_stage) in against.items():
@@ -222,23 +295,29 @@ def _pm(pair, fmt=".3f") -> str:
     return "-" if pair is None else f"{pair[0]:+{fmt}} ± {pair[1]:{fmt}}"
 
 
-def write_table(out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None, variant: str = "") -> Path:
+def write_table(
+    out: Path, seeds: list[int], rounds: int, ablation_rounds: int | None = None, variant: str = ""
+) -> Path:
     """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it);
     results-<variant>.* for the stages' evaluation under another sampler."""
     _stage.cache_clear()  # runs may have finished stages since the last table
     lines = collect(out, seeds, rounds, ablation_rounds or rounds, variant)
     name = f"results-{variant}" if variant else "results"
-    md = ["| model | human labels | score | score - base | score - DPO 6% | score - DPO 100% | score - SAIL same round "
-          "| accuracy | accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |",
-          "|---" * 14 + "|"]
+    md = [
+        "| model | human labels | score | score - base | score - DPO 6% | score - DPO 100% | score - SAIL same round "
+        "| accuracy | accuracy - base | haze - base | width term | self-label agreement | diversity | seeds |",
+        "|---" * 14 + "|",
+    ]
     for r in lines:
         base, full, sail = r.get("vs_base", {}), r.get("vs_dpo_full", {}), r.get("vs_sail", {})
         agree = "-" if r["self_label_agreement"] is None else f"{r['self_label_agreement']:.3f}"
-        md.append(f"| {r['model']} | {r['human_labels']} | {r['oracle_score']:.3f} | {_pm(base.get('score'))} "
-                  f"| {_pm(r.get('vs_dpo_6', {}).get('score'))} | {_pm(full.get('score'))} | {_pm(sail.get('score'))} "
-                  f"| {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
-                  f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
-                  f"| {len(r['seeds'])} |")
+        md.append(
+            f"| {r['model']} | {r['human_labels']} | {r['oracle_score']:.3f} | {_pm(base.get('score'))} "
+            f"| {_pm(r.get('vs_dpo_6', {}).get('score'))} | {_pm(full.get('score'))} | {_pm(sail.get('score'))} "
+            f"| {r['digit_accuracy']:.3f} | {_pm(base.get('correct'))} "
+            f"| {_pm(base.get('haze'), '.4f')} | {r['width_term']:.3f} | {agree} | {r['diversity']:.3f} "
+            f"| {len(r['seeds'])} |"
+        )
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     (out / f"{name}.json").write_text(json.dumps(lines, indent=2) + "\n")
     _plot(out / f"{name}.png", lines)
@@ -260,8 +339,10 @@ def _plot(path: Path, lines: list[dict]) -> None:
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="Diffusion-DPO on a share of the labels")
     others = [r for r in lines if r["condition"] not in DPO_SHARES and r["stage"] != "base" and "vs_base" in r]
     for i, r in enumerate(others):
-        x = int(r["human_labels"].split()[0]) * (1.04 ** i)  # spread the points that share a label budget
-        ax.errorbar([x], [r["vs_base"]["score"][0]], yerr=[r["vs_base"]["score"][1]], fmt="s", capsize=3, label=r["model"])
+        x = int(r["human_labels"].split()[0]) * (1.04**i)  # spread the points that share a label budget
+        ax.errorbar(
+            [x], [r["vs_base"]["score"][0]], yerr=[r["vs_base"]["score"][1]], fmt="s", capsize=3, label=r["model"]
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("human-labelled pairs")
@@ -297,8 +378,15 @@ def copy_finished(source: Path, target: Path, *names: str | Path) -> None:
             copy(source / name, target / name)
 
 
-def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=CALIBRATION_GRID,
-              steps=CALIBRATION_STEPS, overrides: list[str] | None = None) -> Path:
+def calibrate(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    grid=CALIBRATION_GRID,
+    steps=CALIBRATION_STEPS,
+    overrides: list[str] | None = None,
+) -> Path:
     """Full-label Diffusion-DPO (all ``toy.labelled_pairs``) over ``grid`` x ``steps``; each run is
     evaluated paired against the base on the same 1,000 samples. Longer runs continue from the
     shorter one's checkpoint (the learning rate is constant after warm-up, so that is the same run).
@@ -313,9 +401,19 @@ def calibrate(config_path: str | Path, out: str | Path, *, seed: int = 0, grid=C
                 copy_finished(first, run, *base_evaluation())
             if previous is not None:
                 copy_finished(previous, run, RunLayout(run).training(0).checkpoints.relative_to(run))
-            extra = [f"seed={seed}", f"output_dir={run}", f"toy.data_dir={out / 'human'}", f"data.cache_dir={out / 'cache'}",
-                     "toy.train_on=all", "sail.rounds=0", f"sail.iter0_steps={s}", f"train.beta={beta}",
-                     f"train.learning_rate={lr}", f"train.checkpoint_every={min(steps)}", "train.keep_checkpoints=1"]
+            extra = [
+                f"seed={seed}",
+                f"output_dir={run}",
+                f"toy.data_dir={out / 'human'}",
+                f"data.cache_dir={out / 'cache'}",
+                "toy.train_on=all",
+                "sail.rounds=0",
+                f"sail.iter0_steps={s}",
+                f"train.beta={beta}",
+                f"train.learning_rate={lr}",
+                f"train.checkpoint_every={min(steps)}",
+                "train.keep_checkpoints=1",
+            ]
             SailLoop(load_config(config_path, list(overrides or []) + extra)).run(resume=True)
             first, previous = first or run, run
     return write_calibration(out, grid, steps)
@@ -336,19 +434,32 @@ def write_calibration(out: Path, grid=CALIBRATION_GRID, steps=CALIBRATION_STEPS)
             row = json.loads(file.read_text())
             train_log = layout.training(0).metrics
             last = [json.loads(x) for x in train_log.read_text().splitlines()][-10:] if train_log.exists() else []
-            rows.append({"beta": beta, "learning_rate": lr, "steps": s, "oracle_score": row["oracle_score"],
-                         "digit_accuracy": row["digit_accuracy"], "diversity": row["diversity"],
-                         "train_loss_last10": sum(x["loss"] for x in last) / len(last) if last else None,
-                         "vs_base": row["vs_base"]})
-    md = ["| beta | lr | steps | score | score - base (± SE) | in SE | accuracy - base | haze - base | width term - base "
-          "| log p - base | offset - base | diversity | train loss |", "|---" * 13 + "|"]
+            rows.append(
+                {
+                    "beta": beta,
+                    "learning_rate": lr,
+                    "steps": s,
+                    "oracle_score": row["oracle_score"],
+                    "digit_accuracy": row["digit_accuracy"],
+                    "diversity": row["diversity"],
+                    "train_loss_last10": sum(x["loss"] for x in last) / len(last) if last else None,
+                    "vs_base": row["vs_base"],
+                }
+            )
+    md = [
+        "| beta | lr | steps | score | score - base (± SE) | in SE | accuracy - base | haze - base | width term - base "
+        "| log p - base | offset - base | diversity | train loss |",
+        "|---" * 13 + "|",
+    ]
     for r in rows:
         d, se = _delta(r, "score")
         cell = lambda k, f=".3f": "{:+{f}} ± {:{f}}".format(*_delta(r, k), f=f)  # noqa: E731
         loss = "-" if r["train_loss_last10"] is None else f"{r['train_loss_last10']:.3f}"
-        md.append(f"| {r['beta']:g} | {r['learning_rate']:g} | {r['steps']} | {r['oracle_score']:.3f} | {d:+.3f} ± {se:.3f} "
-                  f"| {d / se:+.1f} | {cell('correct')} | {cell('haze', '.4f')} | {cell('width_term')} | {cell('log_prob')} "
-                  f"| {cell('offset', '.4f')} | {r['diversity']:.3f} | {loss} |")
+        md.append(
+            f"| {r['beta']:g} | {r['learning_rate']:g} | {r['steps']} | {r['oracle_score']:.3f} | {d:+.3f} ± {se:.3f} "
+            f"| {d / se:+.1f} | {cell('correct')} | {cell('haze', '.4f')} | {cell('width_term')} | {cell('log_prob')} "
+            f"| {cell('offset', '.4f')} | {r['diversity']:.3f} | {loss} |"
+        )
     (out / "calibration.md").write_text("\n".join(md) + "\n")
     (out / "calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
     return out / "calibration.md"

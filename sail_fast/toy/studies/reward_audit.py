@@ -34,12 +34,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...reward.estimators import ESTIMATORS, combine_draws
 from ...reward.scorer import Draws, ImplicitRewardScorer
 from ...runs.layout import RunLayout
-from ...reward.estimators import ESTIMATORS, combine_draws
+from ...runs.seeding import (
+    AUDIT_CANDIDATES,
+    AUDIT_DRAW_BANK,
+    AUDIT_HELDOUT_BANK,
+    AUDIT_HELDOUT_SUBSETS,
+    AUDIT_SUBSETS,
+    derive_seed,
+)
 from ...sail.label_quality import rowwise_spearman
-from ...runs.seeding import (AUDIT_CANDIDATES, AUDIT_DRAW_BANK, AUDIT_HELDOUT_BANK, AUDIT_HELDOUT_SUBSETS, AUDIT_SUBSETS,
-                       derive_seed)
 from .estimator_choice import RULE_KS, SELECTION_RULE, apply_selection_rule, setting_name
 
 BANDS = ((0, 100), (0, 250), (250, 500), (500, 750), (750, 1000))
@@ -55,7 +61,11 @@ def choice_stats(rewards: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray
     rows, ok = np.arange(len(rewards)), np.isfinite(rewards).all(1)
     gap = score[rows, rewards.argmax(1)] - score[rows, rewards.argmin(1)]
     accuracy = (gap > 0) + 0.5 * (gap == 0)
-    return {"spearman": rowwise_spearman(rewards, score), "accuracy": np.where(ok, accuracy, np.nan), "gap": np.where(ok, gap, np.nan)}
+    return {
+        "spearman": rowwise_spearman(rewards, score),
+        "accuracy": np.where(ok, accuracy, np.nan),
+        "gap": np.where(ok, gap, np.nan),
+    }
 
 
 def bootstrap_se(values: np.ndarray, rng: np.random.Generator, times: int = 200) -> float:
@@ -86,7 +96,9 @@ def random_subsets(num_prompts: int, bank: int, k: int, rng: np.random.Generator
     return out
 
 
-def stratified_subsets(timesteps: np.ndarray, k: int, rng: np.random.Generator, num_train: int = 1000) -> list[np.ndarray]:
+def stratified_subsets(
+    timesteps: np.ndarray, k: int, rng: np.random.Generator, num_train: int = 1000
+) -> list[np.ndarray]:
     """Per prompt, one bank draw from each of k equal slices of [0, num_train) (an empty slice: any draw)."""
     edges = np.linspace(0, num_train, k + 1)
     out = []
@@ -99,13 +111,18 @@ def stratified_subsets(timesteps: np.ndarray, k: int, rng: np.random.Generator, 
     return out
 
 
-def rewards_of(mse_pol: torch.Tensor, mse_ref: torch.Tensor, subsets: list[np.ndarray], beta: float, estimator: str) -> np.ndarray:
+def rewards_of(
+    mse_pol: torch.Tensor, mse_ref: torch.Tensor, subsets: list[np.ndarray], beta: float, estimator: str
+) -> np.ndarray:
     """Rewards [P, N] of each prompt's candidates from its own subset of bank draws (NaN: an empty subset)."""
-    return np.stack([
-        combine_draws(mse_pol[p : p + 1, :, idx], mse_ref[p : p + 1, :, idx], beta, estimator)[0].double().numpy()
-        if len(idx) else np.full(mse_pol.shape[1], np.nan)
-        for p, idx in enumerate(map(torch.as_tensor, subsets))
-    ])
+    return np.stack(
+        [
+            combine_draws(mse_pol[p : p + 1, :, idx], mse_ref[p : p + 1, :, idx], beta, estimator)[0].double().numpy()
+            if len(idx)
+            else np.full(mse_pol.shape[1], np.nan)
+            for p, idx in enumerate(map(torch.as_tensor, subsets))
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- one policy
@@ -128,12 +145,23 @@ class PolicyAudit:
     def _summary(self, per_prompt: dict[str, np.ndarray], rng) -> dict:
         score = self.judged["score"]
         own = float((score.max(1) - score.min(1)).mean())
-        return {"spearman": float(np.nanmean(per_prompt["spearman"])), "spearman_se": bootstrap_se(per_prompt["spearman"], rng),
-                "accuracy": float(np.nanmean(per_prompt["accuracy"])), "accuracy_se": bootstrap_se(per_prompt["accuracy"], rng),
-                "gap_share": float(np.nanmean(per_prompt["gap"]) / own) if own > 0 else float("nan")}
+        return {
+            "spearman": float(np.nanmean(per_prompt["spearman"])),
+            "spearman_se": bootstrap_se(per_prompt["spearman"], rng),
+            "accuracy": float(np.nanmean(per_prompt["accuracy"])),
+            "accuracy_se": bootstrap_se(per_prompt["accuracy"], rng),
+            "gap_share": float(np.nanmean(per_prompt["gap"]) / own) if own > 0 else float("nan"),
+        }
 
-    def estimate(self, k: int, *, estimator: str = "mean", band: tuple[int, int] | None = None,
-                 stratified: bool = False, retest: bool = True) -> dict:
+    def estimate(
+        self,
+        k: int,
+        *,
+        estimator: str = "mean",
+        band: tuple[int, int] | None = None,
+        stratified: bool = False,
+        retest: bool = True,
+    ) -> dict:
         """Human agreement (mean over repeats, per prompt, then SE over prompts), test-retest and the
         correlations with width and log p, of ``estimator`` on k draws (uniform t, a band, or stratified)."""
         rng = self.rng(k, estimator, str(band), stratified)
@@ -150,16 +178,25 @@ class PolicyAudit:
             width.append(rowwise_spearman(rewards, self.judged["width"]))
             log_prob.append(rowwise_spearman(rewards, self.judged["log_prob"]))
             rows = np.arange(len(rewards))
-            wrong.append([(self.judged["correct"][rows, rewards.argmax(1)] == 0).sum(),
-                          (self.judged["correct"][rows, rewards.argmin(1)] == 0).sum()])
+            wrong.append(
+                [
+                    (self.judged["correct"][rows, rewards.argmax(1)] == 0).sum(),
+                    (self.judged["correct"][rows, rewards.argmin(1)] == 0).sum(),
+                ]
+            )
             if retest and not stratified and all(len(idx) >= 2 * k for idx in both):
                 second = [idx[k : 2 * k] for idx in both]
-                retests.append(rowwise_spearman(rewards, rewards_of(self.mse_pol, self.mse_ref, second, self.beta, estimator)))
+                retests.append(
+                    rowwise_spearman(rewards, rewards_of(self.mse_pol, self.mse_ref, second, self.beta, estimator))
+                )
         per_prompt = {key: np.nanmean(np.stack([s[key] for s in stats]), 0) for key in stats[0]}
         out = self._summary(per_prompt, rng) | {
-            "k": k, "retest": float(np.nanmean(np.stack(retests))) if retests else float("nan"),
-            "width_spearman": float(np.nanmean(np.stack(width))), "log_prob_spearman": float(np.nanmean(np.stack(log_prob))),
-            "best_wrong_digit": float(np.mean([w[0] for w in wrong])), "worst_wrong_digit": float(np.mean([w[1] for w in wrong])),
+            "k": k,
+            "retest": float(np.nanmean(np.stack(retests))) if retests else float("nan"),
+            "width_spearman": float(np.nanmean(np.stack(width))),
+            "log_prob_spearman": float(np.nanmean(np.stack(log_prob))),
+            "best_wrong_digit": float(np.mean([w[0] for w in wrong])),
+            "worst_wrong_digit": float(np.mean([w[1] for w in wrong])),
             "unet_forwards_per_prompt": 2 * self.mse_pol.shape[1] * k,
         }
         if pool is not None:
@@ -182,12 +219,14 @@ class PolicyAudit:
         rewards = combine_draws(self.mse_pol, self.mse_ref, self.beta).numpy()
         j, rng = self.judged, self.rng("tracks")
         least_ink = choice_stats(-j["width"], j["score"])
-        out = {"human_spearman": float(np.nanmean(rowwise_spearman(rewards, j["score"]))),
-               "width_spearman": float(np.nanmean(rowwise_spearman(rewards, j["width"]))),
-               "log_prob_spearman": float(np.nanmean(rowwise_spearman(rewards, j["log_prob"]))),
-               "distance_spearman": float(np.nanmean(rowwise_spearman(rewards, self.distance))),
-               "least_ink_accuracy": float(np.mean(least_ink["accuracy"])),
-               "wrong_digit_chance": float((1 - j["correct"]).mean(1).sum())}
+        out = {
+            "human_spearman": float(np.nanmean(rowwise_spearman(rewards, j["score"]))),
+            "width_spearman": float(np.nanmean(rowwise_spearman(rewards, j["width"]))),
+            "log_prob_spearman": float(np.nanmean(rowwise_spearman(rewards, j["log_prob"]))),
+            "distance_spearman": float(np.nanmean(rowwise_spearman(rewards, self.distance))),
+            "least_ink_accuracy": float(np.mean(least_ink["accuracy"])),
+            "wrong_digit_chance": float((1 - j["correct"]).mean(1).sum()),
+        }
 
         def z(x):
             sd = x.std(1, keepdims=True)
@@ -201,8 +240,12 @@ class PolicyAudit:
 
         coef = fit(np.arange(self.num_prompts))
         boot = np.stack([fit(rng.integers(0, self.num_prompts, self.num_prompts)) for _ in range(200)])
-        return out | {"human_coef": float(coef[0]), "human_coef_se": float(boot[:, 0].std(ddof=1)),
-                      "width_coef": float(coef[1]), "width_coef_se": float(boot[:, 1].std(ddof=1))}
+        return out | {
+            "human_coef": float(coef[0]),
+            "human_coef_se": float(boot[:, 0].std(ddof=1)),
+            "width_coef": float(coef[1]),
+            "width_coef_se": float(boot[:, 1].std(ddof=1)),
+        }
 
 
 # ----------------------------------------------------------------------------- the run
@@ -225,7 +268,9 @@ def _bank_mse(scorer: ImplicitRewardScorer, latents, embeds, draws: Draws, desc:
     for start in tqdm(range(0, latents.shape[0], chunk), desc=desc, unit="chunk", disable=not progress, leave=False):
         stop = min(start + chunk, latents.shape[0])
         part = embeds[start * n : stop * n] if per_candidate else embeds[start:stop]
-        p, r = scorer.per_draw_mse(latents[start:stop], part, Draws(draws.timesteps[start:stop], draws.noise[start:stop]))
+        p, r = scorer.per_draw_mse(
+            latents[start:stop], part, Draws(draws.timesteps[start:stop], draws.noise[start:stop])
+        )
         pol.append(p.cpu())
         ref.append(r.cpu())
     return torch.cat(pol), torch.cat(ref)
@@ -255,10 +300,14 @@ def policy_stages(run: Path, rounds: int, folder: str, iter0_from: str | None) -
 
 def _check_arguments(prompts, candidates, draws, ks, band_k, repeats, heldout_draws) -> None:
     if draws < 2 or prompts < 2 or candidates < 2:
-        raise ValueError(f"reward-audit needs at least 2 prompts, 2 candidates and 2 draws, got {prompts}, {candidates}, {draws}")
+        raise ValueError(
+            f"reward-audit needs at least 2 prompts, 2 candidates and 2 draws, got {prompts}, {candidates}, {draws}"
+        )
     if min(ks, default=0) < 1 or band_k < 1 or repeats < 1 or heldout_draws < 0:
-        raise ValueError(f"reward-audit needs --ks, --band-k and --repeats >= 1 and --heldout-draws >= 0, "
-                         f"got {list(ks)}, {band_k}, {repeats}, {heldout_draws}")
+        raise ValueError(
+            f"reward-audit needs --ks, --band-k and --repeats >= 1 and --heldout-draws >= 0, "
+            f"got {list(ks)}, {band_k}, {repeats}, {heldout_draws}"
+        )
 
 
 def _heldout_bank(heldout, draws: int, seed: int):
@@ -268,16 +317,27 @@ def _heldout_bank(heldout, draws: int, seed: int):
     return latents, embeds, _bank(len(heldout), draws, tuple(latents.shape[2:]), seed, AUDIT_HELDOUT_BANK)
 
 
-def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward_audit.md", prompts: int = 48,
-                 candidates: int = 8, draws: int = 140, ks: tuple[int, ...] = (6, 10, 20, 40, 80), band_k: int = 10,
-                 repeats: int = 20, heldout_draws: int = 40, progress: bool = True, trust_code: bool = False) -> Path:
+def reward_audit(
+    run: str | Path,
+    *,
+    out: str | Path = "bench/results/toy_reward_audit.md",
+    prompts: int = 48,
+    candidates: int = 8,
+    draws: int = 140,
+    ks: tuple[int, ...] = (6, 10, 20, 40, 80),
+    band_k: int = 10,
+    repeats: int = 20,
+    heldout_draws: int = 40,
+    progress: bool = True,
+    trust_code: bool = False,
+) -> Path:
     """Measure the run's implicit reward (see the module docstring); returns the report's path.
     ``trust_code``: run the code the run's config names (its toy.preference); refused otherwise."""
-    from ...diffusion.build import build_stack
-    from ...runs.run_folder import load_recorded_config
     from ...data.sources import load_pairs
-    from ...sail.policies import Policies
+    from ...diffusion.build import build_stack
     from ...diffusion.sampling import generate_candidates
+    from ...runs.run_folder import load_recorded_config
+    from ...sail.policies import Policies
     from ..labels import oracle_samples
     from ..run import ToyWorld
 
@@ -296,54 +356,110 @@ def reward_audit(run: str | Path, *, out: str | Path = "bench/results/toy_reward
     world = ToyWorld(sail, config.data.seed_pairs, seed=seed, out=run, log=lambda _: None, toy=config.toy)
     pool = world.round_pool()[sail.rounds * sail.prompts_per_round :]  # prompts no round trained on
     if len(pool) < prompts:
-        raise ValueError(f"only {len(pool)} prompts are left unused by the run's rounds; ask for --prompts {len(pool)} or fewer")
+        raise ValueError(
+            f"only {len(pool)} prompts are left unused by the run's rounds; ask for --prompts {len(pool)} or fewer"
+        )
     chosen = pool[:prompts]
-    seeds = torch.tensor([[derive_seed(seed, AUDIT_CANDIDATES, p, n) for n in range(candidates)] for p in range(prompts)])
+    seeds = torch.tensor(
+        [[derive_seed(seed, AUDIT_CANDIDATES, p, n) for n in range(candidates)] for p in range(prompts)]
+    )
     embeds = stack.encode_prompts(chosen).prompt_embeds
 
     def sample(unet):
-        return generate_candidates(dataclasses.replace(stack, unet=unet), chosen, candidates, seeds=seeds,
-                                   batch_size=sail.generation_batch, progress=False, **sail.sampling()).latents
+        return generate_candidates(
+            dataclasses.replace(stack, unet=unet),
+            chosen,
+            candidates,
+            seeds=seeds,
+            batch_size=sail.generation_batch,
+            progress=False,
+            **sail.sampling(),
+        ).latents
 
     base_latents = sample(policies.base)
     bank = _bank(prompts, draws, tuple(base_latents.shape[2:]), seed, AUDIT_DRAW_BANK)
     heldout_file = RunLayout(run).human_pairs(config.toy.data_dir if config.toy else None).heldout
     heldout = None
     if heldout_draws > 0 and heldout_file.is_file():
-        heldout = load_pairs([str(heldout_file)], stack, model=config.model, data=config.data, cache_dir=RunLayout(run).cache,
-                             seed=seed, log=lambda _: None)
+        heldout = load_pairs(
+            [str(heldout_file)],
+            stack,
+            model=config.model,
+            data=config.data,
+            cache_dir=RunLayout(run).cache,
+            seed=seed,
+            log=lambda _: None,
+        )
         heldout_latents, heldout_embeds, heldout_bank = _heldout_bank(heldout, heldout_draws, seed)
 
-    results = {"run": str(run), "prompts": prompts, "candidates": candidates, "draws": draws, "repeats": repeats,
-               "ks": list(ks), "band_k": band_k, "loop_k": sail.num_draws, "stages": {}}
-    settings = [(e, b, k) for k in dict.fromkeys((*RULE_KS, sail.num_draws, band_k)) for b in (None, LOW_BAND)
-                for e in ESTIMATORS]
+    results = {
+        "run": str(run),
+        "prompts": prompts,
+        "candidates": candidates,
+        "draws": draws,
+        "repeats": repeats,
+        "ks": list(ks),
+        "band_k": band_k,
+        "loop_k": sail.num_draws,
+        "stages": {},
+    }
+    settings = [
+        (e, b, k)
+        for k in dict.fromkeys((*RULE_KS, sail.num_draws, band_k))
+        for b in (None, LOW_BAND)
+        for e in ESTIMATORS
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a band without draws: NaN, said so
         for name, folder in tqdm(stages, desc="reward audit", unit="policy", disable=not progress):
             policy = policies.load(folder)
-            scorer = ImplicitRewardScorer(policy, policies.base, stack.scheduler, beta=beta, num_draws=draws,
-                                          micro_batch=sail.scoring_batch, channels_last=False)
+            scorer = ImplicitRewardScorer(
+                policy,
+                policies.base,
+                stack.scheduler,
+                beta=beta,
+                num_draws=draws,
+                micro_batch=sail.scoring_batch,
+                channels_last=False,
+            )
             latents = sample(policy)
             judged = oracle_samples(world.oracle, latents.clamp(-1, 1), chosen)
             distance = (latents - base_latents).flatten(2).float().pow(2).mean(-1).sqrt()
             mse_pol, mse_ref = _bank_mse(scorer, latents, embeds, bank, f"{name} bank", progress)
             audit = PolicyAudit(mse_pol, mse_ref, bank.timesteps, judged, distance, beta, repeats=repeats, seed=seed)
-            stage = {"by_k": [audit.estimate(k) for k in ks],
-                     "by_band": {f"[{lo}, {hi})": audit.estimate(band_k, band=(lo, hi)) for lo, hi in BANDS},
-                     "stratified": audit.estimate(band_k, stratified=True, retest=False),
-                     "spread_by_t": audit.spread_by_t(), "tracks": audit.what_it_tracks(), "estimators": []}
+            stage = {
+                "by_k": [audit.estimate(k) for k in ks],
+                "by_band": {f"[{lo}, {hi})": audit.estimate(band_k, band=(lo, hi)) for lo, hi in BANDS},
+                "stratified": audit.estimate(band_k, stratified=True, retest=False),
+                "spread_by_t": audit.spread_by_t(),
+                "tracks": audit.what_it_tracks(),
+                "estimators": [],
+            }
             retested = [row for row in stage["by_k"] if math.isfinite(row["retest"]) and row["retest"] > 0]
             if retested:
                 top = retested[-1]
                 stage["noise_corrected_spearman"] = {"k": top["k"], "value": top["spearman"] / math.sqrt(top["retest"])}
             if heldout is not None:
-                h_pol, h_ref = _bank_mse(scorer, heldout_latents, heldout_embeds, heldout_bank, f"{name} held-out", progress)
+                h_pol, h_ref = _bank_mse(
+                    scorer, heldout_latents, heldout_embeds, heldout_bank, f"{name} held-out", progress
+                )
             for estimator, band, k in settings:
-                row = audit.estimate(k, estimator=estimator, band=band) | {"estimator": estimator, "band": list(band or (0, 1000))}
+                row = audit.estimate(k, estimator=estimator, band=band) | {
+                    "estimator": estimator,
+                    "band": list(band or (0, 1000)),
+                }
                 if heldout is not None:
                     row["heldout"], row["heldout_se"] = heldout_agreement(
-                        h_pol, h_ref, beta, min(k, heldout_draws), estimator, band, heldout_bank.timesteps, repeats, seed)
+                        h_pol,
+                        h_ref,
+                        beta,
+                        min(k, heldout_draws),
+                        estimator,
+                        band,
+                        heldout_bank.timesteps,
+                        repeats,
+                        seed,
+                    )
                 stage["estimators"].append(row)
             results["stages"][name] = stage
     return _write_report(Path(out), results)
@@ -367,64 +483,98 @@ def _pm(row: dict, key: str) -> str:
 def audit_markdown(results: dict) -> str:
     r = results
     lines = [
-        "# Toy reward audit", "",
+        "# Toy reward audit",
+        "",
         f"Run `{r['run']}`: {r['prompts']} prompts no round trained on × {r['candidates']} candidates sampled the loop's way "
         f"(same seeds for every policy), a fixed bank of {r['draws']} uniform-t draws per prompt, {r['repeats']} repeats of "
-        f"each draw subset; ± is a bootstrap SE over prompts. Human = the toy's noiseless human score.", "",
-        SELECTION_RULE, "",
-        "## By K (mean estimator, uniform t)", "",
+        f"each draw subset; ± is a bootstrap SE over prompts. Human = the toy's noiseless human score.",
+        "",
+        SELECTION_RULE,
+        "",
+        "## By K (mean estimator, uniform t)",
+        "",
         "| policy | K | UNet forwards / prompt | ρ(reward, human) | best-worst accuracy | gap share | test-retest |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in r["stages"].items():
         for row in s["by_k"]:
-            lines.append(f"| {name} | {row['k']} | {row['unet_forwards_per_prompt']} | {_pm(row, 'spearman')} | "
-                         f"{_pm(row, 'accuracy')} | {row['gap_share']:.3f} | {row['retest']:.3f} |")
+            lines.append(
+                f"| {name} | {row['k']} | {row['unet_forwards_per_prompt']} | {_pm(row, 'spearman')} | "
+                f"{_pm(row, 'accuracy')} | {row['gap_share']:.3f} | {row['retest']:.3f} |"
+            )
     lines += ["", "Noise-corrected ρ(reward, human) (ρ_K / sqrt(retest_K), K → ∞):", ""]
-    lines += [f"- {name}: {s['noise_corrected_spearman']['value']:.3f} (from K={s['noise_corrected_spearman']['k']})"
-              for name, s in r["stages"].items() if "noise_corrected_spearman" in s]
-    lines += ["", f"## By timestep band (K={r['band_k']}, mean estimator) and stratified", "",
-              "| policy | t | draws in band / prompt | ρ(reward, human) | best-worst accuracy | gap share | test-retest |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"- {name}: {s['noise_corrected_spearman']['value']:.3f} (from K={s['noise_corrected_spearman']['k']})"
+        for name, s in r["stages"].items()
+        if "noise_corrected_spearman" in s
+    ]
+    lines += [
+        "",
+        f"## By timestep band (K={r['band_k']}, mean estimator) and stratified",
+        "",
+        "| policy | t | draws in band / prompt | ρ(reward, human) | best-worst accuracy | gap share | test-retest |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in r["stages"].items():
         for band, row in list(s["by_band"].items()) + [("stratified", s["stratified"])]:
-            lines.append(f"| {name} | {band} | {row.get('band_draws_per_prompt', row['k']):.1f} | {_pm(row, 'spearman')} | "
-                         f"{_pm(row, 'accuracy')} | {row['gap_share']:.3f} | {row['retest']:.3f} |")
+            lines.append(
+                f"| {name} | {band} | {row.get('band_draws_per_prompt', row['k']):.1f} | {_pm(row, 'spearman')} | "
+                f"{_pm(row, 'accuracy')} | {row['gap_share']:.3f} | {row['retest']:.3f} |"
+            )
     lines += ["", "## A draw's spread across candidates by t (std of the reward gap)", ""]
     bands = list(next(iter(r["stages"].values()))["spread_by_t"])
     lines += ["| policy | " + " | ".join(bands) + " | lowest / highest |", "|---|" + "---|" * (len(bands) + 1)]
     for name, s in r["stages"].items():
         v = list(s["spread_by_t"].values())
         lines.append(f"| {name} | " + " | ".join(f"{x:.3g}" for x in v) + f" | {v[0] / v[-1]:.1f} |")
-    lines += ["", f"## What the reward tracks (all {r['draws']} draws; within-prompt Spearman)", "",
-              "| policy | ρ human | ρ width | ρ log p | ρ distance from base | coef human (± SE) | coef width (± SE) "
-              "| least-ink accuracy | wrong digits (chance) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## What the reward tracks (all {r['draws']} draws; within-prompt Spearman)",
+        "",
+        "| policy | ρ human | ρ width | ρ log p | ρ distance from base | coef human (± SE) | coef width (± SE) "
+        "| least-ink accuracy | wrong digits (chance) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in r["stages"].items():
         t = s["tracks"]
-        loop = next(e for e in s["estimators"] if e["estimator"] == "mean" and e["band"] == [0, 1000] and e["k"] == r["loop_k"])
-        lines.append(f"| {name} | {t['human_spearman']:.3f} | {t['width_spearman']:.3f} | {t['log_prob_spearman']:.3f} | "
-                     f"{t['distance_spearman']:.3f} | {_pm(t, 'human_coef')} | {_pm(t, 'width_coef')} | "
-                     f"{t['least_ink_accuracy']:.3f} | best {loop['best_wrong_digit']:.1f}, worst {loop['worst_wrong_digit']:.1f} "
-                     f"({t['wrong_digit_chance']:.1f}) |")
-    lines += ["", "Wrong digits: candidates the classifier reads as another digit picked as best / worst at the loop's "
-              f"K={r['loop_k']} (mean over repeats); chance: the count a random pick would give.", "",
-              "## Every estimator", "",
-              "| policy | estimator | t | K | held-out human agreement | ρ(reward, human) | best-worst accuracy | gap share "
-              "| test-retest | ρ width | ρ log p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        loop = next(
+            e for e in s["estimators"] if e["estimator"] == "mean" and e["band"] == [0, 1000] and e["k"] == r["loop_k"]
+        )
+        lines.append(
+            f"| {name} | {t['human_spearman']:.3f} | {t['width_spearman']:.3f} | {t['log_prob_spearman']:.3f} | "
+            f"{t['distance_spearman']:.3f} | {_pm(t, 'human_coef')} | {_pm(t, 'width_coef')} | "
+            f"{t['least_ink_accuracy']:.3f} | best {loop['best_wrong_digit']:.1f}, worst {loop['worst_wrong_digit']:.1f} "
+            f"({t['wrong_digit_chance']:.1f}) |"
+        )
+    lines += [
+        "",
+        "Wrong digits: candidates the classifier reads as another digit picked as best / worst at the loop's "
+        f"K={r['loop_k']} (mean over repeats); chance: the count a random pick would give.",
+        "",
+        "## Every estimator",
+        "",
+        "| policy | estimator | t | K | held-out human agreement | ρ(reward, human) | best-worst accuracy | gap share "
+        "| test-retest | ρ width | ρ log p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     first = next(iter(r["stages"]))
     rule = apply_selection_rule(r["stages"][first]["estimators"])
     if rule["chosen"] is not None:
-        lines[lines.index(SELECTION_RULE) + 1:lines.index(SELECTION_RULE) + 1] = [
-            "", f"Applied to {first}: step 2 keeps {len(rule['kept'])} settings (held-out agreement within one SE of the best, "
+        lines[lines.index(SELECTION_RULE) + 1 : lines.index(SELECTION_RULE) + 1] = [
+            "",
+            f"Applied to {first}: step 2 keeps {len(rule['kept'])} settings (held-out agreement within one SE of the best, "
             f"{max(e['heldout'] for e in rule['kept']):.3f}); step 3 finds "
             + "; ".join(f"{setting_name(e)} (test-retest {e['retest']:.3f})" for e in rule["tied"])
             + f" within {0.02} of the highest test-retest. Chosen, by K and then by plainness in the order step 1 lists "
             f"the estimators: **{setting_name(rule['chosen'])}**. (The rule as first run stopped at that tie; this reading "
-            "of \"plainer\" was settled afterwards, with the oracle columns below already visible.)"]
+            'of "plainer" was settled afterwards, with the oracle columns below already visible.)',
+        ]
     for name, s in r["stages"].items():
         for e in s["estimators"]:
             held = _pm(e, "heldout") if "heldout" in e else "-"
-            lines.append(f"| {name} | {e['estimator']} | [{e['band'][0]}, {e['band'][1]}) | {e['k']} | {held} | "
-                         f"{_pm(e, 'spearman')} | {_pm(e, 'accuracy')} | {e['gap_share']:.3f} | {e['retest']:.3f} | "
-                         f"{e['width_spearman']:.3f} | {e['log_prob_spearman']:.3f} |")
+            lines.append(
+                f"| {name} | {e['estimator']} | [{e['band'][0]}, {e['band'][1]}) | {e['k']} | {held} | "
+                f"{_pm(e, 'spearman')} | {_pm(e, 'accuracy')} | {e['gap_share']:.3f} | {e['retest']:.3f} | "
+                f"{e['width_spearman']:.3f} | {e['log_prob_spearman']:.3f} |"
+            )
     return "\n".join(lines) + "\n"

@@ -24,8 +24,12 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print,
     returns the run's round count. ``trust_code``: run the code the run's config names (its toy.preference)."""
     code = "trust" if trust_code else "refuse"
     here = [f"output_dir={run}"]  # the run's folder, wherever it has moved since
-    loop = SailLoop(load_recorded_config(run, here, code=code), log=log)  # the config the run recorded, its human included
-    ctx = dataclasses.replace(loop.context_for(load_recorded_config(run, here + overrides, code=code)), out=run / variant)
+    loop = SailLoop(
+        load_recorded_config(run, here, code=code), log=log
+    )  # the config the run recorded, its human included
+    ctx = dataclasses.replace(
+        loop.context_for(load_recorded_config(run, here + overrides, code=code)), out=run / variant
+    )
     for stage in RunLayout(run).evaluated_stages():
         r = RunLayout.round_of(stage)
         policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
@@ -33,9 +37,17 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print,
     return loop.sail.rounds
 
 
-def sampler_transfer(out: str | Path, seeds: list[int], conditions: list[str], *, sampler: str = "ddpm",
-                     steps: int = 50, images_per_prompt: int | None = None, log=print,
-                     trust_code: bool = False) -> Path:
+def sampler_transfer(
+    out: str | Path,
+    seeds: list[int],
+    conditions: list[str],
+    *,
+    sampler: str = "ddpm",
+    steps: int = 50,
+    images_per_prompt: int | None = None,
+    log=print,
+    trust_code: bool = False,
+) -> Path:
     """Evaluate the finished stages of ``conditions`` (sail first: the others share its base) under
     ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md)."""
     out, variant = Path(out), f"{sampler}-{steps}"

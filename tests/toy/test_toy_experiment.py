@@ -1,0 +1,120 @@
+"""The results table: the right runs on the right lines, paired differences with clustered SEs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sail_fast.metrics.statistics import clustered_mean, paired_difference
+from sail_fast.runs.config import load_config
+from sail_fast.runs.layout import EVAL_SAMPLES
+from sail_fast.toy.labels import TERMS
+from sail_fast.toy.studies.experiment import DPO_SHARES, condition_overrides, write_table
+
+TOY = Path(__file__).resolve().parents[2] / "configs/toy.yaml"
+
+
+def fake_stage(path, score):
+    """A stage evaluated on 4 prompts x 3 seeds: ``score`` [4, 3] per sample."""
+    path.mkdir(parents=True)
+    samples = {k: torch.zeros(4, 3) for k in TERMS} | {"score": score, "correct": torch.ones(4, 3)}
+    save_file(samples | {"latents": torch.zeros(4, 3, 1, 2, 2)}, path / EVAL_SAMPLES)
+    (path / "eval.json").write_text(
+        json.dumps(
+            {
+                "oracle_score": float(score.mean()),
+                "digit_accuracy": 1.0,
+                "haze": 0.0,
+                "width_term": 0.0,
+                "log_prob": 0.0,
+                "offset": 0.0,
+                "diversity": 0.1,
+            }
+        )
+    )
+
+
+def test_paired_difference_is_the_prompt_clustered_mean_difference():
+    a = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [3.0, 3.0], [1.0, 1.0]])
+    per_prompt = [1.0, 1.0, -1.0]  # mean of a - b within each prompt
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(1 / 3)
+    sd = math.sqrt(sum((x - 1 / 3) ** 2 for x in per_prompt) / 2)
+    assert se == pytest.approx(sd / math.sqrt(3))
+    # Pairing removes what the two models share: a big per-prompt effect common to both cancels.
+    shared = torch.arange(50.0).view(50, 1).repeat(1, 4)
+    noise = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert paired_difference(shared + 0.2 + noise, shared)[1] < 0.1 * clustered_mean(shared)[1]
+    with pytest.raises(ValueError, match="same"):
+        paired_difference(a, b[:2])
+
+
+def test_table_lines_and_paired_changes(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    for seed in (0, 1):
+        root = tmp_path / f"seed-{seed}"
+        base = torch.randn(4, 3, generator=gen)
+        fake_stage(root / "sail/base", base)
+        fake_stage(root / "sail/iter0", base + 0.1)
+        fake_stage(root / "sail/round-01", base + 0.2)
+        fake_stage(root / "sail/round-02", base + 0.3 + 0.1 * seed)
+        fake_stage(root / "dpo-6/iter0", base + 0.25)
+        fake_stage(root / "dpo-full/iter0", base + 0.5)
+        fake_stage(root / "no-mixup/round-02", base - 0.1)
+        fake_stage(root / "plain-reward/round-01", base + 0.15)
+        fake_stage(root / "anchored/round-02", base + 0.45)
+        (root / "human").mkdir()
+        (root / "human/summary.json").write_text(json.dumps({"seed": 96, "labelled": 1600}))
+    table = write_table(tmp_path, [0, 1], rounds=2).read_text().splitlines()
+    cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert cell["SAIL round 2"][0] == "96 (6%)"
+    assert cell["SAIL round 2"][2] == "+0.350 ± 0.000"  # (0.3 + 0.4) / 2, exact shifts: no spread
+    assert cell["SAIL round 2"][3] == "+0.100 ± 0.000"  # against DPO on the same 96 labels, same seed
+    assert cell["SAIL round 2"][4] == "-0.150 ± 0.000"  # against full-label DPO of the same seed
+    assert cell["SAIL round 1, plain reward (mean of 6 uniform draws)"][5] == "-0.050 ± 0.000"  # vs SAIL round 1
+    assert cell["SAIL round 2, every round's DPO held to the base"][5] == "+0.100 ± 0.000"  # (0.15 + 0.05) / 2
+    assert cell["Diffusion-DPO, 100% of labels"][0] == "1600 (100%)"
+    assert cell["SAIL round 2, no mixup (alpha = 1)"][2] == "-0.100 ± 0.000"
+    assert cell["base model"][2] == "+0.000 ± 0.000" and cell["base model"][-1] == "2"
+    assert not any("OnlineDPO" in name for name in cell)  # lines appear once their runs exist
+    assert (tmp_path / "results.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows[0]["vs_base"]["score"] == [0.0, 0.0]
+
+
+def test_conditions_share_the_seed_data_and_iter0(tmp_path):
+    config = load_config(TOY)
+    no_mixup = condition_overrides("no-mixup", 3, tmp_path / "seed-3", config, ablation_rounds=2)
+    assert f"toy.data_dir={tmp_path / 'seed-3' / 'human'}" in no_mixup
+    assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in no_mixup
+    assert "train.mixup_alpha=1.0" in no_mixup and "sail.rounds=2" in no_mixup
+    steps = config.sail.iter0_steps + config.sail.rounds * config.sail.round_steps
+    for name, share in DPO_SHARES.items():
+        dpo = condition_overrides(name, 3, tmp_path / "seed-3", config)
+        assert "toy.train_on=all" in dpo and "sail.rounds=0" in dpo and f"sail.iter0_steps={steps}" in dpo
+        assert f"data.max_seed_pairs={round(config.toy.labelled_pairs * share)}" in dpo
+    for name in ("online-dpo", "online-dpo-proxy", "smpo", "smoothed-self", "realalign", "sail-realalign"):
+        overrides = condition_overrides(name, 3, tmp_path / "seed-3", config, ablation_rounds=2)
+        load_config(TOY, overrides)  # valid as a whole
+        assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in overrides
+    ref = condition_overrides("ref-previous", 3, tmp_path / "seed-3", config)
+    assert "sail.ranking_reference=previous" in ref and not any(o.startswith("sail.rounds=") for o in ref)
+    assert "sail.ranker_metric=toy_width" in condition_overrides("online-dpo-proxy", 3, tmp_path / "seed-3", config)
+    smpo = condition_overrides("smpo", 3, tmp_path / "seed-3", config)
+    assert {"sail.ranker_metric=toy_oracle", "sail.soft_labels=true", "train.noising=ddim_inversion"} <= set(smpo)
+    assert "sail.pair_sources=[real]" in condition_overrides("realalign", 3, tmp_path / "seed-3", config)
+    assert "sail.pair_sources=[self, real]" in condition_overrides("sail-realalign", 3, tmp_path / "seed-3", config)
+    plain = load_config(TOY, condition_overrides("plain-reward", 3, tmp_path / "seed-3", config)).sail
+    assert (plain.reward_estimator, plain.num_draws, plain.reward_timesteps) == ("mean", 6, None)
+    assert (config.sail.reward_estimator, config.sail.num_draws) == ("standardised", 10)  # the audit's choice
+    anchored = condition_overrides("anchored", 3, tmp_path / "seed-3", config)
+    assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in anchored
+    assert (
+        load_config(TOY, anchored).sail.training_reference == "base" and config.sail.training_reference == "round_start"
+    )
+    with pytest.raises(ValueError, match="unknown condition"):
+        condition_overrides("sft", 3, tmp_path, config)
