@@ -40,7 +40,7 @@ def steps(out: Path, dry_run: bool) -> list[dict]:
             "name": "triton kernels compiled vs torch twins",
             "needs_cuda": True,
             "timeout": 240,
-            "cmd": pytest + ["tests/test_paired_mse.py", "tests/test_preference_math.py"],
+            "cmd": pytest + ["tests/kernels/test_paired_mse.py", "tests/dpo/test_preference_math.py"],
         }
     )
     plan.append(
@@ -48,7 +48,7 @@ def steps(out: Path, dry_run: bool) -> list[dict]:
             "name": "compiled training gradients on CUDA",
             "needs_cuda": True,
             "timeout": 240,
-            "cmd": pytest + ["tests/test_compiled.py", "-k", "training_step"],
+            "cmd": pytest + ["tests/diffusion/test_compiled.py", "-k", "training_step"],
         }
     )
     for arch in ("sd15", "sdxl"):

@@ -61,7 +61,7 @@ from .optim import build_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch 2.13's CPU inductor fuses part of the UNet's backward wrongly: the gradients are 26-67%
-# off and some are exactly zero (tests/test_compiled.py). Unfused kernels are right, and the
+# off and some are exactly zero (tests/diffusion/test_compiled.py). Unfused kernels are right, and the
 # compiled forward + backward still beats eager (0.37 s against 0.51 s on sd15-small); GPUs
 # compile with the defaults.
 CPU_COMPILE_OPTIONS = {"max_fusion_size": 1}

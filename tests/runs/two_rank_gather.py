@@ -1,4 +1,4 @@
-"""One rank of tests/test_gather.py: python two_rank_gather.py RANK PORT OUT. Gathers tensors, a LatentPairs and a
+"""One rank of tests/runs/test_gather.py: python two_rank_gather.py RANK PORT OUT. Gathers tensors, a LatentPairs and a
 tuple over a two-process gloo group and saves what it received (and what went through pickling) to OUT."""
 
 import sys
