@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, planted_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-# Log lines of third-party packages that a sail-fast user cannot act on (sail_fast/quiet.py).
+# Log lines of third-party packages that a sail-fast user cannot act on (sail_fast/runs/quiet.py).
 NOISE = ("kernels-community", "publisher trust", "gemm_4bit_forward")
 HF_KERNELS = importlib.util.find_spec("kernels") is not None and "site-packages" in (
     importlib.util.find_spec("kernels").origin or ""

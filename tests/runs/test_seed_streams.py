@@ -1,4 +1,4 @@
-"""Every seed stream has a name in sail_fast/seeding.py: no integer literal is passed to derive_seed (or to
+"""Every seed stream has a name in sail_fast/runs/seeding.py: no integer literal is passed to derive_seed (or to
 the helpers that forward to it) anywhere else, and the named values are the ones runs have always drawn with."""
 
 import ast
