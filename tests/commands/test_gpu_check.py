@@ -4,9 +4,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_its_summary_with_the_cuda_steps_skipped(tmp_path):
     done = subprocess.run(
         ["bash", str(REPO / "bench/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],

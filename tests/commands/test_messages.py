@@ -57,6 +57,7 @@ def _error_line(err: str) -> str:
 
 
 # ----------------------------------------------------------------------- 1. no third-party noise
+@pytest.mark.slow
 def test_a_command_that_loads_models_prints_only_its_own_lines(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "sail_fast.commands.cli", *_generate_argv(tmp_path)],
@@ -183,6 +184,7 @@ def test_a_full_disk_while_label_writes_pictures_leaves_none_half_written(tmp_pa
 
 
 # ------------------------------------------------------- 4. a stage marked done without its final/
+@pytest.mark.slow
 def test_a_done_stage_without_its_final_folder_is_named_with_the_fix(tmp_path, capsys):
     overrides = make_overrides(tmp_path, "sail.rounds=0", "sail.iter0_steps=0")
     main(["train", "--config", str(TINY), *[a for kv in overrides for a in ("--set", kv)]])

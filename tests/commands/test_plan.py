@@ -66,6 +66,7 @@ def toy_trainer(tmp_path, *overrides):
     return config, trainer_for(config, stack.unet, stack.scheduler, pairs, output_dir=tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, checkpointing):
     config, trainer = toy_trainer(tmp_path, f"train.gradient_checkpointing={checkpointing}")
@@ -83,6 +84,7 @@ def test_plan_predicts_measured_training_memory_within_20_percent(tmp_path, chec
     assert plan.total == pytest.approx(measured, rel=0.2)
 
 
+@pytest.mark.slow
 def test_plan_predicts_measured_lora_training_memory_within_20_percent(tmp_path):
     from sail_fast.runs.config import LoraSettings
 
@@ -132,6 +134,7 @@ def test_optimizer_state_count_matches_the_real_optimizer(name):
     assert optimizer_state_bytes(meta_unet(unet_config_for(config.model)), name) == pytest.approx(real, rel=0.05)
 
 
+@pytest.mark.slow
 def test_plan_command_prints_the_configs_row(tmp_path):
     done = subprocess.run(
         ["sail-fast", "plan", "--config", "configs/sdxl.yaml", "--gpus", "8"],

@@ -18,6 +18,7 @@ from sail_fast.reward.scorer import ImplicitRewardScorer
 from sail_fast.runs.config import load_config
 
 
+@pytest.mark.slow
 def test_compiled_training_step_gives_eager_gradients(tmp_path):
     # Gradients, not losses after several steps: at beta 5000 a 1e-7 change in the weights
     # moves the third step's loss by 1%, so later losses cannot tell a bug from rounding.
@@ -53,6 +54,7 @@ def test_compiled_training_step_gives_eager_gradients(tmp_path):
         assert (grads[True][name] - g).norm() <= 1e-2 * g.norm() + 1e-6 * total, name
 
 
+@pytest.mark.slow
 def test_compiled_generation_matches_eager():
     stack = tiny_stack("sd15", seed=0)
     stack.unet.eval()
@@ -65,6 +67,7 @@ def test_compiled_generation_matches_eager():
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_scorer_matches_eager():
     # UNet calls of 12 rows of 16x16 latents, like the generation test's CFG batches, so the
     # scorer reuses that compiled graph when both run (compiling costs about a minute).

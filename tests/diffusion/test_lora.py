@@ -71,6 +71,7 @@ def _perturb(unet, name=POLICY, scale=0.05, seed=1):
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_adapter_off_is_the_base_exactly_and_the_views_share_one_unet(kind):
     base = tiny_stack(kind, seed=0)
@@ -118,6 +119,7 @@ def _trainer(tmp_path, *overrides, kind="sd15", pairs=64, seed=0):
     return trainer_for(config, stack.unet, stack.scheduler, data), stack, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_lora_dpo_starts_at_logit_zero_and_learns_a_planted_preference(tmp_path, kind):
     trainer, stack, config = _trainer(
@@ -150,6 +152,7 @@ def test_lora_dpo_starts_at_logit_zero_and_learns_a_planted_preference(tmp_path,
     [[], ["train.optimizer=adamw8bit", "train.gradient_checkpointing=true", "train.mixed_precision=bf16"]],
     ids=["adamw", "adamw8bit-checkpointing-bf16"],
 )
+@pytest.mark.slow
 def test_lora_interrupted_and_resumed_equals_uninterrupted(tmp_path, extra):
     args = [
         "train.steps=6",
@@ -173,6 +176,7 @@ def test_lora_interrupted_and_resumed_equals_uninterrupted(tmp_path, extra):
     assert any(v.abs().sum() > 0 for k, v in finals[0].items() if "lora.up" in k)  # training moved B off zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_saved_adapter_in_a_plain_diffusers_pipeline_samples_what_we_sample(tmp_path, kind):
     stack = tiny_stack(kind, seed=0)
@@ -226,6 +230,7 @@ def test_saved_adapter_in_a_plain_diffusers_pipeline_samples_what_we_sample(tmp_
     assert not torch.allclose(base.latents[0], ours.latents[0], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_two_round_lora_sail_ranks_against_the_base_and_trains_each_round_against_the_last(tmp_path, monkeypatch):
     """Round r ranks its candidates against outputs equal to the base UNet's and trains against round r-1's
     policy, all on one UNet; checked against separately built UNets with the saved adapters loaded."""
@@ -329,6 +334,7 @@ def test_lora_under_deepspeed_zero2_two_ranks_agrees_across_ranks_and_saves_the_
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_lora_sail_on_the_toy_world_then_generate_and_export_for_plain_diffusers(tmp_path):
     """A user's path: `sail-fast run` with train.lora, `generate` from the run, `export` the adapter and a merged UNet."""
     from diffusers import UNet2DConditionModel
@@ -403,6 +409,7 @@ def test_lora_sail_on_the_toy_world_then_generate_and_export_for_plain_diffusers
     assert not torch.allclose(with_adapter, base, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_sail_on_a_tiny_sdxl_stack_runs_end_to_end(tmp_path):
     sdxl = ["model.tiny=sdxl", "model.tiny_in_channels=4"]
     stack = build_stack(load_config(TINY, sdxl).model, seed=0)

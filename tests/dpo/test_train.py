@@ -45,6 +45,7 @@ def _losses(path):
     return [json.loads(line)["loss"] for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
     config, stack = _setup(
         tmp_path,
@@ -67,6 +68,7 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
     assert (tmp_path / "run" / "final" / "unet" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_adamw8bit_keeps_uint8_state_and_lowers_the_loss(tmp_path):
     config, stack = _setup(
         tmp_path,
@@ -97,6 +99,7 @@ def test_adamw8bit_keeps_uint8_state_and_lowers_the_loss(tmp_path):
     ],
     ids=["adamw", "ema-adafactor-checkpointing-bf16"],
 )
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, extra):
     args = [
         "train.steps=6",
@@ -137,6 +140,7 @@ def _train_cmd(config_args, launcher=None):
     ]
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_weights(tmp_path):
     stack = build_stack(load_config(TINY).model, seed=0, device=torch.device("cpu"))
     planted_pairs(stack, 64, 0).save(tmp_path / "pairs.safetensors")

@@ -24,7 +24,7 @@ def _perturbed_copy(unet, scale=0.02, seed=0):
     return twin
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+@pytest.fixture(scope="module", params=["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: the slow tier
 def setup(request):
     stack = tiny_stack(request.param, seed=0)
     reference = stack.unet.eval()
@@ -138,7 +138,9 @@ def test_zero_when_policy_is_reference_and_sign_flips_when_swapped(setup):
     )
 
 
-@pytest.mark.parametrize("micro_batch", [3, 7, 160])
+@pytest.mark.parametrize(
+    "micro_batch", [pytest.param(3, marks=pytest.mark.slow), 7, pytest.param(160, marks=pytest.mark.slow)]
+)
 def test_invariant_to_micro_batch(setup, micro_batch):
     stack, _, _, embeds, latents, timesteps, noise = setup
     kw = dict(added_cond_kwargs=_added(stack, embeds, [0, 1]), timesteps=timesteps, noise=noise)
@@ -157,6 +159,7 @@ def test_generator_draws_are_reproducible(setup):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.slow
 def test_common_draws_reduce_variance_of_reward_differences(setup):
     # Measured, not assumed: over repeated scorings with fresh draws, the gap between two
     # candidates varies less when both see the same draws than when each has its own.

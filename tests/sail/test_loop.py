@@ -56,6 +56,7 @@ def final_weights(run: Path) -> dict:
     return load_file(run / "round-02/train/final/unet/diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_rounds_write_their_stages_and_pair_best_against_worst(tmp_path):
     config = make_config(tmp_path)
     final = SailLoop(config).run()
@@ -112,6 +113,7 @@ def test_random_pairing_orders_two_random_candidates_by_reward(tmp_path):
     assert (win, lose) != (rewards.argmax(1).tolist(), rewards.argmin(1).tolist())
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     SailLoop(make_config(tmp_path / "a")).run()
 

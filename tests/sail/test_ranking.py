@@ -133,6 +133,7 @@ def test_online_dpo_round_with_soft_labels_on_the_toy(tmp_path):
     assert (tmp_path / "round-01/train/final/unet").is_dir()
 
 
+@pytest.mark.slow
 def test_online_dpo_and_smpo_on_an_sd_stack_with_pickscore(tmp_path):
     """OnlineDPO ranked by PickScore (tiny weights in its published layout) with SmPO soft labels and
     DDIM-inversion noising, one round on a tiny SD1.5-shaped stack with a VAE."""

@@ -307,6 +307,7 @@ def test_realalign_mixed_with_sail_pairs_uses_the_policy_sample_as_loser(tmp_pat
     assert (tmp_path / "round-01/real_pairs.png").is_file() and (tmp_path / "round-01/candidates.png").is_file()
 
 
+@pytest.mark.slow
 def test_realalign_alone_on_an_sd_stack_with_a_vae_redraws_in_latent_space_and_resumes(tmp_path):
     """Real RGB pictures through a tiny SD1.5-shaped stack with a VAE: two RealAlign-only rounds with
     masked-redraw losers, then round 2 interrupted after its pairs and resumed."""

@@ -134,6 +134,7 @@ def test_the_selection_rule_uses_held_out_agreement_then_retest_then_cost_then_p
     assert apply_selection_rule([{"estimator": "mean", "k": 6, "band": [0, 1000], "retest": 0.5}])["chosen"] is None
 
 
+@pytest.mark.slow
 def test_every_round_logs_its_self_label_quality(tiny_run):
     ranking = json.loads((tiny_run / "round-01/ranking.json").read_text())
     quality = ranking["label_quality"]
@@ -157,6 +158,7 @@ def test_every_round_logs_its_self_label_quality(tiny_run):
     assert iter0[0] == "iter0" and all(math.isfinite(float(c)) for c in iter0[5:])
 
 
+@pytest.mark.slow
 def test_reward_audit_reports_real_numbers(tiny_run, tmp_path):
     out = reward_audit(
         tiny_run,
@@ -195,6 +197,7 @@ def test_reward_audit_reports_real_numbers(tiny_run, tmp_path):
     assert len(rows) == 1 and all(math.isfinite(float(c.split("±")[0])) for c in rows[0].split("|")[2:-1])
 
 
+@pytest.mark.slow
 def test_reward_audit_refuses_a_folder_that_is_not_a_toy_run(tmp_path):
     done = subprocess.run(
         ["sail-fast", "toy", "reward-audit", str(tmp_path)], capture_output=True, text=True, timeout=300

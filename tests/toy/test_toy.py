@@ -76,6 +76,7 @@ def test_oracle_score_is_the_documented_formula():
     assert parts["score"].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_every_term_has_its_optimum_inside_the_real_digits():
     """Bolder pays only up to w*: a blob loses to a digit at the preferred width, and so does a
     thin one; the constants are what the real digits give today."""
@@ -167,6 +168,7 @@ def test_human_pairs_go_through_the_pairs_jsonl_path(tmp_path):
     assert all(r.source == "human" and r.label == 1.0 for r in records)
 
 
+@pytest.mark.slow
 def test_dpo_moves_generation_toward_the_winners(tmp_path):
     """Real digits, bold (wider strokes) preferred over thin ones of the same class: after DPO the
     model draws bolder digits. Checks the sign of the whole train -> sample path."""

@@ -29,6 +29,7 @@ def faintness(pixels: torch.Tensor) -> torch.Tensor:
     return -((pixels[:, 0] + 1) / 2).mean(dim=(1, 2))
 
 
+@pytest.mark.slow
 def test_a_preference_written_here_labels_evaluates_and_ranks(tmp_path):
     from sail_fast.commands.train import run_sail
 
@@ -98,6 +99,7 @@ def test_width_proxy_always_prefers_bolder_where_the_human_stops():
     assert proxy[1] > proxy[0] and human[0] > human[1]
 
 
+@pytest.mark.slow
 def test_reference_previous_ranks_against_the_weights_the_round_started_from(tmp_path):
     """sail.ranking_reference: previous. Round 2 ranks round 1's policy against iter0's: once, the previous
     policy was the object round 1 had trained in place, so every reward was exactly 0."""

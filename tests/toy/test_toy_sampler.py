@@ -51,6 +51,7 @@ def accuracy():
     return of
 
 
+@pytest.mark.slow
 def test_every_sampler_at_the_config_steps_matches_ddpm_50(accuracy):
     reference = accuracy("ddpm", 50, 3).mean()
     assert reference > 0.9
@@ -61,6 +62,7 @@ def test_every_sampler_at_the_config_steps_matches_ddpm_50(accuracy):
         )
 
 
+@pytest.mark.slow
 def test_base_draws_every_digit_at_the_config_sampler(accuracy):
     per_digit = accuracy(TOY.sampler, TOY.sampling_steps, 5)
     assert per_digit.min() >= 0.9, f"per-digit accuracy {per_digit.tolist()}"

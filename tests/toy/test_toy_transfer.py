@@ -42,6 +42,7 @@ def experiment(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_runs_own_sampler_reproduces_its_evaluation(experiment):
     # Same sampler, steps and images as the run: the same seeds give the same samples and the same judged
     # scores, so the transfer samples what the run sampled and judges by the run's human (bold, not built-in).
@@ -56,6 +57,7 @@ def test_the_runs_own_sampler_reproduces_its_evaluation(experiment):
     assert lines == ["base model", "SAIL iter0 (seed only)", "SAIL round 1"]
 
 
+@pytest.mark.slow
 def test_another_sampler_draws_new_samples_paired_across_stages(experiment):
     table = sampler_transfer(
         experiment, [0], ["sail", "dpo-6"], sampler="ddpm", steps=3, images_per_prompt=1, trust_code=True
