@@ -92,6 +92,9 @@ def test_a_round_override_is_checked_too(capsys):
 
 
 # --------------------------------------------------------------------------- command-line arguments
+EVAL = ["eval", "--checkpoint", "c", "--prompts", "p.txt", "--metrics", "toy_oracle", "--out", "o"]
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
@@ -112,67 +115,19 @@ def test_a_round_override_is_checked_too(capsys):
         (["check", "--rows", "0"], "argument --rows: must be an integer >= 1, got '0'"),
         (["check", "--latent", "4", "0", "64"], "argument --latent: must be an integer >= 1, got '0'"),
         (
-            [
-                "eval",
-                "--checkpoint",
-                "c",
-                "--prompts",
-                "p.txt",
-                "--metrics",
-                "toy_oracle",
-                "--out",
-                "o",
-                "--limit",
-                "-1",
-            ],
+            [*EVAL, "--limit", "-1"],
             "argument --limit: must be an integer >= 1, got '-1'",
         ),
         (
-            [
-                "eval",
-                "--checkpoint",
-                "c",
-                "--prompts",
-                "p.txt",
-                "--metrics",
-                "toy_oracle",
-                "--out",
-                "o",
-                "--limit",
-                "0",
-            ],
+            [*EVAL, "--limit", "0"],
             "argument --limit: must be an integer >= 1, got '0'",
         ),
         (
-            [
-                "eval",
-                "--checkpoint",
-                "c",
-                "--prompts",
-                "p.txt",
-                "--metrics",
-                "toy_oracle",
-                "--out",
-                "o",
-                "--batch-size",
-                "0",
-            ],
+            [*EVAL, "--batch-size", "0"],
             "argument --batch-size: must be an integer >= 1, got '0'",
         ),
         (
-            [
-                "eval",
-                "--checkpoint",
-                "c",
-                "--prompts",
-                "p.txt",
-                "--metrics",
-                "toy_oracle",
-                "--out",
-                "o",
-                "--guidance-scale",
-                "inf",
-            ],
+            [*EVAL, "--guidance-scale", "inf"],
             "argument --guidance-scale: must be a finite number, got 'inf'",
         ),
         (
