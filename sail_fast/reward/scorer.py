@@ -303,14 +303,16 @@ class ImplicitRewardScorer:
             finally:
                 self._layout_depth -= 1
 
-    def pair_accuracy(self, pairs, *, generator: torch.Generator | None = None, chunk: int = 64) -> float:
-        """Fraction of labelled pairs whose winner gets the higher implicit reward.
+    def pair_mse(
+        self, pairs, *, generator: torch.Generator | None = None, chunk: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy and reference MSE of every labelled pair's winner and loser: two fp32 [P, 2, K].
 
-        ``pairs`` is a ``LatentPairs``; each pair is scored on its own prompt with K draws
-        shared by its winner and loser. This is the self-label agreement with held-out
-        human pairs (0.5 is chance).
+        ``pairs`` is a ``LatentPairs``; each pair is scored on its own prompt with K draws shared by its
+        winner (index 0) and loser (index 1). The draws come from ``generator`` chunk by chunk, so the same
+        generator state gives the same draws whatever the weights (stages compare on equal terms).
         """
-        correct = 0
+        policy, reference = [], []
         with self.scoring_layout():  # the weights copied to channels_last once for all chunks
             for start in range(0, len(pairs), chunk):
                 idx = torch.arange(start, min(start + chunk, len(pairs)))
@@ -321,9 +323,20 @@ class ImplicitRewardScorer:
                 if pairs.pooled_prompt_embeds is not None:
                     time_ids = torch.stack([pairs.time_ids_win[idx], pairs.time_ids_lose[idx]], dim=1).flatten(0, 1)
                     added = {"text_embeds": pairs.pooled_prompt_embeds[rows], "time_ids": time_ids}
-                rewards = self.score_many(latents, embeds, added_cond_kwargs=added, generator=generator)
-                correct += int((rewards[:, 0] > rewards[:, 1]).sum())
-        return correct / len(pairs)
+                draws = self._draws(latents, None, None, generator)
+                mse_policy, mse_ref = self.per_draw_mse(latents, embeds, draws, added_cond_kwargs=added)
+                policy.append(mse_policy)
+                reference.append(mse_ref)
+        return torch.cat(policy), torch.cat(reference)
+
+    def pair_accuracy(self, pairs, *, generator: torch.Generator | None = None, chunk: int = 64) -> float:
+        """Fraction of labelled pairs whose winner gets the higher implicit reward.
+
+        ``pairs`` is a ``LatentPairs``, scored as ``pair_mse`` scores it. This is the self-label agreement
+        with held-out human pairs (0.5 is chance).
+        """
+        rewards = combine_draws(*self.pair_mse(pairs, generator=generator, chunk=chunk), self.beta, self.estimator)
+        return int((rewards[:, 0] > rewards[:, 1]).sum()) / len(pairs)
 
     # -------------------------------------------------------------- internals
     def _draws(self, latents, timesteps, noise, generator) -> Draws:

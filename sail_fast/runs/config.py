@@ -226,6 +226,13 @@ class SailConfig(Section):
     eval_prompts: int = Field(50, ge=1)  # prompts sampled for each stage's evaluation
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = Field(4, ge=1)
+    # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): auto, the
+    # admissible stage with the lowest held-out DPO loss against the base; last, the last round (the paper's).
+    select: Literal["auto", "last"] = "auto"
+    # End the rounds once they stop paying: a round that loses the base's prompt consistency, or `patience`
+    # rounds without a lower held-out loss. Off by default in the class so that a config says it.
+    early_stop: bool = False
+    patience: int = Field(1, ge=1)
     grid_prompts: int = Field(8, ge=1)  # rows of the per-round candidate grid
     # OnlineDPO (the paper's Table 4 baseline): an external reward model ranks the candidates.
     ranker: Literal["implicit", "external"] = "implicit"
@@ -289,6 +296,10 @@ class SailConfig(Section):
         if any(not 1 <= r <= self.rounds for r in self.round_overrides):
             raise ValueError(
                 f"sail.round_overrides names rounds {sorted(self.round_overrides)}; rounds run 1..{self.rounds}"
+            )
+        if self.early_stop and not self.eval_each_round:
+            raise ValueError(
+                "sail.early_stop reads every round's score; set sail.eval_each_round: true or sail.early_stop: false"
             )
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")

@@ -55,6 +55,7 @@ class RunLayout:
         self.metrics = self.root / "metrics.json"
         self.curves = self.root / "curves.png"
         self.summary = self.root / "summary.md"
+        self.chosen = self.root / "chosen.json"  # the stage the run keeps (sail.select) and why
         self.compare = self.root / "compare.png"
         self.human = self.root / "human"  # toy world: the labelled pairs (human_pairs)
         self.cache = self.root / "cache"  # encoded pairs, unless data.cache_dir names another folder
@@ -66,7 +67,7 @@ class RunLayout:
     def replaced_files(self) -> list[Path]:
         """The top-level files a run writes whole (and rewrites after each stage), the resumed configs included."""
         resumed = sorted(self.root.glob("config.resume-*.yaml"))
-        return [self.config, self.record, self.metrics, self.curves, self.summary, self.compare, *resumed]
+        return [self.config, self.record, self.metrics, self.curves, self.summary, self.chosen, self.compare, *resumed]
 
     def resumed_config(self, k: int) -> Path:
         """The k-th config a run was resumed with under --allow-config-change (the first stays ``config``)."""

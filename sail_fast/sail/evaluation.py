@@ -21,6 +21,7 @@ from ..runs.seeding import EVAL_AGREEMENT_DRAWS, EVAL_SAMPLE_SEEDS, derive_seed
 from .context import RunContext
 from .label_quality import eval_label_quality
 from .ranking import implicit_scorer
+from .round_score import heldout_fit, prompt_consistency
 
 
 def sample_diversity(latents: torch.Tensor) -> float:
@@ -51,7 +52,9 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
         progress=ctx.progress,
         **ctx.sampling,
     ).latents
-    metrics = {"stage": name, "diversity": sample_diversity(latents)}
+    metrics = {"stage": name, "diversity": sample_diversity(latents)} | stage_score(
+        ctx, unet, heldout, latents, prompts
+    )
     samples = ctx.world.judge(latents, prompts)  # the world's own judge, if it has one (the toy's human)
     if unet is not ctx.base and (heldout is not None or samples is not None):
         scorer = implicit_scorer(ctx.sail, ctx.beta, ctx.stack.scheduler, unet, ctx.base)
@@ -76,6 +79,16 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     ctx.log(f"{name}: {shown}")
     return metrics
+
+
+def stage_score(ctx: RunContext, unet, heldout: LatentPairs | None, latents: torch.Tensor, prompts: list[str]) -> dict:
+    """The round score (``round_score``): the held-out pairs' fit against the base, and the samples' prompt
+    consistency under the base. Never the world's judge."""
+    score = prompt_consistency(ctx.stack, ctx.base, latents, prompts, seed=ctx.seed, batch=ctx.sail.scoring_batch)
+    if heldout is not None:
+        options = {"beta": ctx.beta, "seed": ctx.seed, "micro_batch": ctx.sail.scoring_batch}
+        score |= heldout_fit(unet, ctx.base, ctx.stack.scheduler, heldout, **options)
+    return score
 
 
 def paired_with_earlier(layout: RunLayout, name: str, samples: dict[str, torch.Tensor]) -> dict:

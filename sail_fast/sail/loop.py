@@ -48,6 +48,8 @@ from .pairing import round_pairs
 from .policies import Policies
 from .real_pairs import encoded_real_images
 from .reuse import reuse_iter0
+from .selection import choose_stage, stop_reason
+from .summary import summary_text
 from .world import world_class
 
 
@@ -107,7 +109,7 @@ class SailLoop:
             f.write(text + "\n")
 
     def run(self, *, resume: bool = False, allow_config_change: bool = False) -> Path:
-        """Run every unfinished stage; returns the final policy's UNet directory. The folder is locked for the run's
+        """Run every unfinished stage; returns the last trained policy's UNet directory. The folder is locked for the run's
         lifetime; ``resume`` refuses a config unlike the run's first unless ``allow_config_change`` (``runs.run_folder``)."""
         if not resume and self.layout.stage(RunLayout.BASE).exists():
             raise FileExistsError(
@@ -146,9 +148,15 @@ class SailLoop:
 
         evaluate_stage(self.ctx, RunLayout.BASE, self.base, heldout)
         policy = self.iter0_stage(seed_pairs, heldout)
-        previous = self.base
+        previous, last, stopped = self.base, 0, None
         for r, prompts in enumerate(rounds, start=1):
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
+            last = r
+            # The rule reads only the round score on disk, so a resumed run stops where it stopped before.
+            stopped = stop_reason(metric_rows(self.layout, r), self.sail.patience) if self.sail.early_stop else None
+            if stopped:
+                self.log(f"early stop after round {r} of {self.sail.rounds}: {stopped}")
+                break
             # Round r trains its input policy in place, so the next round's reference (sail.ranking_reference:
             # previous) is read back from disk: the weights round r started from, as on --resume.
             previous = (
@@ -156,12 +164,26 @@ class SailLoop:
                 if self.sail.ranking_reference == "previous"
                 else self.base
             )
-        self._write_metrics()
-        last = RunLayout.stage_name(self.sail.rounds)
-        self.ctx.world.report(self.ctx, metric_rows(self.layout, self.sail.rounds), last)
-        final = self.policy_dir(self.sail.rounds)
-        self.log(f"SAIL finished: final policy in {final}; metrics in {self.layout.metrics}")
-        return final
+        return self._finish(last, stopped)
+
+    def _finish(self, last: int, stopped: str | None) -> Path:
+        """metrics.json, chosen.json and summary.md once the rounds are over; returns the last round's policy
+        folder (the stage the run keeps is chosen.json's, which ``generate``, ``export`` and ``eval`` read)."""
+        rows = metric_rows(self.layout, last)
+        chosen = choose_stage(rows, self.sail.select) | {"rounds_run": last, "early_stop": stopped}
+        if self.dist.is_main:
+            write_metrics(self.layout, last)
+            write_json(self.layout.chosen, chosen)
+        world_text = self.ctx.world.report(self.ctx, rows, RunLayout.stage_name(last))
+        if self.dist.is_main:
+            atomic_write_text(self.layout.summary, summary_text(rows, chosen, world_text))
+        self.dist.barrier()
+        kept = RunLayout.round_of(chosen["stage"])
+        where = "the base model" if kept < 0 else str(self.policy_dir(kept))
+        self.log(
+            f"SAIL finished: keeps {chosen['stage']}, {where} ({chosen['reason']}); metrics in {self.layout.metrics}"
+        )
+        return self.policy_dir(last)
 
     def policy_dir(self, r: int) -> Path:
         """The UNet (or LoRA) directory of the policy after round r (0: iter0, wherever it was trained)."""

@@ -75,8 +75,9 @@ class World:
         """A stage's metrics from its judged samples."""
         return {}
 
-    def report(self, ctx, rows: list[dict], last: str) -> None:
-        """Anything to show at the end of a run (a table, a comparison picture)."""
+    def report(self, ctx, rows: list[dict], last: str) -> str:
+        """Anything to show at the end of a run (a comparison picture); returns text for summary.md."""
+        return ""
 
 
 def world_class(toy: bool) -> type[World]:

@@ -77,9 +77,9 @@ def compare_picture(
 
 
 def report(layout: RunLayout, rows: list[dict], final_stage: str, prompts: list[str]) -> str:
-    """The table as text, and compare.png when the base and the final stage both have samples."""
+    """The table as text (the loop writes it into summary.md), and compare.png when the base and the final stage
+    both have samples."""
     table = stage_table(rows)
     if layout.eval_samples(RunLayout.BASE).exists() and layout.eval_samples(final_stage).exists():
         compare_picture(layout.eval_samples(RunLayout.BASE), layout.eval_samples(final_stage), prompts, layout.compare)
-    layout.summary.write_text(table + "\n")
     return table

@@ -129,9 +129,11 @@ class ToyWorld(World):
     def summary(self, samples, prompts) -> dict:
         return oracle_summary(samples, prompts)
 
-    def report(self, ctx, rows: list[dict], last: str) -> None:
+    def report(self, ctx, rows: list[dict], last: str) -> str:
         if not ctx.dist.is_main:
-            return
-        self.log("\n" + report(ctx.layout, rows, last, self.eval_prompts()))
+            return ""
+        table = report(ctx.layout, rows, last, self.eval_prompts())
+        self.log("\n" + table)
         if ctx.layout.compare.exists():
             self.log(f"base and final model, same prompts and seeds: {ctx.layout.compare}")
+        return table
