@@ -252,6 +252,7 @@ RUN_PATH_NAMES = {
     "metrics.jsonl",
     "curves.png",
     "summary.md",
+    "chosen.json",
     "compare.png",
     "train.log",
     "sail.log",

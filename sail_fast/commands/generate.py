@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,24 +22,50 @@ from ..runs.config import RunConfig
 from ..runs.layout import RunLayout
 from ..runs.output_folder import OutputFolder
 from ..runs.readback import check_run_weights, run_root
-from ..runs.run_folder import load_recorded_config
+from ..runs.run_folder import load_recorded_config, read_json
 
 
-def _final_unet(run: Path) -> Path:
-    """The newest trained policy of a run: a UNet directory, or a LoRA folder for a ``train.lora`` run."""
-    for final in RunLayout(run).finals():
+def _kept_round(run: Path) -> int | None:
+    """The round a finished run keeps (``chosen.json``, ``sail.select``; -1: the base model), or None when the
+    run names none (a run still going, or one from before the choice). The file is read back untrusted: only a
+    stage name is taken from it, and the path is the layout's."""
+    layout = RunLayout(run)
+    if not layout.chosen.is_file():
+        return None
+    stage = read_json(layout.chosen).get("stage")
+    if not isinstance(stage, str) or not re.fullmatch(r"base|iter0|round-\d{2,4}", stage):
+        raise ValueError(
+            f"{layout.chosen}: 'stage' must name a stage of the run (base, iter0, round-01, ...), got {stage!r}; "
+            "pass the weights folder itself (e.g. RUN/round-01/train/final/unet) instead"
+        )
+    return RunLayout.round_of(stage)
+
+
+def _final_unet(run: Path) -> Path | None:
+    """The policy a run keeps: the stage its ``chosen.json`` names (None: the base model), else its newest
+    trained policy. A UNet directory, or a LoRA folder for a ``train.lora`` run."""
+    kept = _kept_round(run)
+    if kept == -1:
+        return None
+    finals = RunLayout(run).finals() if kept is None else [RunLayout(run).final(kept)]
+    for final in finals:
         if (final / "unet" / "config.json").is_file():
             return final / "unet"
         if (final / "lora" / LORA_WEIGHTS).is_file():
             return final / "lora"
+    if kept is not None:
+        raise FileNotFoundError(
+            f"{run}/chosen.json keeps {RunLayout.stage_name(kept)}, but {finals[0]} holds no UNet or LoRA; "
+            "pass another stage's weights folder, or resume the run"
+        )
     raise FileNotFoundError(
         f"{run} holds no trained UNet or LoRA yet (looked for round-*/train/final/{{unet,lora}}, "
         "iter0/final/{unet,lora}, final/{unet,lora})"
     )
 
 
-def _weights_dir(path: Path) -> Path:
-    """The UNet directory or LoRA folder ``path`` names: itself, or a run's newest trained policy."""
+def _weights_dir(path: Path) -> Path | None:
+    """The UNet directory or LoRA folder ``path`` names: itself, or the policy a run keeps (None: its base)."""
     return path if (path / "config.json").is_file() or (path / LORA_WEIGHTS).is_file() else _final_unet(path)
 
 
@@ -58,7 +85,8 @@ def check_checkpoint(checkpoint: str | Path) -> tuple[Path, RunConfig] | None:
             "(no config.yaml here or above)"
         )
     weights = _weights_dir(path)
-    check_run_weights(weights)
+    if weights is not None:  # None: the run keeps its base model, which the config names
+        check_run_weights(weights)
     return weights, load_recorded_config(run, code="drop")  # only the model and sampler are read: no code runs
 
 
@@ -67,7 +95,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
 
     ``checkpoint`` is a diffusers pipeline directory (model_index.json), a UNet directory or a LoRA
     folder (``pytorch_lora_weights.safetensors``) written by a run (its run's config.yaml supplies the
-    rest of the stack), or a run directory (its latest trained UNet or LoRA).
+    rest of the stack), or a run directory (the stage it keeps, chosen.json; else its newest trained UNet or LoRA).
     """
     checked = check_checkpoint(checkpoint)
     if checked is None:
@@ -75,6 +103,9 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
         return load_stack(path, with_vae=(path / "vae").is_dir()), {}
     weights, config = checked
     stack = build_stack(config.model, seed=config.seed)
+    sampling = config.sail.sampling() if config.sail is not None else {}
+    if weights is None:
+        return stack, sampling
     if (weights / LORA_WEIGHTS).is_file():
         # The base UNet with the adapter loaded by diffusers itself, as a user's pipeline would.
         unet = stack.unet
@@ -82,7 +113,6 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[DiffusionStack, dict]:
         unet.eval()
     else:
         unet = UNet2DConditionModel.from_pretrained(weights, torch_dtype=stack.dtype).to(stack.device).eval()
-    sampling = config.sail.sampling() if config.sail is not None else {}
     return dataclasses.replace(stack, unet=unet), sampling
 
 

@@ -32,8 +32,18 @@ def test_toy_quick_profile_runs_end_to_end_and_generates(tmp_path):
     for picture in ("curves.png", "round-01/candidates.png", "base/samples.png", "compare.png"):
         assert Image.open(run / picture).size[0] > 0
     # The run ends with its table: every stage, with the paired change from the base.
-    table = (run / "summary.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["base", "iter0", "round-01", "round-02"]
+    # summary.md: the round score the run sees, the stage it keeps, then the judged table.
+    score, judged = (run / "summary.md").read_text().split("## Judged by the world")
+    for table in (score, judged):
+        stages = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+        assert [s.replace("**", "").removesuffix(" (kept)") for s in stages] == [
+            "base",
+            "iter0",
+            "round-01",
+            "round-02",
+        ]
+    kept = json.loads((run / "chosen.json").read_text())["stage"]
+    assert f"Kept: **{kept}** by sail.select: auto" in score and f"| **{kept}** (kept) |" in score
     assert "| round-02 |" in first.stdout + first.stderr
     assert rows[-1]["vs_base"]["score"][1] > 0  # a paired standard error, from the per-sample tables
 

@@ -152,7 +152,8 @@ def test_every_round_logs_its_self_label_quality(tiny_run):
     assert "label_accuracy" not in json.loads((tiny_run / "base/eval.json").read_text())  # the base's reward is 0
     rows = json.loads((tiny_run / "metrics.json").read_text())
     assert rows[-1]["ranking_label_accuracy"] == quality["label_accuracy"]
-    table = (tiny_run / "summary.md").read_text().splitlines()
+    judged = (tiny_run / "summary.md").read_text().split("## Judged by the world")[1]  # after the round score
+    table = [line for line in judged.splitlines() if line.startswith("|")]
     assert "| label accuracy | gap share | ρ(reward, human) | ρ(reward, width) | ρ(reward, log p) |" in table[0]
     iter0 = [cell.strip() for cell in table[3].split("|")[1:-1]]
     assert iter0[0] == "iter0" and all(math.isfinite(float(c)) for c in iter0[5:])

@@ -1,0 +1,133 @@
+"""The stage a run keeps and when it stops (sail.select, sail.early_stop): the rule on planted round scores,
+then in the loop on a tiny run whose held-out fit is planted (a collapse is stopped, an improving run is not),
+and `export RUN` / `generate RUN` taking the kept stage."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sail_fast.runs.config import load_config
+from sail_fast.sail import evaluation
+from sail_fast.sail.loop import SailLoop
+from sail_fast.sail.selection import CONSISTENCY_TOLERANCE, choose_stage, stop_reason
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import make_overrides  # noqa: E402
+from test_train import TINY  # noqa: E402
+
+LOG2 = math.log(2.0)
+
+
+def rows(losses, consistency=None):
+    """Metric rows base, iter0, round-01, ... with planted held-out losses (and prompt consistency)."""
+    names = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, len(losses) - 1)]
+    consistency = consistency or [0.16] * len(losses)
+    return [
+        {"stage": n, "round": i - 1, "heldout_dpo_loss": loss, "prompt_consistency": c}
+        for i, (n, loss, c) in enumerate(zip(names, losses, consistency))
+    ]
+
+
+def test_auto_keeps_the_lowest_held_out_loss_and_stops_on_a_collapse():
+    collapse = rows([LOG2, 0.62, 0.58, 0.66, 0.80])
+    assert choose_stage(collapse)["stage"] == "round-01"
+    # The loop asks after each round: go on after round 1, stop after round 2 (no lower loss for 1 round).
+    assert stop_reason(collapse[:3], patience=1) is None
+    assert "has not improved on round-01" in stop_reason(collapse[:4], patience=1)
+    assert stop_reason(collapse[:4], patience=2) is None and "round-01" in stop_reason(collapse, patience=2)
+    assert choose_stage(collapse, "last")["stage"] == "round-03"
+
+
+def test_an_improving_run_is_never_stopped_and_keeps_its_last_round():
+    improving = rows([LOG2, 0.62, 0.58, 0.55, 0.50, 0.49])
+    assert all(stop_reason(improving[: k + 1], patience=1) is None for k in range(1, len(improving)))
+    assert choose_stage(improving)["stage"] == "round-04"
+
+
+def test_a_stage_that_loses_its_prompt_is_not_kept_and_stops_the_rounds():
+    losses = [LOG2, 0.62, 0.58, 0.50]
+    lost = 0.16 * (1 - CONSISTENCY_TOLERANCE) - 1e-3  # just past the tolerance
+    planted = rows(losses, [0.16, 0.16, 0.158, lost])
+    chosen = choose_stage(planted)
+    assert chosen["stage"] == "round-01" and "round-02 lost more than" in chosen["reason"]
+    assert "prompt consistency" in stop_reason(planted, patience=5)
+    # Inside the tolerance it is kept.
+    assert (
+        choose_stage(rows(losses, [0.16, 0.16, 0.158, 0.16 * (1 - CONSISTENCY_TOLERANCE) + 1e-3]))["stage"]
+        == "round-02"
+    )
+
+
+def test_no_stage_beating_the_base_keeps_the_base_and_no_held_out_pairs_keep_the_last():
+    assert choose_stage(rows([LOG2, 0.70, 0.75]))["stage"] == "base"
+    unscored = [{"stage": "base", "round": -1}, {"stage": "iter0", "round": 0}, {"stage": "round-01", "round": 1}]
+    chosen = choose_stage(unscored)
+    assert chosen["stage"] == "round-01" and "no held-out human pairs" in chosen["reason"]
+    assert stop_reason(unscored, patience=1) is None
+    with pytest.raises(ValueError, match="no stage has been evaluated"):
+        choose_stage([])
+
+
+def planted_fit(monkeypatch, losses):
+    """The loop's held-out fit returns ``losses`` stage by stage (base first), the rest of the score as measured."""
+    calls = iter(losses)
+
+    def fit(policy, base, *args, **kwargs):
+        return {"heldout_dpo_loss": next(calls), "heldout_accuracy": 0.5, "heldout_drift": 0.0}
+
+    monkeypatch.setattr(evaluation, "heldout_fit", fit)
+
+
+@pytest.mark.slow
+def test_the_loop_stops_a_planted_collapse_and_keeps_its_best_round(tmp_path, monkeypatch):
+    planted_fit(monkeypatch, [LOG2, 0.62, 0.58, 0.66, 0.5])  # round 3 (0.5) must never be reached
+    overrides = make_overrides(tmp_path, "sail.rounds=3", "sail.early_stop=true")
+    SailLoop(load_config(TINY, overrides)).run()
+    run = tmp_path / "run"
+    chosen = json.loads((run / "chosen.json").read_text())
+    assert chosen["stage"] == "round-01" and chosen["rounds_run"] == 2
+    assert "has not improved on round-01" in chosen["early_stop"]
+    assert not (run / "round-03").exists()
+    assert [r["stage"] for r in json.loads((run / "metrics.json").read_text())][-1] == "round-02"
+    summary = (run / "summary.md").read_text()
+    assert "| **round-01** (kept) | 0.5800 |" in summary and "Stopped early after 2 rounds" in summary
+    # A resumed run reads the same scores from disk and stops at the same place: nothing more is trained.
+    SailLoop(load_config(TINY, overrides)).run(resume=True)
+    assert not (run / "round-03").exists() and json.loads((run / "chosen.json").read_text()) == chosen
+
+    # export and generate given the run folder take the kept stage, not the newest.
+    from sail_fast.commands.generate import export_unet, resolve_checkpoint
+
+    exported = export_unet(run, tmp_path / "export")
+    name = "diffusion_pytorch_model.safetensors"
+    kept, newest = (
+        load_file(run / "round-01/train/final/unet" / name),
+        load_file(run / "round-02/train/final/unet" / name),
+    )
+    ours = load_file(exported / name)
+    assert all((ours[k] == kept[k]).all() for k in kept) and any((ours[k] != newest[k]).any() for k in kept)
+    # A run that keeps its base gives the base model; a crafted chosen.json naming a path is refused.
+    (run / "chosen.json").write_text(json.dumps(chosen | {"stage": "base"}))
+    stack, _ = resolve_checkpoint(run)
+    base = SailLoop(load_config(TINY, overrides)).base.state_dict()
+    assert all((stack.unet.state_dict()[k] == v).all() for k, v in base.items())
+    (run / "chosen.json").write_text(json.dumps(chosen | {"stage": "../../elsewhere"}))
+    with pytest.raises(ValueError, match="'stage' must name a stage of the run"):
+        resolve_checkpoint(run)
+
+
+@pytest.mark.slow
+def test_the_loop_runs_every_round_of_an_improving_run(tmp_path, monkeypatch):
+    planted_fit(monkeypatch, [LOG2, 0.62, 0.58, 0.55])
+    SailLoop(load_config(TINY, make_overrides(tmp_path, "sail.early_stop=true"))).run()
+    chosen = json.loads((tmp_path / "run/chosen.json").read_text())
+    assert chosen == chosen | {"stage": "round-02", "rounds_run": 2, "early_stop": None}
+
+
+def test_early_stop_needs_every_round_evaluated():
+    with pytest.raises(ValueError, match="sail.early_stop reads every round's score"):
+        load_config(TINY, ["sail.early_stop=true", "sail.eval_each_round=false"])
