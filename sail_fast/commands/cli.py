@@ -207,6 +207,18 @@ def _toy_transfer(args: argparse.Namespace) -> None:
     )
 
 
+def _toy_round_choice(args: argparse.Namespace) -> None:
+    from ..toy.studies.round_choice import round_choice
+
+    worlds = {}
+    for item in args.worlds:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--worlds takes NAME=FOLDER (e.g. built-in=runs/exp-builtin), got {item!r}")
+        worlds[name] = Path(folder)
+    print(round_choice(worlds, args.seeds, args.rounds, args.variant), end="")
+
+
 def _toy_calibrate(args: argparse.Namespace) -> None:
     from ..toy.studies.experiment import calibrate
 
@@ -408,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_trust_code_argument(tr)
     tr.set_defaults(func=_toy_transfer)
+    choice = toy_sub.add_parser(
+        "round-choice",
+        help="the stage sail.select keeps and where sail.early_stop ends, against the oracle, for toy experiments "
+        "whose sail condition ran every round",
+    )
+    choice.add_argument("--worlds", nargs="+", required=True, help="NAME=FOLDER: a toy experiment --out per world")
+    choice.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
+    choice.add_argument("--rounds", type=positive_int, default=4)
+    choice.add_argument("--variant", default="", help="another sampler's evaluation (toy transfer), e.g. ddpm-50")
+    choice.set_defaults(func=_toy_round_choice)
     cal = toy_sub.add_parser(
         "calibrate",
         help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: the toy world's calibration table",

@@ -229,9 +229,9 @@ class SailConfig(Section):
     # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): auto, the
     # admissible stage with the lowest held-out DPO loss against the base; last, the last round (the paper's).
     select: Literal["auto", "last"] = "auto"
-    # End the rounds once they stop paying: a round that loses the base's prompt consistency, or `patience`
-    # rounds without a lower held-out loss. Off by default in the class so that a config says it.
-    early_stop: bool = False
+    # End the rounds once they stop paying: after a round that loses the base's prompt consistency, or after
+    # `patience` rounds without a lower held-out loss. Needs every round evaluated (off with eval_each_round: false).
+    early_stop: bool = True
     patience: int = Field(1, ge=1)
     grid_prompts: int = Field(8, ge=1)  # rows of the per-round candidate grid
     # OnlineDPO (the paper's Table 4 baseline): an external reward model ranks the candidates.
@@ -251,9 +251,10 @@ class SailConfig(Section):
     # external ranker) and/or "real" (RealAlign: real images beat losers made for their captions).
     pair_sources: list[Literal["self", "real"]] = ["self"]
     real: RealAlignConfig = RealAlignConfig()
-    # What each round's DPO is held to: the policy as the round starts (SAIL), or the base model
-    # (RealAlign's Diffusion-DRO stage, whose replay buffer of the policy's own samples each round refreshes).
-    training_reference: Literal["round_start", "base"] = "round_start"
+    # What each round's DPO is held to: the base model (the default: the reference the implicit reward and the
+    # round score measure against, so the rounds' moves add up under one reference; bench/results/
+    # round_choice_plan.md), or the policy as the round starts (the paper's SAIL).
+    training_reference: Literal["round_start", "base"] = "base"
     # Rounds that differ, as --set overrides of train.* and sail.* keys: {round: ["train.loss=sigmoid", ...]}
     # (RealAlign's stage 2 is a last round of Diffusion-DPO on inpainted losers; configs/realalign-sd15.yaml).
     round_overrides: dict[int, list[str]] = {}
@@ -298,9 +299,11 @@ class SailConfig(Section):
                 f"sail.round_overrides names rounds {sorted(self.round_overrides)}; rounds run 1..{self.rounds}"
             )
         if self.early_stop and not self.eval_each_round:
-            raise ValueError(
-                "sail.early_stop reads every round's score; set sail.eval_each_round: true or sail.early_stop: false"
-            )
+            if "early_stop" in self.model_fields_set:  # asked for in so many words: say why it cannot be
+                raise ValueError(
+                    "sail.early_stop reads every round's score; set sail.eval_each_round: true or sail.early_stop: false"
+                )
+            self.early_stop = False  # the default, where rounds are not all scored: every round runs
         if not self.pair_sources or len(set(self.pair_sources)) != len(self.pair_sources):
             raise ValueError(f"sail.pair_sources must list self and/or real once each, got {self.pair_sources}")
         return self

@@ -44,6 +44,7 @@ def make_overrides(tmp_path, *extra):
         "sail.eval_images_per_prompt=2",
         "train.steps=2",
         "train.micro_batch_pairs=8",
+        "sail.early_stop=false",  # every round runs (tests/sail/test_selection.py turns it on)
         *extra,
     ]
 

@@ -113,8 +113,32 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
     assert (config.sail.reward_estimator, config.sail.num_draws) == ("standardised", 10)  # the audit's choice
     anchored = condition_overrides("anchored", 3, tmp_path / "seed-3", config)
     assert f"sail.iter0_from={tmp_path / 'seed-3' / 'sail' / 'iter0'}" in anchored
-    assert (
-        load_config(TOY, anchored).sail.training_reference == "base" and config.sail.training_reference == "round_start"
-    )
+    plain = condition_overrides("plain", 3, tmp_path / "seed-3", config)
+    assert config.sail.training_reference == load_config(TOY, anchored).sail.training_reference == "base"
+    assert load_config(TOY, plain).sail.training_reference == "round_start"
+    assert not load_config(TOY, condition_overrides("sail", 3, tmp_path / "seed-3", config)).sail.early_stop
     with pytest.raises(ValueError, match="unknown condition"):
         condition_overrides("sft", 3, tmp_path, config)
+
+
+def test_round_choice_page_keeps_the_lowest_held_out_loss_and_says_where_early_stop_ends(tmp_path):
+    from sail_fast.toy.studies.round_choice import round_choice
+
+    gen = torch.Generator().manual_seed(0)
+    root = tmp_path / "seed-0"
+    base = torch.randn(4, 3, generator=gen)
+    losses = {"base": math.log(2), "iter0": 0.62, "round-01": 0.58, "round-02": 0.66}
+    for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.4), ("round-02", 0.2)):
+        fake_stage(root / "sail" / stage, base + shift)
+        record = json.loads((root / "sail" / stage / "eval.json").read_text())
+        score = {"heldout_dpo_loss": losses[stage], "prompt_consistency": 0.16}
+        (root / "sail" / stage / "eval.json").write_text(json.dumps(record | score))
+    fake_stage(root / "dpo-6/iter0", base + 0.25)
+    fake_stage(root / "dpo-full/iter0", base + 0.5)
+    (root / "human").mkdir()
+    (root / "human/summary.json").write_text(json.dumps({"seed": 96, "labelled": 1600}))
+    page = round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines()
+    cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in page if "|" in line}
+    assert cell["round-01"][0] == "+0.150 ± 0.000" and cell["round-01"][1] == "-0.100 ± 0.000"
+    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-1] == "1" and cell["round-02"][-1] == ""
+    assert cell["built-in"][:3] == ["0", "round-01", "2 of 2"] and "has not improved on round-01" in cell["built-in"][3]

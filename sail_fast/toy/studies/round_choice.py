@@ -1,0 +1,92 @@
+"""The stage a run keeps, read against the oracle (``sail-fast toy round-choice``): for toy experiments whose
+``sail`` condition ran every round, each world's table of the stages with their round score (what the run
+sees) beside the judged score against DPO on the same labels and on all of them, and the stage ``sail.select``
+keeps and where ``sail.early_stop`` ends, both from the recorded round score by the loop's own functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...runs.layout import RunLayout
+from ...sail.evaluation import metric_rows
+from ...sail.selection import choose_stage, stop_reason
+from .experiment import collect
+
+
+def _pm(pair) -> str:
+    return "-" if pair is None else f"{pair[0]:+.3f} ± {pair[1]:.3f}"
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if not isinstance(value, float) else format(value, fmt)
+
+
+def kept_and_stop(run: Path, rounds: int, patience: int = 1) -> tuple[dict, int, str | None]:
+    """What ``select: auto`` keeps of the run's recorded rows, after the rounds ``early_stop`` would have run."""
+    rows = metric_rows(RunLayout(run), rounds)
+    last = max(RunLayout.round_of(r["stage"]) for r in rows)
+    for r in range(1, last + 1):
+        reason = stop_reason(metric_rows(RunLayout(run), r), patience)
+        if reason:
+            return choose_stage(metric_rows(RunLayout(run), r)), r, reason
+    return choose_stage(rows), last, None
+
+
+def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: str = "") -> tuple[str, list[dict]]:
+    """One world's table (markdown) and its per-seed picks."""
+    lines = {(row["condition"], row["stage"]): row for row in collect(out, seeds, rounds, rounds, variant)}
+    picks = []
+    for seed in seeds:
+        chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / "sail", rounds)
+        picks.append({"world": name, "seed": seed, "kept": chosen["stage"], "rounds_run": ran, "stop": reason})
+    head = (
+        "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
+        "| drift | prompt consistency | pair margin | kept (seeds) |"
+    )
+    md = [f"### {name}{f' ({variant})' if variant else ''}", "", head, "|---" * 10 + "|"]
+    score_rows = {s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / "sail"), rounds)} for s in seeds}
+    stages = [(RunLayout.BASE, "sail", RunLayout.BASE)]
+    stages += [("DPO 6%", "dpo-6", RunLayout.ITER0), ("DPO 100%", "dpo-full", RunLayout.ITER0)]
+    stages += [(s, "sail", s) for s in RunLayout.stage_names(rounds)[1:]]
+    for label, condition, stage in stages:
+        row = lines.get((condition, stage))
+        if row is None:
+            continue
+        score = [score_rows[s].get(stage, {}) for s in seeds] if condition == "sail" else []
+        mean = {
+            key: sum(r[key] for r in score) / len(score)
+            for key in (
+                "heldout_dpo_loss",
+                "heldout_accuracy",
+                "heldout_drift",
+                "prompt_consistency",
+                "reward_spread_mean",
+            )
+            if score and all(isinstance(r.get(key), float) for r in score)
+        }
+        kept = sum(p["kept"] == stage for p in picks) if condition == "sail" else 0
+        md.append(
+            f"| {label} | {_pm(row.get('vs_dpo_6', {}).get('score'))} | {_pm(row.get('vs_dpo_full', {}).get('score'))} "
+            f"| {_pm(row.get('vs_base', {}).get('correct'))} | {_cell(mean, 'heldout_dpo_loss', '.4f')} "
+            f"| {_cell(mean, 'heldout_accuracy', '.3f')} | {_cell(mean, 'heldout_drift', '+.4f')} "
+            f"| {_cell(mean, 'prompt_consistency', '.4f')} | {_cell(mean, 'reward_spread_mean', '.3f')} "
+            f"| {kept or ''} |"
+        )
+    return "\n".join(md), picks
+
+
+def round_choice(worlds: dict[str, Path], seeds: list[int], rounds: int, variant: str = "") -> str:
+    """Every world's section and the picks, as markdown."""
+    parts, picks = [], []
+    for name, out in worlds.items():
+        text, mine = world_section(name, Path(out), seeds, rounds, variant)
+        parts.append(text)
+        picks += mine
+    lines = ["| world | seed | kept | rounds early stop runs | why it stops |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {p['world']} | {p['seed']} | {p['kept']} | {p['rounds_run']} of {rounds} | {p['stop'] or '-'} |"
+        for p in picks
+    ]
+    return "\n\n".join(parts + ["\n".join(lines)]) + "\n"
