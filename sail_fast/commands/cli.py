@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--checkpoint",
         required=True,
-        help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory",
+        help="a diffusers pipeline directory, a trained unet/ or lora/ directory inside a run, or a run directory "
+        "(the stage it keeps: chosen.json)",
     )
     gen.add_argument("--prompts", required=True, help="prompt file: .txt, .tsv, .json or .parquet")
     gen.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
@@ -298,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     export = sub.add_parser("export", help="a run's policy for plain diffusers: the LoRA folder, or a merged UNet")
-    export.add_argument("checkpoint", help="a trained unet/ or lora/ directory inside a run, or a run directory")
+    export.add_argument(
+        "checkpoint", help="a trained unet/ or lora/ directory inside a run, or a run directory (the stage it keeps)"
+    )
     export.add_argument("out", help="a new folder")
     export.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base UNet's weights")
     export.set_defaults(func=_export)

@@ -21,7 +21,10 @@ import math
 
 from ..runs.layout import RunLayout
 
-CONSISTENCY_TOLERANCE = 0.05  # bench/results/round_choice_plan.md: the relative drop one accuracy point costs
+# The relative drop in prompt consistency that one point of digit accuracy costs when the base loses legibility
+# for no preference's sake (lower guidance; bench/round_score_guard.py -> bench/results/round_score_guard.json:
+# 3.5% per point, least squares over guidance 7.5 / 4 / 2), fixed before any round of the report was read.
+CONSISTENCY_TOLERANCE = 0.035
 LOSS = "heldout_dpo_loss"
 CONSISTENCY = "prompt_consistency"
 
@@ -58,7 +61,7 @@ def choose_stage(rows: list[dict], rule: str = "auto", tolerance: float = CONSIS
     dropped = [row["stage"] for row in scored if row not in kept]
     reason = f"lowest held-out DPO loss against the base ({best[LOSS]:.4f}) of the admissible stages"
     if dropped:
-        reason += f"; {', '.join(dropped)} lost more than {tolerance:.0%} of the base's prompt consistency"
+        reason += f"; {', '.join(dropped)} lost more than {tolerance:.1%} of the base's prompt consistency"
     return {"stage": best["stage"], "rule": rule, "reason": reason}
 
 
@@ -71,7 +74,7 @@ def stop_reason(rows: list[dict], patience: int, tolerance: float = CONSISTENCY_
     base = next((row for row in rows if row["stage"] == RunLayout.BASE), None)
     if not admissible(last, base, tolerance):
         return (
-            f"{last['stage']} kept less than {1 - tolerance:.0%} of the base's prompt consistency "
+            f"{last['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
             f"({last[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
         )
     best = min(scored, key=lambda row: row[LOSS])
