@@ -226,11 +226,12 @@ class SailConfig(Section):
     eval_prompts: int = Field(50, ge=1)  # prompts sampled for each stage's evaluation
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = Field(4, ge=1)
-    # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): auto, the
-    # admissible stage with the lowest held-out DPO loss against the base; last, the last round (the paper's).
-    select: Literal["auto", "last"] = "auto"
-    # End the rounds once they stop paying: after a round that loses the base's prompt consistency, or after
-    # `patience` rounds without a lower held-out loss. Needs every round evaluated (off with eval_each_round: false).
+    # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): guarded, the
+    # last of the unbroken run of sound stages (prompt kept, held-out accuracy above chance); loss, the lowest
+    # held-out DPO loss against the base; last, the last round (the paper's).
+    select: Literal["guarded", "loss", "last"] = "guarded"
+    # End the rounds after a round that is not sound (select: loss, also after `patience` rounds without a lower
+    # held-out loss). Needs every round evaluated (off with eval_each_round: false).
     early_stop: bool = True
     patience: int = Field(1, ge=1)
     grid_prompts: int = Field(8, ge=1)  # rows of the per-round candidate grid

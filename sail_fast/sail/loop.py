@@ -153,7 +153,7 @@ class SailLoop:
             policy = self.round_stage(r, prompts, policy, previous, seed_pairs, heldout, real_set)
             last = r
             # The rule reads only the round score on disk, so a resumed run stops where it stopped before.
-            stopped = stop_reason(metric_rows(self.layout, r), self.sail.patience) if self.sail.early_stop else None
+            stopped = self._stop_reason(r) if self.sail.early_stop else None
             if stopped:
                 self.log(f"early stop after round {r} of {self.sail.rounds}: {stopped}")
                 break
@@ -165,6 +165,9 @@ class SailLoop:
                 else self.base
             )
         return self._finish(last, stopped)
+
+    def _stop_reason(self, r: int) -> str | None:
+        return stop_reason(metric_rows(self.layout, r), self.sail.patience, rule=self.sail.select)
 
     def _finish(self, last: int, stopped: str | None) -> Path:
         """metrics.json, chosen.json and summary.md once the rounds are over; returns the last round's policy

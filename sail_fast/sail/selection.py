@@ -1,18 +1,23 @@
-"""Which stage a run keeps, and when its rounds stop paying: ``sail.select`` and ``sail.early_stop``.
+"""Which stage a run keeps, and when its rounds stop: ``sail.select`` and ``sail.early_stop``.
 
-Both read the round score only (``round_score``: the held-out human pairs' DPO loss against the base, and
-the samples' prompt consistency under the base), never a judge, so a real run can apply them. The rule and
-its reasons were fixed before the runs that report it (bench/results/round_choice_plan.md):
+Both read the round score only (``round_score``), never a judge, so a real run can apply them. The record of
+how the rules were chosen, and what they gave on the toy's hidden humans, is bench/results/round_choice_plan.md
+and round_choice.md.
 
-- A stage is **admissible** when its prompt consistency keeps at least ``1 - CONSISTENCY_TOLERANCE`` of the
-  base's: its samples still show their prompt about as well as the base's do. The tolerance is what one
-  point of the toy's digit accuracy costs in consistency when the base loses legibility for a reason that
-  has nothing to do with a preference (a lower guidance scale, bench/round_score_guard.py).
-- ``select: auto`` keeps the admissible stage with the lowest held-out DPO loss; the base (loss log 2)
-  is a candidate, so a run whose training does not generalise says so and keeps the base. Ties go to the
-  earlier stage. ``select: last`` keeps the last round, as the paper does.
-- ``early_stop`` ends the loop after a round that is not admissible (later rounds move further from the
-  base), or once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
+- A stage **keeps its prompt** when its prompt consistency is at least ``1 - CONSISTENCY_TOLERANCE`` of the
+  base's. The tolerance is what one point of the toy's digit accuracy costs in consistency when the base loses
+  legibility for a reason that has nothing to do with a preference (a lower guidance scale,
+  bench/round_score_guard.py).
+- ``select: guarded`` (the default) keeps the last stage of the unbroken run of **sound** stages from iter0 on.
+  A stage is sound when it keeps its prompt and its reward still ranks the held-out human pairs better than
+  chance (``heldout_accuracy`` > 0.5). If iter0 is not sound, the run keeps the base.
+- ``select: loss`` (the first rule, fixed before the runs) keeps the stage, among those that keep their
+  prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
+  kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
+  larger than the labels support from iter0 on, so the loss rises with any training (round_choice.md).
+- ``select: last`` keeps the last round, as the paper does.
+- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``last``), or, under ``loss``,
+  also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ from ..runs.layout import RunLayout
 # 3.5% per point, least squares over guidance 7.5 / 4 / 2), fixed before any round of the report was read.
 CONSISTENCY_TOLERANCE = 0.035
 LOSS = "heldout_dpo_loss"
+ACCURACY = "heldout_accuracy"
 CONSISTENCY = "prompt_consistency"
 
 
 def _scored(rows: list[dict]) -> list[dict]:
     return [row for row in rows if isinstance(row.get(LOSS), float) and math.isfinite(row[LOSS])]
+
+
+def _base(rows: list[dict]) -> dict | None:
+    return next((row for row in rows if row["stage"] == RunLayout.BASE), None)
 
 
 def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE) -> bool:
@@ -41,14 +51,30 @@ def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLE
     return ours >= (1.0 - tolerance) * theirs
 
 
-def choose_stage(rows: list[dict], rule: str = "auto", tolerance: float = CONSISTENCY_TOLERANCE) -> dict:
+def unsound(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE) -> str | None:
+    """Why a trained stage is not sound (None: it is): it lost its prompt, or its reward no longer ranks the
+    held-out human pairs better than chance."""
+    if not admissible(row, base, tolerance):
+        return (
+            f"{row['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
+            f"({row[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
+        )
+    accuracy = row.get(ACCURACY)
+    if isinstance(accuracy, float) and not accuracy > 0.5:
+        return f"{row['stage']} ranks the held-out human pairs no better than chance (accuracy {accuracy:.3f})"
+    return None
+
+
+def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CONSISTENCY_TOLERANCE) -> dict:
     """The stage ``rule`` keeps from ``metric_rows`` (one per evaluated stage, in the loop's order), with why."""
     if not rows:
         raise ValueError("no stage has been evaluated yet: nothing to choose from")
     last = rows[-1]
     if rule == "last":
         return {"stage": last["stage"], "rule": rule, "reason": "sail.select: last keeps the last stage"}
-    base = next((row for row in rows if row["stage"] == RunLayout.BASE), None)
+    if rule == "guarded":
+        return _guarded(rows, tolerance)
+    base = _base(rows)
     scored = _scored(rows)
     if not scored:
         return {
@@ -59,24 +85,40 @@ def choose_stage(rows: list[dict], rule: str = "auto", tolerance: float = CONSIS
     kept = [row for row in scored if admissible(row, base, tolerance)]
     best = min(kept, key=lambda row: row[LOSS])  # min() keeps the first of equals: the earlier stage
     dropped = [row["stage"] for row in scored if row not in kept]
-    reason = f"lowest held-out DPO loss against the base ({best[LOSS]:.4f}) of the admissible stages"
+    reason = f"lowest held-out DPO loss against the base ({best[LOSS]:.4f}) of the stages that keep their prompt"
     if dropped:
         reason += f"; {', '.join(dropped)} lost more than {tolerance:.1%} of the base's prompt consistency"
     return {"stage": best["stage"], "rule": rule, "reason": reason}
 
 
-def stop_reason(rows: list[dict], patience: int, tolerance: float = CONSISTENCY_TOLERANCE) -> str | None:
+def _guarded(rows: list[dict], tolerance: float) -> dict:
+    base = _base(rows)
+    kept, why = RunLayout.BASE if base is not None else rows[0]["stage"], None
+    for row in rows:
+        if RunLayout.round_of(row["stage"]) < 0:
+            continue
+        why = unsound(row, base, tolerance)
+        if why:
+            break
+        kept = row["stage"]
+    reason = "the last stage of the unbroken run of sound ones (prompt kept, held-out accuracy above chance)"
+    return {"stage": kept, "rule": "guarded", "reason": reason + (f"; {why}" if why else "")}
+
+
+def stop_reason(
+    rows: list[dict], patience: int, tolerance: float = CONSISTENCY_TOLERANCE, rule: str = "guarded"
+) -> str | None:
     """Why the loop should stop after the last row's round (None: go on)."""
-    scored = _scored(rows)
-    if not scored or RunLayout.round_of(scored[-1]["stage"]) < 1:
+    if not rows or RunLayout.round_of(rows[-1]["stage"]) < 1:
         return None
-    last = scored[-1]
-    base = next((row for row in rows if row["stage"] == RunLayout.BASE), None)
+    last, base = rows[-1], _base(rows)
+    if rule != "loss":
+        return unsound(last, base, tolerance)
+    scored = _scored(rows)
+    if not scored or scored[-1] is not last:
+        return None
     if not admissible(last, base, tolerance):
-        return (
-            f"{last['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
-            f"({last[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
-        )
+        return unsound(last, base, tolerance)
     best = min(scored, key=lambda row: row[LOSS])
     since = RunLayout.round_of(last["stage"]) - RunLayout.round_of(best["stage"])
     if since >= patience:

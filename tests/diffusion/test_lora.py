@@ -271,7 +271,9 @@ def test_two_round_lora_sail_ranks_against_the_base_and_trains_each_round_agains
 
     monkeypatch.setattr(ranking, "implicit_scorer", spy_scorer)
     monkeypatch.setattr(DPOTrainer, "__init__", spy_init)
-    final = SailLoop(load_config(TINY, make_overrides(tmp_path, *LORA, "train.learning_rate=1e-3"))).run()
+    # The paper's rounds: each held to the adapter the round starts from (the default holds them to the base).
+    overrides = make_overrides(tmp_path, *LORA, "train.learning_rate=1e-3", "sail.training_reference=round_start")
+    final = SailLoop(load_config(TINY, overrides)).run()
     assert final == run / "round-02/train/final/lora" and (final / LORA_WEIGHTS).is_file()
     assert not list(run.rglob("diffusion_pytorch_model.safetensors"))  # no UNet was ever written
 
@@ -352,6 +354,8 @@ def test_lora_sail_on_the_toy_world_then_generate_and_export_for_plain_diffusers
         "train.lora.rank=8",
         "--set",
         "train.learning_rate=1e-3",
+        "--set",
+        "sail.select=last",  # the run keeps its last round, which export and generate then take
         cwd=tmp_path,
     )
     rows = json.loads((run / "metrics.json").read_text())

@@ -22,39 +22,42 @@ from test_train import TINY  # noqa: E402
 LOG2 = math.log(2.0)
 
 
-def rows(losses, consistency=None):
-    """Metric rows base, iter0, round-01, ... with planted held-out losses (and prompt consistency)."""
+def rows(losses, consistency=None, accuracy=None):
+    """Metric rows base, iter0, round-01, ... with planted held-out losses (prompt consistency, accuracy)."""
     names = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, len(losses) - 1)]
     consistency = consistency or [0.16] * len(losses)
+    accuracy = accuracy or [0.5] + [0.6] * (len(losses) - 1)
     return [
-        {"stage": n, "round": i - 1, "heldout_dpo_loss": loss, "prompt_consistency": c}
-        for i, (n, loss, c) in enumerate(zip(names, losses, consistency))
+        {"stage": n, "round": i - 1, "heldout_dpo_loss": loss, "prompt_consistency": c, "heldout_accuracy": a}
+        for i, (n, loss, c, a) in enumerate(zip(names, losses, consistency, accuracy))
     ]
 
 
 def test_auto_keeps_the_lowest_held_out_loss_and_stops_on_a_collapse():
     collapse = rows([LOG2, 0.62, 0.58, 0.66, 0.80])
-    assert choose_stage(collapse)["stage"] == "round-01"
+    assert choose_stage(collapse, "loss")["stage"] == "round-01"
     # The loop asks after each round: go on after round 1, stop after round 2 (no lower loss for 1 round).
-    assert stop_reason(collapse[:3], patience=1) is None
-    assert "has not improved on round-01" in stop_reason(collapse[:4], patience=1)
-    assert stop_reason(collapse[:4], patience=2) is None and "round-01" in stop_reason(collapse, patience=2)
+    assert stop_reason(collapse[:3], patience=1, rule="loss") is None
+    assert "has not improved on round-01" in stop_reason(collapse[:4], patience=1, rule="loss")
+    assert stop_reason(collapse[:4], patience=2, rule="loss") is None and "round-01" in stop_reason(
+        collapse, patience=2, rule="loss"
+    )
     assert choose_stage(collapse, "last")["stage"] == "round-03"
 
 
 def test_an_improving_run_is_never_stopped_and_keeps_its_last_round():
     improving = rows([LOG2, 0.62, 0.58, 0.55, 0.50, 0.49])
-    assert all(stop_reason(improving[: k + 1], patience=1) is None for k in range(1, len(improving)))
-    assert choose_stage(improving)["stage"] == "round-04"
+    assert all(stop_reason(improving[: k + 1], patience=1, rule="loss") is None for k in range(1, len(improving)))
+    assert choose_stage(improving, "loss")["stage"] == "round-04"
 
 
 def test_a_stage_that_loses_its_prompt_is_not_kept_and_stops_the_rounds():
     losses = [LOG2, 0.62, 0.58, 0.50]
     lost = 0.16 * (1 - CONSISTENCY_TOLERANCE) - 1e-3  # just past the tolerance
     planted = rows(losses, [0.16, 0.16, 0.158, lost])
-    chosen = choose_stage(planted)
+    chosen = choose_stage(planted, "loss")
     assert chosen["stage"] == "round-01" and "round-02 lost more than" in chosen["reason"]
-    assert "prompt consistency" in stop_reason(planted, patience=5)
+    assert "prompt consistency" in stop_reason(planted, patience=5, rule="loss")
     # Inside the tolerance it is kept.
     assert (
         choose_stage(rows(losses, [0.16, 0.16, 0.158, 0.16 * (1 - CONSISTENCY_TOLERANCE) + 1e-3]))["stage"]
@@ -63,13 +66,29 @@ def test_a_stage_that_loses_its_prompt_is_not_kept_and_stops_the_rounds():
 
 
 def test_no_stage_beating_the_base_keeps_the_base_and_no_held_out_pairs_keep_the_last():
-    assert choose_stage(rows([LOG2, 0.70, 0.75]))["stage"] == "base"
+    assert choose_stage(rows([LOG2, 0.70, 0.75]), "loss")["stage"] == "base"
     unscored = [{"stage": "base", "round": -1}, {"stage": "iter0", "round": 0}, {"stage": "round-01", "round": 1}]
-    chosen = choose_stage(unscored)
+    chosen = choose_stage(unscored, "loss")
     assert chosen["stage"] == "round-01" and "no held-out human pairs" in chosen["reason"]
-    assert stop_reason(unscored, patience=1) is None
+    assert stop_reason(unscored, patience=1, rule="loss") is None and stop_reason(unscored, patience=1) is None
+    assert choose_stage(unscored)["stage"] == "round-01"  # guarded: nothing says a stage is unsound
     with pytest.raises(ValueError, match="no stage has been evaluated"):
         choose_stage([])
+
+
+def test_guarded_keeps_the_last_sound_stage_and_stops_at_the_first_unsound_one():
+    sound = rows([LOG2, 1.4, 2.0, 2.5, 3.0])  # the loss rises with every stage: guarded does not read it
+    assert choose_stage(sound)["stage"] == "round-03"
+    assert all(stop_reason(sound[: k + 1], patience=1) is None for k in range(2, len(sound)))
+    lost = 0.16 * (1 - CONSISTENCY_TOLERANCE) - 1e-3
+    legibility = rows([LOG2, 1.4, 2.0, 2.5, 3.0], consistency=[0.16, 0.16, 0.159, lost, 0.16])
+    chosen = choose_stage(legibility)
+    assert chosen["stage"] == "round-01" and "round-02 kept less than 96.5%" in chosen["reason"]
+    assert stop_reason(legibility[:3], patience=1) is None
+    assert "prompt consistency" in stop_reason(legibility[:4], patience=1)
+    chance = rows([LOG2, 1.4, 2.0, 2.5], accuracy=[0.5, 0.62, 0.5, 0.7])  # round 1 ranks at chance
+    assert choose_stage(chance)["stage"] == "iter0" and "no better than chance" in stop_reason(chance[:3], patience=1)
+    assert choose_stage(rows([LOG2, 1.4], accuracy=[0.5, 0.48]))["stage"] == "base"
 
 
 def planted_fit(monkeypatch, losses):
@@ -85,7 +104,7 @@ def planted_fit(monkeypatch, losses):
 @pytest.mark.slow
 def test_the_loop_stops_a_planted_collapse_and_keeps_its_best_round(tmp_path, monkeypatch):
     planted_fit(monkeypatch, [LOG2, 0.62, 0.58, 0.66, 0.5])  # round 3 (0.5) must never be reached
-    overrides = make_overrides(tmp_path, "sail.rounds=3", "sail.early_stop=true")
+    overrides = make_overrides(tmp_path, "sail.rounds=3", "sail.early_stop=true", "sail.select=loss")
     SailLoop(load_config(TINY, overrides)).run()
     run = tmp_path / "run"
     chosen = json.loads((run / "chosen.json").read_text())
@@ -123,7 +142,7 @@ def test_the_loop_stops_a_planted_collapse_and_keeps_its_best_round(tmp_path, mo
 @pytest.mark.slow
 def test_the_loop_runs_every_round_of_an_improving_run(tmp_path, monkeypatch):
     planted_fit(monkeypatch, [LOG2, 0.62, 0.58, 0.55])
-    SailLoop(load_config(TINY, make_overrides(tmp_path, "sail.early_stop=true"))).run()
+    SailLoop(load_config(TINY, make_overrides(tmp_path, "sail.early_stop=true", "sail.select=loss"))).run()
     chosen = json.loads((tmp_path / "run/chosen.json").read_text())
     assert chosen == chosen | {"stage": "round-02", "rounds_run": 2, "early_stop": None}
 

@@ -121,7 +121,7 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
         condition_overrides("sft", 3, tmp_path, config)
 
 
-def test_round_choice_page_keeps_the_lowest_held_out_loss_and_says_where_early_stop_ends(tmp_path):
+def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends(tmp_path):
     from sail_fast.toy.studies.round_choice import round_choice
 
     gen = torch.Generator().manual_seed(0)
@@ -141,4 +141,8 @@ def test_round_choice_page_keeps_the_lowest_held_out_loss_and_says_where_early_s
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in page if "|" in line}
     assert cell["round-01"][0] == "+0.150 ± 0.000" and cell["round-01"][1] == "-0.100 ± 0.000"
     assert cell["round-01"][3] == "0.5800" and cell["round-01"][-1] == "1" and cell["round-02"][-1] == ""
-    assert cell["built-in"][:3] == ["0", "round-01", "2 of 2"] and "has not improved on round-01" in cell["built-in"][3]
+    assert cell["round-02"][-2] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
+    picks = [line for line in page if line.startswith("| built-in |")]
+    assert [c.strip() for c in picks[0].split("|")[2:6]] == ["0", "guarded", "round-02", "2 of 2"]
+    assert [c.strip() for c in picks[1].split("|")[2:6]] == ["0", "loss", "round-01", "2 of 2"]
+    assert "has not improved on round-01" in picks[1]

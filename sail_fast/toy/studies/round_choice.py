@@ -23,15 +23,18 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if not isinstance(value, float) else format(value, fmt)
 
 
-def kept_and_stop(run: Path, rounds: int, patience: int = 1) -> tuple[dict, int, str | None]:
-    """What ``select: auto`` keeps of the run's recorded rows, after the rounds ``early_stop`` would have run."""
+RULES = ("guarded", "loss")  # the default, and the first rule (bench/results/round_choice_plan.md)
+
+
+def kept_and_stop(run: Path, rounds: int, rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
+    """What ``select: rule`` keeps of the run's recorded rows, after the rounds ``early_stop`` would have run."""
     rows = metric_rows(RunLayout(run), rounds)
     last = max(RunLayout.round_of(r["stage"]) for r in rows)
     for r in range(1, last + 1):
-        reason = stop_reason(metric_rows(RunLayout(run), r), patience)
+        reason = stop_reason(metric_rows(RunLayout(run), r), patience, rule=rule)
         if reason:
-            return choose_stage(metric_rows(RunLayout(run), r)), r, reason
-    return choose_stage(rows), last, None
+            return choose_stage(metric_rows(RunLayout(run), r), rule), r, reason
+    return choose_stage(rows, rule), last, None
 
 
 def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: str = "") -> tuple[str, list[dict]]:
@@ -39,13 +42,16 @@ def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: 
     lines = {(row["condition"], row["stage"]): row for row in collect(out, seeds, rounds, rounds, variant)}
     picks = []
     for seed in seeds:
-        chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / "sail", rounds)
-        picks.append({"world": name, "seed": seed, "kept": chosen["stage"], "rounds_run": ran, "stop": reason})
+        for rule in RULES:
+            chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / "sail", rounds, rule)
+            picks.append(
+                {"world": name, "seed": seed, "rule": rule, "kept": chosen["stage"], "rounds_run": ran, "stop": reason}
+            )
     head = (
         "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
-        "| drift | prompt consistency | pair margin | kept (seeds) |"
+        "| drift | prompt consistency | pair margin | kept: guarded | kept: loss |"
     )
-    md = [f"### {name}{f' ({variant})' if variant else ''}", "", head, "|---" * 10 + "|"]
+    md = [f"### {name}{f' ({variant})' if variant else ''}", "", head, "|---" * 11 + "|"]
     score_rows = {s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / "sail"), rounds)} for s in seeds}
     stages = [(RunLayout.BASE, "sail", RunLayout.BASE)]
     stages += [("DPO 6%", "dpo-6", RunLayout.ITER0), ("DPO 100%", "dpo-full", RunLayout.ITER0)]
@@ -66,13 +72,14 @@ def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: 
             )
             if score and all(isinstance(r.get(key), float) for r in score)
         }
-        kept = sum(p["kept"] == stage for p in picks) if condition == "sail" else 0
+        kept = {rule: sum(p["kept"] == stage and p["rule"] == rule for p in picks) for rule in RULES}
+        kept = {rule: n if condition == "sail" else 0 for rule, n in kept.items()}
         md.append(
             f"| {label} | {_pm(row.get('vs_dpo_6', {}).get('score'))} | {_pm(row.get('vs_dpo_full', {}).get('score'))} "
             f"| {_pm(row.get('vs_base', {}).get('correct'))} | {_cell(mean, 'heldout_dpo_loss', '.4f')} "
             f"| {_cell(mean, 'heldout_accuracy', '.3f')} | {_cell(mean, 'heldout_drift', '+.4f')} "
             f"| {_cell(mean, 'prompt_consistency', '.4f')} | {_cell(mean, 'reward_spread_mean', '.3f')} "
-            f"| {kept or ''} |"
+            f"| {kept['guarded'] or ''} | {kept['loss'] or ''} |"
         )
     return "\n".join(md), picks
 
@@ -84,9 +91,9 @@ def round_choice(worlds: dict[str, Path], seeds: list[int], rounds: int, variant
         text, mine = world_section(name, Path(out), seeds, rounds, variant)
         parts.append(text)
         picks += mine
-    lines = ["| world | seed | kept | rounds early stop runs | why it stops |", "|---|---|---|---|---|"]
+    lines = ["| world | seed | rule | kept | rounds early stop runs | why it stops |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| {p['world']} | {p['seed']} | {p['kept']} | {p['rounds_run']} of {rounds} | {p['stop'] or '-'} |"
+        f"| {p['world']} | {p['seed']} | {p['rule']} | {p['kept']} | {p['rounds_run']} of {rounds} | {p['stop'] or '-'} |"
         for p in picks
     ]
     return "\n\n".join(parts + ["\n".join(lines)]) + "\n"
