@@ -43,4 +43,5 @@ EVAL_SAMPLE_SEEDS = 9000  # every stage's evaluation samples: the same seeds at 
 EVAL_AGREEMENT_DRAWS = 9001  # the draws scoring the held-out human pairs (self-label agreement)
 EVAL_LABEL_QUALITY_DRAWS = 9002  # the draws scoring a stage's own samples against the judge (sail/label_quality.py)
 ROUND_SCORE_HELDOUT = 9003  # the draws the round score fits the held-out human pairs with (sail/round_score.py)
-ROUND_SCORE_CONSISTENCY = 9004  # the round score's other prompts per sample, and (, 1) its draws
+ROUND_SCORE_CONSISTENCY = 9004  # the round score's other prompts per sample
+ROUND_SCORE_CONSISTENCY_DRAWS = (ROUND_SCORE_CONSISTENCY, 1)  # and its (t, eps) draws: a sub-stream of it

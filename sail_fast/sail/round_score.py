@@ -33,7 +33,7 @@ from ..data.latent_pairs import LatentPairs
 from ..diffusion.noising import noised_and_target
 from ..diffusion.stack import DiffusionStack
 from ..reward.scorer import ImplicitRewardScorer
-from ..runs.seeding import ROUND_SCORE_CONSISTENCY, ROUND_SCORE_HELDOUT, derive_seed
+from ..runs.seeding import ROUND_SCORE_CONSISTENCY, ROUND_SCORE_CONSISTENCY_DRAWS, ROUND_SCORE_HELDOUT, derive_seed
 
 HELDOUT_DRAWS = 16  # per held-out pair: 100 pairs x 2 images x 16 draws x 2 UNets is 6,400 forwards
 CONSISTENCY_DRAWS = 2  # per evaluation sample, shared by its own and its other prompts
@@ -84,7 +84,7 @@ def prompt_consistency(
         return {}
     conditions = torch.cat([torch.arange(num_prompts)[:, None], other_prompts(num_prompts, seed)], 1)  # [P, 1 + O]
     embeds = stack.encode_prompts(prompts)
-    generator = torch.Generator().manual_seed(derive_seed(seed, ROUND_SCORE_CONSISTENCY, 1))
+    generator = torch.Generator().manual_seed(derive_seed(seed, *ROUND_SCORE_CONSISTENCY_DRAWS))
     samples = latents.flatten(0, 1).float()  # [P * n, ...], prompt p's samples at rows p * n ...
     timesteps = torch.randint(
         0, stack.scheduler.config.num_train_timesteps, (len(samples), CONSISTENCY_DRAWS), generator=generator
