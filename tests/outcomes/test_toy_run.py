@@ -43,7 +43,7 @@ def test_toy_quick_profile_runs_end_to_end_and_generates(tmp_path):
             "round-02",
         ]
     kept = json.loads((run / "chosen.json").read_text())["stage"]
-    assert f"Kept: **{kept}** by sail.select: auto" in score and f"| **{kept}** (kept) |" in score
+    assert f"Kept: **{kept}** by sail.select: guarded" in score and f"| **{kept}** (kept) |" in score
     assert "| round-02 |" in first.stdout + first.stderr
     assert rows[-1]["vs_base"]["score"][1] > 0  # a paired standard error, from the per-sample tables
 
