@@ -92,13 +92,16 @@ def test_guarded_keeps_the_last_sound_stage_and_stops_at_the_first_unsound_one()
 
 
 def planted_fit(monkeypatch, losses):
-    """The loop's held-out fit returns ``losses`` stage by stage (base first), the rest of the score as measured."""
+    """The loop's held-out fit returns ``losses`` stage by stage (base first), with accuracy above chance."""
     calls = iter(losses)
 
     def fit(policy, base, *args, **kwargs):
-        return {"heldout_dpo_loss": next(calls), "heldout_accuracy": 0.5, "heldout_drift": 0.0}
+        return {"heldout_dpo_loss": next(calls), "heldout_accuracy": 0.6, "heldout_drift": 0.0}
 
     monkeypatch.setattr(evaluation, "heldout_fit", fit)
+    # The tiny random stack's prompt consistency is noise: held at the base's so only the planted loss decides.
+    steady = {"prompt_consistency": 0.16, "prompt_choice_accuracy": 1.0}
+    monkeypatch.setattr(evaluation, "prompt_consistency", lambda *args, **kwargs: steady)
 
 
 @pytest.mark.slow
