@@ -52,9 +52,10 @@ def one_error_line(err: str) -> str:
 # ------------------------------------------------------------ 1. content-hashed weights
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A SAIL run with iter0 only, on the tiny stack (seconds)."""
+    """A SAIL run with iter0 only, on the tiny stack (seconds). It keeps iter0 (select: last), so the commands
+    given the run folder read iter0's weights whatever the tiny stack's round score says."""
     tmp_path = tmp_path_factory.mktemp("finished")
-    SailLoop(make_config(tmp_path, "sail.rounds=0")).run()
+    SailLoop(make_config(tmp_path, "sail.rounds=0", "sail.select=last")).run()
     return tmp_path
 
 
@@ -74,7 +75,7 @@ def test_zeroed_final_weights_are_refused_on_resume_and_by_generate_eval_export(
     run, weights = tmp_path / "run", tmp_path / "run/iter0/final" / WEIGHTS
     zero_tensor_bytes(weights)
     with pytest.raises(WeightsChangedError, match=f"{weights} does not match the sha256"):
-        SailLoop(make_config(finished_run, "sail.rounds=0", f"output_dir={run}")).run(resume=True)
+        SailLoop(make_config(finished_run, "sail.rounds=0", "sail.select=last", f"output_dir={run}")).run(resume=True)
     assert not (run / LOCK).exists()
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 def finished(tmp_path_factory):
     """A finished SAIL run with one round, on the tiny stack (under a minute); tests damage copies of it."""
     tmp_path = tmp_path_factory.mktemp("finished")
-    SailLoop(make_config(tmp_path, "sail.rounds=1")).run()
+    SailLoop(make_config(tmp_path, "sail.rounds=1", "sail.select=last")).run()  # keeps round 1, whatever its score
     return tmp_path
 
 
@@ -41,7 +41,11 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 
 def resume_argv(finished: Path, run: Path) -> list[str]:
     """``sail-fast run --resume`` of a copied run, with the config it started with (its data stays in place)."""
-    sets = [word for item in make_overrides(finished, "sail.rounds=1", f"output_dir={run}") for word in ("--set", item)]
+    sets = [
+        word
+        for item in make_overrides(finished, "sail.rounds=1", "sail.select=last", f"output_dir={run}")
+        for word in ("--set", item)
+    ]
     return ["run", "--config", str(TINY), *sets, "--resume"]
 
 
