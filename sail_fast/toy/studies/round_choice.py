@@ -28,12 +28,13 @@ RULES = ("guarded", "loss")  # the default, and the first rule (bench/results/ro
 
 def kept_and_stop(run: Path, rounds: int, rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
     """What ``select: rule`` keeps of the run's recorded rows, after the rounds ``early_stop`` would have run."""
-    rows = metric_rows(RunLayout(run), rounds)
-    last = max(RunLayout.round_of(r["stage"]) for r in rows)
+    rows = metric_rows(RunLayout(run), rounds)  # read once; what the loop saw after round r is a prefix of it
+    last = max(RunLayout.round_of(row["stage"]) for row in rows)
     for r in range(1, last + 1):
-        reason = stop_reason(metric_rows(RunLayout(run), r), patience, rule=rule)
+        seen = [row for row in rows if RunLayout.round_of(row["stage"]) <= r]
+        reason = stop_reason(seen, patience, rule=rule)
         if reason:
-            return choose_stage(metric_rows(RunLayout(run), r), rule), r, reason
+            return choose_stage(seen, rule), r, reason
     return choose_stage(rows, rule), last, None
 
 
