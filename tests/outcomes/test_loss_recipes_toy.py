@@ -27,6 +27,8 @@ def test_dmpo_dspo_with_winner_preserving_and_minmax_smpo_in_a_toy_run(tmp_path)
             "train.loss=dmpo",
             "train.dmpo_alpha=0.01",
             "sail.eval_each_round=false",
+            # every round starts where policy equals reference, so each loss's first step has a closed form
+            "sail.training_reference=round_start",
             "sail.round_overrides={1: [train.loss=dspo, train.beta=0.001, train.winner_preserving_mu=0.5], "
             "2: [train.loss=smpo, sail.soft_labels=true, sail.soft_label_norm=minmax, 'sail.soft_label_range=[-50, 50]']}",
         ],
