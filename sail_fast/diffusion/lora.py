@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-POLICY, REFERENCE, PREVIOUS = "policy", "reference", "previous"
+POLICY, REFERENCE, PREVIOUS, JUDGE = "policy", "reference", "previous", "judge"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
 from ..diffusion.build import build_stack, check_model_available
-from ..diffusion.lora import PREVIOUS
+from ..diffusion.lora import JUDGE, PREVIOUS
 from ..dpo.builder import trainer_for
 from ..dpo.trainer import DPOTrainer
 from ..runs.config import RunConfig, round_config
@@ -86,6 +86,7 @@ class SailLoop:
         }
         self.ctx = self.context_for(config, **shared)
         self.base = self.ctx.base
+        self._frozen_judge = None  # sail.ranking_policy: iter0, loaded at the first round that ranks
 
     def context_for(self, config: RunConfig, **shared) -> RunContext:
         """What the stages read of ``config`` (its sections and values, never the whole of it), with ``shared``
@@ -165,6 +166,13 @@ class SailLoop:
                 else self.base
             )
         return self._finish(last, stopped)
+
+    def _judge(self):
+        """iter0's policy, frozen, read from disk once (the round policy trains in place): sail.ranking_policy iter0."""
+        if self._frozen_judge is None:
+            judge = self.policies.load(self.policy_dir(0), JUDGE)  # under LoRA an adapter made frozen
+            self._frozen_judge = judge if self.policies.lora else judge.requires_grad_(False)
+        return self._frozen_judge
 
     def _stop_reason(self, r: int) -> str | None:
         return stop_reason(metric_rows(self.layout, r), self.sail.patience, rule=self.sail.select)
@@ -263,7 +271,13 @@ class SailLoop:
         started, ctx = time.perf_counter(), self.context_for(config)
         layout.stage(stage).mkdir(parents=True, exist_ok=True)
         pairs = round_pairs(
-            ctx, real_set, r, prompts, policy, self.base if ctx.sail.ranking_reference == "base" else previous
+            ctx,
+            real_set,
+            r,
+            prompts,
+            policy,
+            self.base if ctx.sail.ranking_reference == "base" else previous,
+            judge=self._judge() if ctx.sail.ranking_policy == "iter0" else None,
         )
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:

@@ -95,8 +95,11 @@ def chosen_pairs(
     )
 
 
-def ranked_pairs(ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], policy, reference) -> LatentPairs:
-    """SAIL's (or OnlineDPO's) pairs: candidates of the round's prompts, ranked, best against worst."""
+def ranked_pairs(
+    ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], policy, reference, judge=None
+) -> LatentPairs:
+    """SAIL's (or OnlineDPO's) pairs: candidates of the round's prompts from ``policy``, ranked (by ``judge``'s
+    implicit reward where given, else ``policy``'s), best against worst."""
     sail, dist = ctx.sail, ctx.dist
     mine = prompts[dist.rank :: dist.world_size]
     ctx.log(
@@ -108,7 +111,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], po
     embeds = ctx.stack.encode_prompts(list(mine) + [""])
     own = embeds.index(list(range(len(mine))))
     latents = candidates(ctx, r, mine, policy, own)
-    rewards, win, lose = ranker.rank(r, mine, own, latents, policy, reference)
+    rewards, win, lose = ranker.rank(r, mine, own, latents, policy if judge is None else judge, reference)
     rewards, win, lose, keep, _ = drop_non_finite(rewards, latents, win, lose, best_worst=sail.pairing == "best_worst")
     judged = ctx.world.judge(latents, mine)  # the toy's noiseless human: a diagnostic the pairs never see
     quality = (
@@ -154,6 +157,7 @@ def ranked_pairs(ctx: RunContext, ranker: Ranker, r: int, prompts: list[str], po
         "reward_std_within_prompt": float(finite_mean_std(finite.double())[1].mean()) if len(finite) else float("nan"),
         "diversity": sample_diversity(latents),
         "reference": sail.ranking_reference,
+        "ranking_policy": sail.ranking_policy,
         "pairing": sail.pairing,
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
         "labels": pairs.label.tolist(),
@@ -187,11 +191,12 @@ def candidate_grid(ctx: RunContext, path: Path, prompts, latents, rewards, win, 
     image_grid(images, columns=latents.shape[1], captions=captions).save(path)
 
 
-def round_pairs(ctx: RunContext, real_set, r: int, prompts: list[str], policy, reference) -> LatentPairs:
-    """Every pair round r trains on (besides the seed), from each of ``sail.pair_sources``."""
+def round_pairs(ctx: RunContext, real_set, r: int, prompts: list[str], policy, reference, judge=None) -> LatentPairs:
+    """Every pair round r trains on (besides the seed), from each of ``sail.pair_sources`` (``judge``: the
+    UNet whose implicit reward ranks the candidates, when not the policy that sampled them)."""
     parts = []
     if "self" in ctx.sail.pair_sources:
-        parts.append(ranked_pairs(ctx, make_ranker(ctx), r, prompts, policy, reference))
+        parts.append(ranked_pairs(ctx, make_ranker(ctx), r, prompts, policy, reference, judge))
     if "real" in ctx.sail.pair_sources:
         parts.append(real_pairs(ctx, real_set, r, policy))
     return parts[0] if len(parts) == 1 else LatentPairs.cat(parts)

@@ -46,6 +46,9 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   (bench/results/round_choice_plan.md), so with them it repeats ``sail``.
 - ``plain``: the paper's rounds, each round's DPO held to the policy the round starts from
   (``sail.training_reference: round_start``), from the same iter0, every round evaluated.
+- ``frozen-judge``: every round's candidates ranked by iter0's implicit reward (``sail.ranking_policy: iter0``)
+  instead of the sampling policy's, from the same iter0, every round evaluated: the rounds still sample
+  from the improving policy, but cannot amplify a lean the human seed did not put in the reward.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ LEVERS = {
     "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"],
     "anchored": ["sail.training_reference=base"],
     "plain": ["sail.training_reference=round_start"],
+    "frozen-judge": ["sail.ranking_policy=iter0"],
 }
 CONDITIONS = (
     "sail",
@@ -237,8 +241,9 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
         "plain-reward": "plain reward (mean of 6 uniform draws)",
         "anchored": "every round's DPO held to the base",
         "plain": "every round's DPO held to the policy it starts from (the paper's)",
+        "frozen-judge": "every round ranked by iter0's reward (frozen judge)",
     }
-    every_round = {"plain-reward", "anchored", "plain"}  # compared with SAIL round by round
+    every_round = {"plain-reward", "anchored", "plain", "frozen-judge"}  # compared with SAIL round by round
     lines += [
         (f"SAIL round {r}, {lever_names[name]}", seed_share, name, stage(r))
         for name in LEVERS
