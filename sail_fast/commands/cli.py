@@ -208,15 +208,20 @@ def _toy_transfer(args: argparse.Namespace) -> None:
 
 
 def _toy_round_choice(args: argparse.Namespace) -> None:
+    from ..toy.studies.experiment import LEVERS
     from ..toy.studies.round_choice import round_choice
 
+    if args.condition not in ("sail", *LEVERS):
+        raise SystemExit(
+            f"--condition {args.condition!r} did not run every round; choose sail or one of {', '.join(LEVERS)}"
+        )
     worlds = {}
     for item in args.worlds:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise SystemExit(f"--worlds takes NAME=FOLDER (e.g. built-in=runs/exp-builtin), got {item!r}")
         worlds[name] = Path(folder)
-    print(round_choice(worlds, args.seeds, args.rounds, args.variant), end="")
+    print(round_choice(worlds, args.seeds, args.rounds, args.variant, args.condition), end="")
 
 
 def _toy_calibrate(args: argparse.Namespace) -> None:
@@ -432,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     choice.add_argument("--rounds", type=positive_int, default=4)
     choice.add_argument("--variant", default="", help="another sampler's evaluation (toy transfer), e.g. ddpm-50")
+    choice.add_argument(
+        "--condition", default="sail", help="whose rounds are chosen: sail, or a lever run every round (frozen-judge)"
+    )
     choice.set_defaults(func=_toy_round_choice)
     cal = toy_sub.add_parser(
         "calibrate",

@@ -146,3 +146,20 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert [c.strip() for c in picks[0].split("|")[2:6]] == ["0", "guarded", "round-02", "2 of 2"]
     assert [c.strip() for c in picks[1].split("|")[2:6]] == ["0", "loss", "round-01", "2 of 2"]
     assert "has not improved on round-01" in picks[1]
+    # Each seed's kept stage against the goal: >= DPO-6%, within 1 SE of DPO-100%, accuracy within 1 point.
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][2:]
+    assert goals[0][3:] == ["round-02", "-0.050 ± 0.000", "-0.300 ± 0.000", "+0.000 ± 0.000", "missed", "missed", "met"]
+    assert goals[1][3:] == ["round-01", "+0.150 ± 0.000", "-0.100 ± 0.000", "+0.000 ± 0.000", "met", "missed", "met"]
+
+    # A lever run every round from the same iter0: its rounds, the sail condition's base and iter0.
+    for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.6), ("round-02", 0.7)):
+        fake_stage(root / "frozen-judge" / stage, base + shift)
+        record = json.loads((root / "frozen-judge" / stage / "eval.json").read_text())
+        score = {"heldout_dpo_loss": losses[stage], "prompt_consistency": 0.16}
+        (root / "frozen-judge" / stage / "eval.json").write_text(json.dumps(record | score))
+    lever = round_choice({"built-in": tmp_path}, [0], rounds=2, condition="frozen-judge").splitlines()
+    assert "### built-in (frozen-judge)" in lever
+    cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lever if "|" in line}
+    assert cell["iter0"][0] == "-0.150 ± 0.000" and cell["round-02"][0] == "+0.450 ± 0.000"
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][2:]
+    assert goals[0][3:] == ["round-02", "+0.450 ± 0.000", "+0.200 ± 0.000", "+0.000 ± 0.000", "met", "met", "met"]

@@ -1,7 +1,9 @@
 """The stage a run keeps, read against the oracle (``sail-fast toy round-choice``): for toy experiments whose
-``sail`` condition ran every round, each world's table of the stages with their round score (what the run
-sees) beside the judged score against DPO on the same labels and on all of them, and the stage ``sail.select``
-keeps and where ``sail.early_stop`` ends, both from the recorded round score by the loop's own functions.
+``sail`` condition (or a lever run every round, e.g. ``frozen-judge``) ran every round, each world's table of
+the stages with their round score (what the run sees) beside the judged score against DPO on the same labels
+and on all of them, the stage ``sail.select`` keeps and where ``sail.early_stop`` ends, both from the recorded
+round score by the loop's own functions, and each seed's kept stage against the goal of issue 33: at least
+DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of the base.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from ...runs.layout import RunLayout
 from ...sail.evaluation import metric_rows
 from ...sail.selection import choose_stage, stop_reason
-from .experiment import collect
+from .experiment import _stage, collect
 
 
 def _pm(pair) -> str:
@@ -24,6 +26,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 RULES = ("guarded", "loss")  # the default, and the first rule (bench/results/round_choice_plan.md)
+ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 
 
 def kept_and_stop(run: Path, rounds: int, rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
@@ -38,30 +41,58 @@ def kept_and_stop(run: Path, rounds: int, rule: str, patience: int = 1) -> tuple
     return choose_stage(rows, rule), last, None
 
 
-def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: str = "") -> tuple[str, list[dict]]:
-    """One world's table (markdown) and its per-seed picks."""
+def _judged(lines: dict, condition: str, stage: str) -> dict | None:
+    """A stage's judged row: base and iter0 are the sail condition's (every lever starts from them)."""
+    return lines.get(("sail" if RunLayout.round_of(stage) < 1 else condition, stage))
+
+
+def goal(row: dict | None) -> dict:
+    """The kept stage against the goal: (mean, SE) of each difference and whether each part is met."""
+    if row is None:
+        return {}
+    dpo_6, dpo_full = row.get("vs_dpo_6", {}).get("score"), row.get("vs_dpo_full", {}).get("score")
+    accuracy = row.get("vs_base", {}).get("correct")
+    return {
+        "vs_dpo_6": dpo_6,
+        "vs_dpo_full": dpo_full,
+        "accuracy_vs_base": accuracy,
+        "at_least_dpo_6": None if dpo_6 is None else dpo_6[0] >= 0,
+        "near_dpo_full": None if dpo_full is None else dpo_full[0] + dpo_full[1] >= 0,
+        "accuracy_kept": None if accuracy is None else accuracy[0] >= -ACCURACY_POINT,
+    }
+
+
+def world_section(
+    name: str, out: Path, seeds: list[int], rounds: int, variant: str = "", condition: str = "sail"
+) -> tuple[str, list[dict]]:
+    """One world's table (markdown) and its per-seed picks, each with its kept stage against the goal."""
     lines = {(row["condition"], row["stage"]): row for row in collect(out, seeds, rounds, rounds, variant)}
     picks = []
     for seed in seeds:
+        alone = {(row["condition"], row["stage"]): row for row in collect(out, [seed], rounds, rounds, variant)}
         for rule in RULES:
-            chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / "sail", rounds, rule)
+            chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / condition, rounds, rule)
             picks.append(
                 {"world": name, "seed": seed, "rule": rule, "kept": chosen["stage"], "rounds_run": ran, "stop": reason}
+                | goal(_judged(alone, condition, chosen["stage"]))
             )
     head = (
         "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
         "| drift | prompt consistency | pair margin | kept: guarded | kept: loss |"
     )
-    md = [f"### {name}{f' ({variant})' if variant else ''}", "", head, "|---" * 11 + "|"]
-    score_rows = {s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / "sail"), rounds)} for s in seeds}
+    title = ", ".join(([] if condition == "sail" else [condition]) + ([variant] if variant else []))
+    md = [f"### {name}{f' ({title})' if title else ''}", "", head, "|---" * 11 + "|"]
+    score_rows = {
+        s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds)} for s in seeds
+    }
     stages = [(RunLayout.BASE, "sail", RunLayout.BASE)]
     stages += [("DPO 6%", "dpo-6", RunLayout.ITER0), ("DPO 100%", "dpo-full", RunLayout.ITER0)]
-    stages += [(s, "sail", s) for s in RunLayout.stage_names(rounds)[1:]]
-    for label, condition, stage in stages:
-        row = lines.get((condition, stage))
+    stages += [(s, condition, s) for s in RunLayout.stage_names(rounds)[1:]]
+    for label, source, stage in stages:
+        row = _judged(lines, source, stage) if source == condition else lines.get((source, stage))
         if row is None:
             continue
-        score = [score_rows[s].get(stage, {}) for s in seeds] if condition == "sail" else []
+        score = [score_rows[s].get(stage, {}) for s in seeds] if source == condition else []
         mean = {
             key: sum(r[key] for r in score) / len(score)
             for key in (
@@ -74,7 +105,7 @@ def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: 
             if score and all(isinstance(r.get(key), float) for r in score)
         }
         kept = {rule: sum(p["kept"] == stage and p["rule"] == rule for p in picks) for rule in RULES}
-        kept = {rule: n if condition == "sail" else 0 for rule, n in kept.items()}
+        kept = {rule: n if source == condition else 0 for rule, n in kept.items()}
         md.append(
             f"| {label} | {_pm(row.get('vs_dpo_6', {}).get('score'))} | {_pm(row.get('vs_dpo_full', {}).get('score'))} "
             f"| {_pm(row.get('vs_base', {}).get('correct'))} | {_cell(mean, 'heldout_dpo_loss', '.4f')} "
@@ -85,11 +116,18 @@ def world_section(name: str, out: Path, seeds: list[int], rounds: int, variant: 
     return "\n".join(md), picks
 
 
-def round_choice(worlds: dict[str, Path], seeds: list[int], rounds: int, variant: str = "") -> str:
-    """Every world's section and the picks, as markdown."""
+def _met(flag: bool | None) -> str:
+    return "-" if flag is None else "met" if flag else "missed"
+
+
+def round_choice(
+    worlds: dict[str, Path], seeds: list[int], rounds: int, variant: str = "", condition: str = "sail"
+) -> str:
+    """Every world's section, the picks, and each seed's kept stage against the goal, as markdown."""
+    _stage.cache_clear()  # runs may have finished stages since the last page
     parts, picks = [], []
     for name, out in worlds.items():
-        text, mine = world_section(name, Path(out), seeds, rounds, variant)
+        text, mine = world_section(name, Path(out), seeds, rounds, variant, condition)
         parts.append(text)
         picks += mine
     lines = ["| world | seed | rule | kept | rounds early stop runs | why it stops |", "|---|---|---|---|---|---|"]
@@ -97,4 +135,15 @@ def round_choice(worlds: dict[str, Path], seeds: list[int], rounds: int, variant
         f"| {p['world']} | {p['seed']} | {p['rule']} | {p['kept']} | {p['rounds_run']} of {rounds} | {p['stop'] or '-'} |"
         for p in picks
     ]
-    return "\n\n".join(parts + ["\n".join(lines)]) + "\n"
+    goals = [
+        "| world | seed | rule | kept | score - DPO 6% | score - DPO 100% | accuracy - base "
+        "| >= DPO 6% | within 1 SE of DPO 100% or above | accuracy within 1 point |",
+        "|---" * 10 + "|",
+    ]
+    goals += [
+        f"| {p['world']} | {p['seed']} | {p['rule']} | {p['kept']} | {_pm(p.get('vs_dpo_6'))} "
+        f"| {_pm(p.get('vs_dpo_full'))} | {_pm(p.get('accuracy_vs_base'))} | {_met(p.get('at_least_dpo_6'))} "
+        f"| {_met(p.get('near_dpo_full'))} | {_met(p.get('accuracy_kept'))} |"
+        for p in picks
+    ]
+    return "\n\n".join(parts + ["\n".join(lines), "\n".join(goals)]) + "\n"
