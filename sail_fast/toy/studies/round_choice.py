@@ -92,7 +92,7 @@ def world_section(
         row = _judged(lines, source, stage) if source == condition else lines.get((source, stage))
         if row is None:
             continue
-        score = [score_rows[s].get(stage, {}) for s in seeds] if source == condition else []
+        score = [score_rows[s].get(stage, {}) for s in seeds] if source == condition or stage == RunLayout.BASE else []
         mean = {
             key: sum(r[key] for r in score) / len(score)
             for key in (
