@@ -203,9 +203,9 @@ class SailConfig(Section):
     candidates: int = Field(8, ge=2)  # N per prompt (a pair needs a best and a worst)
     num_draws: int = Field(10, ge=1)  # K shared (t, eps) draws per prompt for the implicit reward
     ranking_reference: Literal["base", "previous"] = "base"  # what the implicit reward ranks against
-    # Whose implicit reward ranks a round's candidates: the policy that sampled them (the paper's), or iter0's,
-    # frozen for every round (a judge fitted to the human seed alone; bench/results/round_choice_plan.md).
-    ranking_policy: Literal["round", "iter0"] = "round"
+    # Rank every round's candidates with iter0's implicit reward, frozen (a judge fitted to the human seed alone;
+    # bench/results/round_choice_plan.md), instead of the reward of the policy that sampled them (the paper's).
+    frozen_judge: bool = False
     pairing: Literal["best_worst", "random"] = "best_worst"  # random: the ablation
     adaptive: bool = False  # race candidates for best/worst instead of spending all K draws
     # How per-draw errors become the reward (sail_fast.reward.estimators): mean (the paper's), standardised,
@@ -291,15 +291,15 @@ class SailConfig(Section):
                 f"sail.adaptive races with the mean estimator only; set sail.reward_estimator: mean "
                 f"or sail.adaptive: false (got {self.reward_estimator})"
             )
-        if self.ranking_policy == "iter0" and self.ranker == "external":
+        if self.frozen_judge and self.ranker == "external":
             raise ValueError(
-                "sail.ranking_policy: iter0 picks whose implicit reward ranks; sail.ranker: external ranks with "
-                f"{self.ranker_metric} instead. Set one of them back (ranking_policy: round or ranker: implicit)"
+                "sail.frozen_judge picks whose implicit reward ranks; sail.ranker: external ranks with "
+                f"{self.ranker_metric} instead. Set one of them back (frozen_judge: false or ranker: implicit)"
             )
-        if self.ranking_policy == "iter0" and self.iter0_steps == 0 and self.iter0_from is None:
+        if self.frozen_judge and self.iter0_steps == 0 and self.iter0_from is None:
             raise ValueError(
-                "sail.ranking_policy: iter0 with sail.iter0_steps: 0 ranks with the base against itself (every "
-                "reward is zero); train iter0 (iter0_steps > 0 or iter0_from) or set ranking_policy: round"
+                "sail.frozen_judge with sail.iter0_steps: 0 ranks with the base against itself (every reward is "
+                "zero); train iter0 (iter0_steps > 0 or iter0_from) or set frozen_judge: false"
             )
         if self.soft_label_range is not None and not self.soft_label_range[0] < self.soft_label_range[1]:
             raise ValueError(f"sail.soft_label_range must be [lo, hi] with lo < hi, got {list(self.soft_label_range)}")

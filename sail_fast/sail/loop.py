@@ -86,7 +86,7 @@ class SailLoop:
         }
         self.ctx = self.context_for(config, **shared)
         self.base = self.ctx.base
-        self._frozen_judge = None  # sail.ranking_policy: iter0, loaded at the first round that ranks
+        self._frozen_judge = None  # sail.frozen_judge: iter0's policy, loaded at the first round that ranks
 
     def context_for(self, config: RunConfig, **shared) -> RunContext:
         """What the stages read of ``config`` (its sections and values, never the whole of it), with ``shared``
@@ -168,7 +168,7 @@ class SailLoop:
         return self._finish(last, stopped)
 
     def _judge(self):
-        """iter0's policy, frozen, read from disk once (the round policy trains in place): sail.ranking_policy iter0."""
+        """iter0's policy, frozen, read from disk once (the round policy trains in place): sail.frozen_judge."""
         if self._frozen_judge is None:
             judge = self.policies.load(self.policy_dir(0), JUDGE)  # under LoRA an adapter made frozen
             self._frozen_judge = judge if self.policies.lora else judge.requires_grad_(False)
@@ -277,7 +277,7 @@ class SailLoop:
             prompts,
             policy,
             self.base if ctx.sail.ranking_reference == "base" else previous,
-            judge=self._judge() if ctx.sail.ranking_policy == "iter0" else None,
+            judge=self._judge() if ctx.sail.frozen_judge else None,
         )
         by_source = {name: pairs.source.count(name) for name in dict.fromkeys(pairs.source)}
         if self.dist.is_main:

@@ -157,7 +157,7 @@ def ranked_pairs(
         "reward_std_within_prompt": float(finite_mean_std(finite.double())[1].mean()) if len(finite) else float("nan"),
         "diversity": sample_diversity(latents),
         "reference": sail.ranking_reference,
-        "ranking_policy": sail.ranking_policy,
+        "frozen_judge": sail.frozen_judge,
         "pairing": sail.pairing,
         "ranker": sail.ranker_metric if sail.ranker == "external" else "implicit",
         "labels": pairs.label.tolist(),

@@ -1,4 +1,4 @@
-"""sail.ranking_policy: iter0 (the frozen judge): every round samples from the policy it trains, but ranks the
+"""sail.frozen_judge: every round samples from the policy it trains, but ranks the
 candidates with iter0's implicit reward, read once from iter0's saved weights; whole UNets and LoRA adapters."""
 
 import json
@@ -36,11 +36,11 @@ def test_every_round_ranks_with_iter0_and_samples_from_the_round_policy(tmp_path
         return rank(self, r, prompts, embeds, latents, policy, reference)
 
     monkeypatch.setattr(ImplicitRanker, "rank", spy)
-    overrides = make_overrides(tmp_path, "sail.ranking_policy=iter0", "sail.eval_each_round=false", *lora)
+    overrides = make_overrides(tmp_path, "sail.frozen_judge=true", "sail.eval_each_round=false", *lora)
     SailLoop(load_config(TINY, overrides)).run()
     assert sorted(judged) == [1, 2]
     run = tmp_path / "run"
-    assert json.loads((run / "round-02/ranking.json").read_text())["ranking_policy"] == "iter0"
+    assert json.loads((run / "round-02/ranking.json").read_text())["frozen_judge"] is True
 
     # The weights iter0 saved, and round 1's (the policy round 2 samples from), loaded afresh from disk.
     fresh = SailLoop(load_config(TINY, overrides))
@@ -53,12 +53,10 @@ def test_every_round_ranks_with_iter0_and_samples_from_the_round_policy(tmp_path
 
 
 def test_a_frozen_judge_that_cannot_judge_is_refused_naming_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="ranking_policy: iter0.*ranker: external.*ranking_policy: round"):
+    with pytest.raises(ValueError, match="frozen_judge picks.*ranker: external.*frozen_judge: false"):
         load_config(
             TINY,
-            make_overrides(
-                tmp_path, "sail.ranking_policy=iter0", "sail.ranker=external", "sail.ranker_metric=toy_oracle"
-            ),
+            make_overrides(tmp_path, "sail.frozen_judge=true", "sail.ranker=external", "sail.ranker_metric=toy_oracle"),
         )
     with pytest.raises(ValueError, match="iter0_steps: 0 ranks with the base against itself"):
-        load_config(TINY, make_overrides(tmp_path, "sail.ranking_policy=iter0", "sail.iter0_steps=0"))
+        load_config(TINY, make_overrides(tmp_path, "sail.frozen_judge=true", "sail.iter0_steps=0"))

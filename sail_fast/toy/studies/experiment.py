@@ -46,7 +46,7 @@ Per seed, every condition reads the same human-labelled pairs (``<out>/seed-S/hu
   (bench/results/round_choice_plan.md), so with them it repeats ``sail``.
 - ``plain``: the paper's rounds, each round's DPO held to the policy the round starts from
   (``sail.training_reference: round_start``), from the same iter0, every round evaluated.
-- ``frozen-judge``: every round's candidates ranked by iter0's implicit reward (``sail.ranking_policy: iter0``)
+- ``frozen-judge``: every round's candidates ranked by iter0's implicit reward (``sail.frozen_judge: true``)
   instead of the sampling policy's, from the same iter0, every round evaluated: the rounds still sample
   from the improving policy, but cannot amplify a lean the human seed did not put in the reward.
 """
@@ -75,7 +75,7 @@ LEVERS = {
     "plain-reward": ["sail.reward_estimator=mean", "sail.num_draws=6", "sail.reward_timesteps=null"],
     "anchored": ["sail.training_reference=base"],
     "plain": ["sail.training_reference=round_start"],
-    "frozen-judge": ["sail.ranking_policy=iter0"],
+    "frozen-judge": ["sail.frozen_judge=true"],
 }
 CONDITIONS = (
     "sail",
