@@ -231,8 +231,9 @@ class SailConfig(Section):
     eval_images_per_prompt: int = Field(4, ge=1)
     # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): guarded, the
     # last of the unbroken run of sound stages (prompt kept, held-out accuracy above chance); loss, the lowest
-    # held-out DPO loss against the base; last, the last round (the paper's).
-    select: Literal["guarded", "loss", "last"] = "guarded"
+    # held-out DPO loss against the base; agreement, within guarded's sound run the stage whose reward best agrees
+    # with the held-out human pairs (a candidate, not yet tested); last, the last round (the paper's).
+    select: Literal["guarded", "loss", "agreement", "last"] = "guarded"
     # End the rounds after a round that is not sound (select: loss, also after `patience` rounds without a lower
     # held-out loss). Needs every round evaluated (off with eval_each_round: false).
     early_stop: bool = True

@@ -15,6 +15,9 @@ and round_choice.md.
   prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
   kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
   larger than the labels support from iter0 on, so the loss rises with any training (round_choice.md).
+- ``select: agreement`` (a candidate written after seeds 0-1, not yet tested; round_choice_plan.md addendum 4)
+  keeps, within ``guarded``'s unbroken run of sound stages, the one whose reward agrees most with the held-out
+  human pairs under the estimator the rounds rank with (``self_label_agreement``); the earlier stage on ties.
 - ``select: last`` keeps the last round, as the paper does.
 - ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``last``), or, under ``loss``,
   also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
@@ -33,6 +36,7 @@ CONSISTENCY_TOLERANCE = 0.035
 LOSS = "heldout_dpo_loss"
 ACCURACY = "heldout_accuracy"
 CONSISTENCY = "prompt_consistency"
+AGREEMENT = "self_label_agreement"
 
 
 def _scored(rows: list[dict]) -> list[dict]:
@@ -72,8 +76,9 @@ def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CON
     last = rows[-1]
     if rule == "last":
         return {"stage": last["stage"], "rule": rule, "reason": "sail.select: last keeps the last stage"}
-    if rule == "guarded":
-        return _guarded(rows, tolerance)
+    if rule in ("guarded", "agreement"):
+        guarded = _guarded(rows, tolerance)
+        return guarded if rule == "guarded" else _agreement(rows, guarded)
     base = _base(rows)
     scored = _scored(rows)
     if not scored:
@@ -103,6 +108,21 @@ def _guarded(rows: list[dict], tolerance: float) -> dict:
         kept = row["stage"]
     reason = "the last stage of the unbroken run of sound ones (prompt kept, held-out accuracy above chance)"
     return {"stage": kept, "rule": "guarded", "reason": reason + (f"; {why}" if why else "")}
+
+
+def _agreement(rows: list[dict], guarded: dict) -> dict:
+    """The most agreeing stage from iter0 up to the one ``guarded`` keeps (guarded's choice where none is scored)."""
+    names = [row["stage"] for row in rows]
+    window = [row for row in rows[: names.index(guarded["stage"]) + 1] if RunLayout.round_of(row["stage"]) >= 0]
+    scored = [row for row in window if isinstance(row.get(AGREEMENT), float)]
+    if not scored:
+        return guarded | {"rule": "agreement"}
+    best = max(scored, key=lambda row: row[AGREEMENT])  # max() keeps the first of equals: the earlier stage
+    reason = (
+        f"the highest held-out agreement under the ranking's estimator ({best[AGREEMENT]:.3f}) of the sound stages "
+        f"up to {guarded['stage']}"
+    )
+    return {"stage": best["stage"], "rule": "agreement", "reason": reason}
 
 
 def stop_reason(

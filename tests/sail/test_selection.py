@@ -76,6 +76,19 @@ def test_no_stage_beating_the_base_keeps_the_base_and_no_held_out_pairs_keep_the
         choose_stage([])
 
 
+def test_agreement_keeps_the_most_agreeing_stage_inside_guardeds_sound_run():
+    planted = rows([LOG2, 1.4, 2.0, 2.5, 3.0], accuracy=[0.5, 0.6, 0.6, 0.6, 0.45])  # round-03 unsound
+    for row, agreement in zip(planted[1:], [0.60, 0.66, 0.66, 0.90]):
+        row["self_label_agreement"] = agreement
+    assert choose_stage(planted, "guarded")["stage"] == "round-02"
+    chosen = choose_stage(planted, "agreement")  # round-03 agrees most but is past the sound run; ties: earlier
+    assert chosen["stage"] == "round-01" and "0.660" in chosen["reason"] and "up to round-02" in chosen["reason"]
+    assert "no better than chance" in stop_reason(planted, patience=1, rule="agreement")
+    # Nothing recorded: guarded's choice; an unsound iter0: the base.
+    assert choose_stage(rows([LOG2, 1.4, 2.0]), "agreement")["stage"] == "round-01"
+    assert choose_stage(rows([LOG2, 1.4, 2.0], accuracy=[0.5, 0.4, 0.7]), "agreement")["stage"] == "base"
+
+
 def test_guarded_keeps_the_last_sound_stage_and_stops_at_the_first_unsound_one():
     sound = rows([LOG2, 1.4, 2.0, 2.5, 3.0])  # the loss rises with every stage: guarded does not read it
     assert choose_stage(sound)["stage"] == "round-03"

@@ -128,10 +128,12 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     root = tmp_path / "seed-0"
     base = torch.randn(4, 3, generator=gen)
     losses = {"base": math.log(2), "iter0": 0.62, "round-01": 0.58, "round-02": 0.66}
+    agreement = {"iter0": 0.6, "round-01": 0.7, "round-02": 0.65}
     for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.4), ("round-02", 0.2)):
         fake_stage(root / "sail" / stage, base + shift)
         record = json.loads((root / "sail" / stage / "eval.json").read_text())
         score = {"heldout_dpo_loss": losses[stage], "prompt_consistency": 0.16}
+        score |= {"self_label_agreement": agreement[stage]} if stage in agreement else {}
         (root / "sail" / stage / "eval.json").write_text(json.dumps(record | score))
     fake_stage(root / "dpo-6/iter0", base + 0.25)
     fake_stage(root / "dpo-full/iter0", base + 0.5)
@@ -140,16 +142,21 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     page = round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines()
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in page if "|" in line}
     assert cell["round-01"][0] == "+0.150 ± 0.000" and cell["round-01"][1] == "-0.100 ± 0.000"
-    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-1] == "1" and cell["round-02"][-1] == ""
-    assert cell["round-02"][-2] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
+    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-2] == "1" and cell["round-02"][-2] == ""
+    assert cell["round-02"][-3] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
+    assert cell["round-01"][-1] == "1" and cell["round-01"][-4] == "0.700"  # agreement: the most agreeing sound stage
     picks = [line for line in page if line.startswith("| built-in |")]
     assert [c.strip() for c in picks[0].split("|")[2:6]] == ["0", "guarded", "round-02", "2 of 2"]
     assert [c.strip() for c in picks[1].split("|")[2:6]] == ["0", "loss", "round-01", "2 of 2"]
+    assert [c.strip() for c in picks[2].split("|")[2:6]] == ["0", "agreement", "round-01", "2 of 2"]
     assert "has not improved on round-01" in picks[1]
     # Each seed's kept stage against the goal: >= DPO-6%, within 1 SE of DPO-100%, accuracy within 1 point.
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][2:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][3:]
     assert goals[0][3:] == ["round-02", "-0.050 ± 0.000", "-0.300 ± 0.000", "+0.000 ± 0.000", "missed", "missed", "met"]
     assert goals[1][3:] == ["round-01", "+0.150 ± 0.000", "-0.100 ± 0.000", "+0.000 ± 0.000", "met", "missed", "met"]
+    # Which run-visible column tracks the judge within the run: Spearman over iter0, round 1, round 2.
+    tracked = [c.strip() for c in page[page.index("| mean | | -0.50 | - | - | - | +1.00 |") - 1].split("|")[1:-1]]
+    assert tracked == ["built-in", "0", "-0.50", "-", "-", "-", "+1.00"]
 
     # A lever run every round from the same iter0: its rounds, the sail condition's base and iter0.
     for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.6), ("round-02", 0.7)):
@@ -161,5 +168,5 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert "### built-in (frozen-judge)" in lever
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lever if "|" in line}
     assert cell["iter0"][0] == "-0.150 ± 0.000" and cell["round-02"][0] == "+0.450 ± 0.000"
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][2:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][3:]
     assert goals[0][3:] == ["round-02", "+0.450 ± 0.000", "+0.200 ± 0.000", "+0.000 ± 0.000", "met", "met", "met"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...runs.layout import RunLayout
 from ...sail.evaluation import metric_rows
+from ...sail.label_quality import rowwise_spearman
 from ...sail.selection import choose_stage, stop_reason
 from .experiment import _stage, collect
 
@@ -25,7 +26,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if not isinstance(value, float) else format(value, fmt)
 
 
-RULES = ("guarded", "loss")  # the default, and the first rule (bench/results/round_choice_plan.md)
+# The default, the first rule, and the candidate written after seeds 0-1 (bench/results/round_choice_plan.md)
+RULES = ("guarded", "loss", "agreement")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 
 
@@ -78,10 +80,12 @@ def world_section(
             )
     head = (
         "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
-        "| drift | prompt consistency | pair margin | kept: guarded | kept: loss |"
+        "| drift | prompt consistency | pair margin | agreement (ranking's estimator) | "
+        + " | ".join(f"kept: {rule}" for rule in RULES)
+        + " |"
     )
     title = ", ".join(([] if condition == "sail" else [condition]) + ([variant] if variant else []))
-    md = [f"### {name}{f' ({title})' if title else ''}", "", head, "|---" * 11 + "|"]
+    md = [f"### {name}{f' ({title})' if title else ''}", "", head, "|---" * (10 + len(RULES)) + "|"]
     score_rows = {
         s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds)} for s in seeds
     }
@@ -101,6 +105,7 @@ def world_section(
                 "heldout_drift",
                 "prompt_consistency",
                 "reward_spread_mean",
+                "self_label_agreement",
             )
             if score and all(isinstance(r.get(key), float) for r in score)
         }
@@ -111,9 +116,46 @@ def world_section(
             f"| {_pm(row.get('vs_base', {}).get('correct'))} | {_cell(mean, 'heldout_dpo_loss', '.4f')} "
             f"| {_cell(mean, 'heldout_accuracy', '.3f')} | {_cell(mean, 'heldout_drift', '+.4f')} "
             f"| {_cell(mean, 'prompt_consistency', '.4f')} | {_cell(mean, 'reward_spread_mean', '.3f')} "
-            f"| {kept['guarded'] or ''} | {kept['loss'] or ''} |"
+            f"| {_cell(mean, 'self_label_agreement', '.3f')} | "
+            + " | ".join(str(kept[rule] or "") for rule in RULES)
+            + " |"
         )
     return "\n".join(md), picks
+
+
+TRACKED = {  # run-visible columns, and the name the page gives them
+    "heldout_dpo_loss": "held-out DPO loss",
+    "heldout_accuracy": "held-out accuracy",
+    "heldout_drift": "drift",
+    "prompt_consistency": "prompt consistency",
+    "self_label_agreement": "agreement (ranking's estimator)",
+}
+
+
+def tracking(worlds: dict[str, Path], seeds: list[int], rounds: int, condition: str = "sail") -> str:
+    """Within each run, the Spearman correlation over its trained stages (iter0, rounds) of each run-visible
+    column with the judge's score: which of them could find the best stage."""
+    lines = ["| world | seed | " + " | ".join(TRACKED.values()) + " |", "|---" * (2 + len(TRACKED)) + "|"]
+    totals = {key: [] for key in TRACKED}
+    for name, out in worlds.items():
+        for seed in seeds:
+            rows = metric_rows(RunLayout(Path(out) / f"seed-{seed}" / condition), rounds)
+            rows = [row for row in rows if RunLayout.round_of(row["stage"]) >= 0]
+            cells = []
+            for key in TRACKED:
+                pairs = [(row[key], row["oracle_score"]) for row in rows if isinstance(row.get(key), float)]
+                rho = (
+                    float(rowwise_spearman([[a for a, _ in pairs]], [[b for _, b in pairs]])[0])
+                    if len(pairs) > 2
+                    else None
+                )
+                if rho is not None and rho == rho:
+                    totals[key].append(rho)
+                cells.append("-" if rho is None or rho != rho else f"{rho:+.2f}")
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    means = [f"{sum(v) / len(v):+.2f}" if v else "-" for v in totals.values()]
+    lines.append("| mean | | " + " | ".join(means) + " |")
+    return "\n".join(lines)
 
 
 def _met(flag: bool | None) -> str:
@@ -146,4 +188,4 @@ def round_choice(
         f"| {_met(p.get('near_dpo_full'))} | {_met(p.get('accuracy_kept'))} |"
         for p in picks
     ]
-    return "\n\n".join(parts + ["\n".join(lines), "\n".join(goals)]) + "\n"
+    return "\n\n".join(parts + ["\n".join(lines), "\n".join(goals), tracking(worlds, seeds, rounds, condition)]) + "\n"
