@@ -110,7 +110,7 @@ def world_section(
             if score and all(isinstance(r.get(key), float) for r in score)
         }
         kept = {rule: sum(p["kept"] == stage and p["rule"] == rule for p in picks) for rule in RULES}
-        kept = {rule: n if source == condition else 0 for rule, n in kept.items()}
+        kept = {rule: n if source == condition or stage == RunLayout.BASE else 0 for rule, n in kept.items()}
         md.append(
             f"| {label} | {_pm(row.get('vs_dpo_6', {}).get('score'))} | {_pm(row.get('vs_dpo_full', {}).get('score'))} "
             f"| {_pm(row.get('vs_base', {}).get('correct'))} | {_cell(mean, 'heldout_dpo_loss', '.4f')} "
