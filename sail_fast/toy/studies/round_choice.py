@@ -8,11 +8,12 @@ DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ...runs.layout import RunLayout
 from ...sail.evaluation import metric_rows
-from ...sail.label_quality import rowwise_spearman
+from ...sail.label_quality import within_prompt_spearman
 from ...sail.selection import choose_stage, stop_reason
 from .experiment import _stage, collect
 
@@ -31,9 +32,9 @@ RULES = ("guarded", "loss", "agreement")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 
 
-def kept_and_stop(run: Path, rounds: int, rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
-    """What ``select: rule`` keeps of the run's recorded rows, after the rounds ``early_stop`` would have run."""
-    rows = metric_rows(RunLayout(run), rounds)  # read once; what the loop saw after round r is a prefix of it
+def kept_and_stop(rows: list[dict], rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
+    """What ``select: rule`` keeps of a run's recorded rows (``metric_rows``), after the rounds ``early_stop``
+    would have run: what the loop saw after round r is a prefix of them."""
     last = max(RunLayout.round_of(row["stage"]) for row in rows)
     for r in range(1, last + 1):
         seen = [row for row in rows if RunLayout.round_of(row["stage"]) <= r]
@@ -70,10 +71,11 @@ def world_section(
     """One world's table (markdown) and its per-seed picks, each with its kept stage against the goal."""
     lines = {(row["condition"], row["stage"]): row for row in collect(out, seeds, rounds, rounds, variant)}
     picks = []
+    recorded = {s: metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds) for s in seeds}  # each read once
     for seed in seeds:
         alone = {(row["condition"], row["stage"]): row for row in collect(out, [seed], rounds, rounds, variant)}
         for rule in RULES:
-            chosen, ran, reason = kept_and_stop(out / f"seed-{seed}" / condition, rounds, rule)
+            chosen, ran, reason = kept_and_stop(recorded[seed], rule)
             picks.append(
                 {"world": name, "seed": seed, "rule": rule, "kept": chosen["stage"], "rounds_run": ran, "stop": reason}
                 | goal(_judged(alone, condition, chosen["stage"]))
@@ -86,9 +88,7 @@ def world_section(
     )
     title = ", ".join(([] if condition == "sail" else [condition]) + ([variant] if variant else []))
     md = [f"### {name}{f' ({title})' if title else ''}", "", head, "|---" * (10 + len(RULES)) + "|"]
-    score_rows = {
-        s: {r["stage"]: r for r in metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds)} for s in seeds
-    }
+    score_rows = {s: {r["stage"]: r for r in rows} for s, rows in recorded.items()}
     stages = [(RunLayout.BASE, "sail", RunLayout.BASE)]
     stages += [("DPO 6%", "dpo-6", RunLayout.ITER0), ("DPO 100%", "dpo-full", RunLayout.ITER0)]
     stages += [(s, condition, s) for s in RunLayout.stage_names(rounds)[1:]]
@@ -145,13 +145,13 @@ def tracking(worlds: dict[str, Path], seeds: list[int], rounds: int, condition: 
             for key in TRACKED:
                 pairs = [(row[key], row["oracle_score"]) for row in rows if isinstance(row.get(key), float)]
                 rho = (
-                    float(rowwise_spearman([[a for a, _ in pairs]], [[b for _, b in pairs]])[0])
-                    if len(pairs) > 2
-                    else None
+                    within_prompt_spearman([[a for a, _ in pairs]], [[b for _, b in pairs]]) if len(pairs) > 2 else None
                 )
-                if rho is not None and rho == rho:
-                    totals[key].append(rho)
-                cells.append("-" if rho is None or rho != rho else f"{rho:+.2f}")
+                if rho is None or math.isnan(rho):  # too few stages, or a column that never moved
+                    cells.append("-")
+                    continue
+                totals[key].append(rho)
+                cells.append(f"{rho:+.2f}")
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     means = [f"{sum(v) / len(v):+.2f}" if v else "-" for v in totals.values()]
     lines.append("| mean | | " + " | ".join(means) + " |")
