@@ -198,6 +198,11 @@ def _stage(run: Path, stage: str) -> tuple[dict, dict] | None:
     return json.loads(layout.eval_json(stage).read_text()), load_file(layout.eval_samples(stage))
 
 
+def forget_read_stages() -> None:
+    """Drop the stages read so far: runs may have finished stages since the last table or page."""
+    _stage.cache_clear()
+
+
 def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> list[tuple[str, str, str, str]]:
     """(label, human labels, condition, stage) for each line of the table."""
     labelled = json.loads(RunLayout(out / f"seed-{seeds[0]}").human_pairs().summary.read_text())
@@ -311,7 +316,7 @@ def write_table(
 ) -> Path:
     """results.md, results.json and results.png (the label-efficiency curve with SAIL beside it);
     results-<variant>.* for the stages' evaluation under another sampler."""
-    _stage.cache_clear()  # runs may have finished stages since the last table
+    forget_read_stages()
     lines = collect(out, seeds, rounds, ablation_rounds or rounds, variant)
     name = f"results-{variant}" if variant else "results"
     md = [

@@ -15,7 +15,7 @@ from ...runs.layout import RunLayout
 from ...sail.evaluation import metric_rows
 from ...sail.label_quality import within_prompt_spearman
 from ...sail.selection import choose_stage, stop_reason
-from .experiment import _stage, collect
+from .experiment import collect, forget_read_stages
 
 
 def _pm(pair) -> str:
@@ -166,7 +166,7 @@ def round_choice(
     worlds: dict[str, Path], seeds: list[int], rounds: int, variant: str = "", condition: str = "sail"
 ) -> str:
     """Every world's section, the picks, and each seed's kept stage against the goal, as markdown."""
-    _stage.cache_clear()  # runs may have finished stages since the last page
+    forget_read_stages()
     parts, picks = [], []
     for name, out in worlds.items():
         text, mine = world_section(name, Path(out), seeds, rounds, variant, condition)
