@@ -74,11 +74,15 @@ def world_section(
     recorded = {s: metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds) for s in seeds}  # each read once
     for seed in seeds:
         alone = {(row["condition"], row["stage"]): row for row in collect(out, [seed], rounds, rounds, variant)}
+        judged = {stage: _judged(alone, condition, stage) for stage in RunLayout.stage_names(rounds)}
+        scores = {stage: row["vs_base"]["score"][0] for stage, row in judged.items() if row and "vs_base" in row}
         for rule in RULES:
             chosen, ran, reason = kept_and_stop(recorded[seed], rule)
+            kept = chosen["stage"]
             picks.append(
-                {"world": name, "seed": seed, "rule": rule, "kept": chosen["stage"], "rounds_run": ran, "stop": reason}
-                | goal(_judged(alone, condition, chosen["stage"]))
+                {"world": name, "seed": seed, "rule": rule, "kept": kept, "rounds_run": ran, "stop": reason}
+                | goal(judged.get(kept))
+                | {"regret": max(scores.values()) - scores[kept] if kept in scores else None}
             )
     head = (
         "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
@@ -179,13 +183,28 @@ def round_choice(
     ]
     goals = [
         "| world | seed | rule | kept | score - DPO 6% | score - DPO 100% | accuracy - base "
-        "| >= DPO 6% | within 1 SE of DPO 100% or above | accuracy within 1 point |",
-        "|---" * 10 + "|",
+        "| >= DPO 6% | within 1 SE of DPO 100% or above | accuracy within 1 point | regret |",
+        "|---" * 11 + "|",
     ]
     goals += [
         f"| {p['world']} | {p['seed']} | {p['rule']} | {p['kept']} | {_pm(p.get('vs_dpo_6'))} "
         f"| {_pm(p.get('vs_dpo_full'))} | {_pm(p.get('accuracy_vs_base'))} | {_met(p.get('at_least_dpo_6'))} "
-        f"| {_met(p.get('near_dpo_full'))} | {_met(p.get('accuracy_kept'))} |"
+        f"| {_met(p.get('near_dpo_full'))} | {_met(p.get('accuracy_kept'))} | {_cell(p, 'regret', '.3f')} |"
         for p in picks
     ]
-    return "\n\n".join(parts + ["\n".join(lines), "\n".join(goals), tracking(worlds, seeds, rounds, condition)]) + "\n"
+    parts += ["\n".join(lines), "\n".join(goals), rule_summary(picks), tracking(worlds, seeds, rounds, condition)]
+    return "\n\n".join(parts) + "\n"
+
+
+def rule_summary(picks: list[dict]) -> str:
+    """Each rule over every world-seed: the parts of the goal met, the world-seeds meeting all three, and the
+    mean regret (the best stage's judged score minus the kept one's): the bar of the plan's addendum 4."""
+    lines = ["| rule | world-seeds | goal parts met | all three met | mean regret |", "|---|---|---|---|---|"]
+    for rule in RULES:
+        mine = [p for p in picks if p["rule"] == rule]
+        parts = [p.get(k) for p in mine for k in ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")]
+        regrets = [p["regret"] for p in mine if p.get("regret") is not None]
+        whole = sum(all(p.get(k) for k in ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")) for p in mine)
+        mean = f"{sum(regrets) / len(regrets):.3f}" if regrets else "-"
+        lines.append(f"| {rule} | {len(mine)} | {sum(bool(x) for x in parts)} of {len(parts)} | {whole} | {mean} |")
+    return "\n".join(lines)
