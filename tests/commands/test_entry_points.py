@@ -15,7 +15,6 @@ from sail_fast.diffusion.build import build_stack
 from sail_fast.runs.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ports import free_port  # noqa: E402
 from test_train import TINY, planted_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +33,7 @@ ENTRY_POINTS = {
         "--num_accelerators",
         "1",
         "--master_port",
-        str(free_port()),
+        "29531",
         "sail_fast/train.py",
     ],
 }
