@@ -15,9 +15,10 @@ and round_choice.md.
   prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
   kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
   larger than the labels support from iter0 on, so the loss rises with any training (round_choice.md).
-- ``select: agreement`` (a candidate written after seeds 0-1, not yet tested; round_choice_plan.md addendum 4)
-  keeps, within ``guarded``'s unbroken run of sound stages, the one whose reward agrees most with the held-out
-  human pairs under the estimator the rounds rank with (``self_label_agreement``); the earlier stage on ties.
+- ``select: agreement`` keeps, within ``guarded``'s unbroken run of sound stages, the one whose reward agrees
+  most with the held-out human pairs under the estimator the rounds rank with (``self_label_agreement``); the
+  earlier stage on ties. Written after seeds 0-1; on seed 2 it kept what ``guarded`` kept, so it failed its
+  test (round_choice_plan.md, addendum 4) and is not the default.
 - ``select: last`` keeps the last round, as the paper does.
 - ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``last``), or, under ``loss``,
   also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
