@@ -30,6 +30,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 # The default, the first rule, and the candidate written after seeds 0-1 (bench/results/round_choice_plan.md)
 RULES = ("guarded", "loss", "agreement")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
+GOAL_PARTS = ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")  # goal()'s three flags
 
 
 def kept_and_stop(rows: list[dict], rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
@@ -202,9 +203,9 @@ def rule_summary(picks: list[dict]) -> str:
     lines = ["| rule | world-seeds | goal parts met | all three met | mean regret |", "|---|---|---|---|---|"]
     for rule in RULES:
         mine = [p for p in picks if p["rule"] == rule]
-        parts = [p.get(k) for p in mine for k in ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")]
+        parts = [p.get(k) for p in mine for k in GOAL_PARTS]
         regrets = [p["regret"] for p in mine if p.get("regret") is not None]
-        whole = sum(all(p.get(k) for k in ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")) for p in mine)
+        whole = sum(all(p.get(k) for k in GOAL_PARTS) for p in mine)
         mean = f"{sum(regrets) / len(regrets):.3f}" if regrets else "-"
         lines.append(f"| {rule} | {len(mine)} | {sum(bool(x) for x in parts)} of {len(parts)} | {whole} | {mean} |")
     return "\n".join(lines)
