@@ -118,6 +118,7 @@ FULL_DISK_HINTS = {
     "train": "free space or choose another output_dir, then rerun with --resume",
     "export": "free space or choose another out folder, then run it again",
     "toy transfer": "free space, then run it again",  # it writes into the experiment folder it reads
+    "toy consistency": "free space, then run it again",  # it writes into the run folders it reads
 }
 
 

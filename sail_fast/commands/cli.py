@@ -224,6 +224,14 @@ def _toy_round_choice(args: argparse.Namespace) -> None:
     print(round_choice(worlds, args.seeds, args.rounds, args.variant, args.condition), end="")
 
 
+def _toy_consistency(args: argparse.Namespace) -> None:
+    from ..toy.studies.consistency_backfill import backfill_consistency
+
+    for run in args.runs:
+        written = backfill_consistency(run)
+        print(f"{run}: {len(written)} stage(s) measured again" + (f" ({', '.join(written)})" if written else ""))
+
+
 def _toy_calibrate(args: argparse.Namespace) -> None:
     from ..toy.studies.experiment import calibrate
 
@@ -441,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--condition", default="sail", help="whose rounds are chosen: sail, or a lever run every round (frozen-judge)"
     )
     choice.set_defaults(func=_toy_round_choice)
+    backfill = toy_sub.add_parser(
+        "consistency",
+        help="measure the per-prompt prompt consistency of runs evaluated before eval.json recorded it, from their "
+        "stored samples (select: paired reads it); writes <stage>/prompt_consistency.json",
+    )
+    backfill.add_argument("runs", nargs="+", help="run folders (a toy experiment's <out>/seed-N/sail)")
+    backfill.set_defaults(func=_toy_consistency)
     cal = toy_sub.add_parser(
         "calibrate",
         help="sweep full-label Diffusion-DPO (beta, lr, steps) against the base: the toy world's calibration table",

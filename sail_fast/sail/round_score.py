@@ -17,6 +17,9 @@ out, the base model, the stage's policy and samples), never a judge. ``sail.sele
   when samples drift off their prompt (the toy's wrong digit; on Stable Diffusion, prompt fidelity).
 - ``prompt_choice_accuracy``: the share of samples whose own prompt gives the base its lowest error of
   the ``1 + OTHER_PROMPTS``.
+- ``prompt_consistency_by_prompt``: the same ratio per evaluation prompt, in the prompts' order. Every stage
+  samples the same prompts from the same seeds and is denoised on the same draws, so a stage's values pair
+  with the base's prompt by prompt (``select: paired`` tests the drop against its SE).
 
 The chosen pairs' reward margins (``reward_spread_mean``, over-confident self-labels) are the ranking's own
 record (``ranking.json``); ``metric_rows`` puts them in the same row.
@@ -44,6 +47,7 @@ SCORE_KEYS = (
     "heldout_drift",
     "prompt_consistency",
     "prompt_choice_accuracy",
+    "prompt_consistency_by_prompt",
 )
 
 
@@ -110,7 +114,9 @@ def prompt_consistency(
         errors[rows] = (pred.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
     errors = errors.view(len(samples), conditions.shape[1], CONSISTENCY_DRAWS).mean(-1)  # [P * n, 1 + O]
     own, other = errors[:, 0], errors[:, 1:]
+    own_p, other_p = own.view(num_prompts, n).mean(1), other.reshape(num_prompts, -1).mean(1)
     return {
         "prompt_consistency": float(other.mean() / own.mean() - 1.0),
         "prompt_choice_accuracy": float((own < other.min(1).values).double().mean()),
+        "prompt_consistency_by_prompt": (other_p / own_p - 1.0).tolist(),
     }

@@ -11,6 +11,13 @@ and round_choice.md.
 - ``select: guarded`` (the default) keeps the last stage of the unbroken run of **sound** stages from iter0 on.
   A stage is sound when it keeps its prompt and its reward still ranks the held-out human pairs better than
   chance (``heldout_accuracy`` > 0.5). If iter0 is not sound, the run keeps the base.
+- ``select: paired`` is ``guarded`` with the prompt test read the way the toy's page reads a score: a stage
+  loses its prompt only if its per-prompt consistency (``prompt_consistency_by_prompt``) falls below the base's,
+  prompt by prompt on the same samples' seeds and draws, by more than ``PAIRED_SE`` standard errors of that
+  paired mean and by more than the tolerance of the base's. The threshold alone fired on sampling noise at iter0
+  on seed 2 (the base's own consistency moves 0.007 from seed to seed, more than 3.5% of it). Written after
+  seed 2 and planned with its test (round_choice_plan.md, addendum 6); where a row has no per-prompt values it
+  falls back to the threshold.
 - ``select: loss`` (the first rule, fixed before the runs) keeps the stage, among those that keep their
   prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
   kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
@@ -20,7 +27,7 @@ and round_choice.md.
   earlier stage on ties. Written after seeds 0-1; on seed 2 it kept what ``guarded`` kept, so it failed its
   test (round_choice_plan.md, addendum 4) and is not the default.
 - ``select: last`` keeps the last round, as the paper does.
-- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``last``), or, under ``loss``,
+- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``paired``, ``last``), or, under ``loss``,
   also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
 """
 
@@ -34,9 +41,13 @@ from ..runs.layout import RunLayout
 # for no preference's sake (lower guidance; bench/round_score_guard.py -> bench/results/round_score_guard.json:
 # 3.5% per point, least squares over guidance 7.5 / 4 / 2), fixed before any round of the report was read.
 CONSISTENCY_TOLERANCE = 0.035
+# select: paired counts a consistency drop only beyond this many standard errors of its paired mean (a two-sided
+# 5% test; fixed in addendum 6 before seed 3 ran, not fitted to seeds 0-2).
+PAIRED_SE = 2.0
 LOSS = "heldout_dpo_loss"
 ACCURACY = "heldout_accuracy"
 CONSISTENCY = "prompt_consistency"
+BY_PROMPT = "prompt_consistency_by_prompt"
 AGREEMENT = "self_label_agreement"
 
 
@@ -48,18 +59,41 @@ def _base(rows: list[dict]) -> dict | None:
     return next((row for row in rows if row["stage"] == RunLayout.BASE), None)
 
 
-def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE) -> bool:
-    """Whether a stage's samples keep their prompt (see the module docstring); True when either side is unknown."""
+def consistency_drop(row: dict, base: dict | None) -> tuple[float, float, float] | None:
+    """(drop, its SE, the base's mean) of a stage's per-prompt consistency against the base's, paired prompt by
+    prompt; None when either row has no per-prompt values (or they are not for the same prompts)."""
+    ours, theirs = row.get(BY_PROMPT), (base or {}).get(BY_PROMPT)
+    if not isinstance(ours, list) or not isinstance(theirs, list) or len(ours) != len(theirs) or len(ours) < 2:
+        return None
+    drops = [b - a for a, b in zip(ours, theirs)]
+    mean = sum(drops) / len(drops)
+    se = math.sqrt(sum((d - mean) ** 2 for d in drops) / (len(drops) - 1) / len(drops))
+    return mean, se, sum(theirs) / len(theirs)
+
+
+def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE, paired: bool = False) -> bool:
+    """Whether a stage's samples keep their prompt (see the module docstring); True when either side is unknown.
+    ``paired``: the drop must also exceed ``PAIRED_SE`` of its SE (``select: paired``)."""
+    drop = consistency_drop(row, base) if paired else None
+    if drop is not None:
+        mean, se, base_mean = drop
+        return not (mean > PAIRED_SE * se and mean > tolerance * base_mean)
     ours, theirs = row.get(CONSISTENCY), (base or {}).get(CONSISTENCY)
     if not isinstance(ours, float) or not isinstance(theirs, float) or not theirs > 0:
         return True
     return ours >= (1.0 - tolerance) * theirs
 
 
-def unsound(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE) -> str | None:
+def unsound(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE, paired: bool = False) -> str | None:
     """Why a trained stage is not sound (None: it is): it lost its prompt, or its reward no longer ranks the
-    held-out human pairs better than chance."""
-    if not admissible(row, base, tolerance):
+    held-out human pairs better than chance. ``paired``: the prompt test of ``select: paired``."""
+    drop = consistency_drop(row, base) if paired else None
+    if drop is not None and not admissible(row, base, tolerance, paired):
+        return (
+            f"{row['stage']}'s prompt consistency fell {drop[0]:.4f} ± {drop[1]:.4f} (SE) below the base's, prompt by "
+            f"prompt: more than {PAIRED_SE:g} SE and {tolerance:.1%} of the base's {drop[2]:.4f}"
+        )
+    if drop is None and not admissible(row, base, tolerance):
         return (
             f"{row['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
             f"({row[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
@@ -77,6 +111,8 @@ def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CON
     last = rows[-1]
     if rule == "last":
         return {"stage": last["stage"], "rule": rule, "reason": "sail.select: last keeps the last stage"}
+    if rule == "paired":
+        return _guarded(rows, tolerance, paired=True)
     if rule in ("guarded", "agreement"):
         guarded = _guarded(rows, tolerance)
         return guarded if rule == "guarded" else _agreement(rows, guarded)
@@ -97,18 +133,19 @@ def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CON
     return {"stage": best["stage"], "rule": rule, "reason": reason}
 
 
-def _guarded(rows: list[dict], tolerance: float) -> dict:
+def _guarded(rows: list[dict], tolerance: float, paired: bool = False) -> dict:
     base = _base(rows)
     kept, why = RunLayout.BASE if base is not None else rows[0]["stage"], None
     for row in rows:
         if RunLayout.round_of(row["stage"]) < 0:
             continue
-        why = unsound(row, base, tolerance)
+        why = unsound(row, base, tolerance, paired)
         if why:
             break
         kept = row["stage"]
     reason = "the last stage of the unbroken run of sound ones (prompt kept, held-out accuracy above chance)"
-    return {"stage": kept, "rule": "guarded", "reason": reason + (f"; {why}" if why else "")}
+    rule = "paired" if paired else "guarded"
+    return {"stage": kept, "rule": rule, "reason": reason + (f"; {why}" if why else "")}
 
 
 def _agreement(rows: list[dict], guarded: dict) -> dict:
@@ -134,7 +171,7 @@ def stop_reason(
         return None
     last, base = rows[-1], _base(rows)
     if rule != "loss":
-        return unsound(last, base, tolerance)
+        return unsound(last, base, tolerance, paired=rule == "paired")
     scored = _scored(rows)
     if not scored or scored[-1] is not last:
         return None

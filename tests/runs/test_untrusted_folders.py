@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from sail_fast.commands.cli import main
 from sail_fast.dpo.checkpoints import check_deepspeed_files
@@ -142,6 +143,12 @@ def test_reading_a_run_folder_never_runs_the_code_its_config_names(tmp_path, cap
     assert "names code to run" in line and "--trust-code" in line
     line = _refused(["toy", "transfer", str(tmp_path / "experiment"), "--seeds", "0", "--conditions", "sail"], capsys)
     assert "names code to run" in line
+    # `toy consistency` builds the run's base with its code dropped; samples for the wrong prompts are refused.
+    (run / "base").mkdir()
+    (run / "base/eval.json").write_text(json.dumps({"prompt_consistency": 0.1}))
+    save_file({"latents": torch.zeros(1, 2, 4, 16, 16)}, run / "base/eval_samples.safetensors")
+    assert "holds 1 prompts' samples" in _refused(["toy", "consistency", str(run)], capsys)
+    assert not (run / "base/prompt_consistency.json").exists()
     assert not marker.exists()
     assert load_recorded_config(run, code="trust").toy.preference.endswith("taste.py:preference")
 

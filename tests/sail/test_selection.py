@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from sail_fast.runs.config import load_config
 from sail_fast.sail import evaluation
 from sail_fast.sail.loop import SailLoop
-from sail_fast.sail.selection import CONSISTENCY_TOLERANCE, choose_stage, stop_reason
+from sail_fast.sail.selection import CONSISTENCY_TOLERANCE, PAIRED_SE, choose_stage, consistency_drop, stop_reason
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_overrides  # noqa: E402
@@ -102,6 +103,44 @@ def test_guarded_keeps_the_last_sound_stage_and_stops_at_the_first_unsound_one()
     chance = rows([LOG2, 1.4, 2.0, 2.5], accuracy=[0.5, 0.62, 0.5, 0.7])  # round 1 ranks at chance
     assert choose_stage(chance)["stage"] == "iter0" and "no better than chance" in stop_reason(chance[:3], patience=1)
     assert choose_stage(rows([LOG2, 1.4], accuracy=[0.5, 0.48]))["stage"] == "base"
+
+
+def by_prompt(rows_, per_stage):
+    """``rows_`` with per-prompt consistency: ``per_stage[i]`` is stage i's values (prompt order shared)."""
+    for row, values in zip(rows_, per_stage):
+        row["prompt_consistency_by_prompt"] = values
+        row["prompt_consistency"] = sum(values) / len(values)
+    return rows_
+
+
+def test_paired_counts_a_consistency_drop_only_beyond_its_noise_and_the_tolerance():
+    gen = torch.Generator().manual_seed(0)
+    base = (0.16 + 0.03 * torch.randn(100, generator=gen)).tolist()
+    noise = lambda sd: [sd if i % 2 else -sd for i in range(100)]  # noqa: E731  mean 0, SD about sd
+    # iter0 drops 5% of the base's mean on average, but prompt by prompt the drop is noise (SE about 0.006):
+    # the threshold calls it lost, the paired test does not.
+    noisy = [b - 0.008 + e for b, e in zip(base, noise(0.06))]
+    # round-02 drops the same 5% on every prompt alike: far beyond 2 SE and the tolerance.
+    steady = [b - 0.008 + e for b, e in zip(base, noise(0.001))]
+    # round-01 drops 2% on every prompt: beyond 2 SE but within the tolerance.
+    within = [b * 0.98 for b in base]
+    planted = by_prompt(rows([LOG2, 1.4, 2.0, 2.5]), [base, noisy, within, steady])  # base .. round-02
+    drop, se, base_mean = consistency_drop(planted[1], planted[0])
+    assert drop > CONSISTENCY_TOLERANCE * base_mean and drop < PAIRED_SE * se
+    assert choose_stage(planted, "guarded")["stage"] == "base"  # the threshold fires on the noise at iter0
+    chosen = choose_stage(planted, "paired")
+    assert chosen["stage"] == "round-01" and chosen["rule"] == "paired"
+    assert "round-02's prompt consistency fell" in chosen["reason"] and "more than 2 SE" in chosen["reason"]
+    assert stop_reason(planted[:3], patience=1, rule="paired") is None
+    assert "prompt by prompt" in stop_reason(planted, patience=1, rule="paired")
+    # The drop is measured against the base, not the stage before: a stage that only recovers is sound.
+    recovered = planted[0] | {"stage": "round-02", "round": 2, "heldout_accuracy": 0.6}
+    assert choose_stage(planted[:3] + [recovered], "paired")["stage"] == "round-02"
+    # Rows without per-prompt values (runs evaluated before they were recorded): the threshold decides.
+    plain = rows([LOG2, 1.4, 2.0], consistency=[0.16, 0.16 * 0.95, 0.16])
+    assert choose_stage(plain, "paired")["stage"] == choose_stage(plain, "guarded")["stage"] == "base"
+    # Values for a different number of prompts are not paired: the threshold decides there too.
+    assert consistency_drop(planted[1], planted[0] | {"prompt_consistency_by_prompt": base[:50]}) is None
 
 
 def planted_fit(monkeypatch, losses):

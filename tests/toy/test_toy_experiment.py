@@ -142,25 +142,42 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     page = round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines()
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in page if "|" in line}
     assert cell["round-01"][0] == "+0.150 ± 0.000" and cell["round-01"][1] == "-0.100 ± 0.000"
-    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-2] == "1" and cell["round-02"][-2] == ""
-    assert cell["round-02"][-3] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
-    assert cell["round-01"][-1] == "1" and cell["round-01"][-4] == "0.700"  # agreement: the most agreeing sound stage
+    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-3] == "1" and cell["round-02"][-3] == ""
+    assert cell["round-02"][-4] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
+    assert cell["round-01"][-2] == "1" and cell["round-01"][-5] == "0.700"  # agreement: the most agreeing sound stage
+    assert cell["round-02"][-1] == "1"  # paired: no per-prompt values recorded, so guarded's threshold decides
     picks = [line for line in page if line.startswith("| built-in |")]
     assert [c.strip() for c in picks[0].split("|")[2:6]] == ["0", "guarded", "round-02", "2 of 2"]
     assert [c.strip() for c in picks[1].split("|")[2:6]] == ["0", "loss", "round-01", "2 of 2"]
     assert [c.strip() for c in picks[2].split("|")[2:6]] == ["0", "agreement", "round-01", "2 of 2"]
+    assert [c.strip() for c in picks[3].split("|")[2:6]] == ["0", "paired", "round-02", "2 of 2"]
     assert "has not improved on round-01" in picks[1]
     # Each seed's kept stage against the goal: >= DPO-6%, within 1 SE of DPO-100%, accuracy within 1 point.
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][3:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][4:]
     assert goals[0][3:7] == ["round-02", "-0.050 ± 0.000", "-0.300 ± 0.000", "+0.000 ± 0.000"]
     assert goals[0][7:] == ["missed", "missed", "met", "0.200"]  # regret: round 1 scored 0.2 more
     assert goals[1][3:7] == ["round-01", "+0.150 ± 0.000", "-0.100 ± 0.000", "+0.000 ± 0.000"]
     assert goals[1][7:] == ["met", "missed", "met", "0.000"]
     # Each rule over the world-seeds: the parts met, the world-seeds meeting all three, the mean regret.
     assert "| guarded | 1 | 1 of 3 | 0 | 0.200 |" in page and "| agreement | 1 | 2 of 3 | 0 | 0.000 |" in page
+    assert "| paired | 1 | 1 of 3 | 0 | 0.200 |" in page
     # Which run-visible column tracks the judge within the run: Spearman over iter0, round 1, round 2.
     tracked = [c.strip() for c in page[page.index("| mean | | -0.50 | - | - | - | +1.00 |") - 1].split("|")[1:-1]]
     assert tracked == ["built-in", "0", "-0.50", "-", "-", "-", "+1.00"]
+    # Per-prompt consistency measured again by `toy consistency` is read: round-02 lost 5% on every prompt.
+    steady = [0.16, 0.17, 0.15]
+    for stage, values in (
+        ("base", steady),
+        ("iter0", steady),
+        ("round-01", steady),
+        ("round-02", [0.152, 0.1615, 0.1425]),
+    ):
+        (root / "sail" / stage / "prompt_consistency.json").write_text(
+            json.dumps({"prompt_consistency_by_prompt": values})
+        )
+    paired = [line for line in round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines() if "| paired |" in line]
+    assert [c.strip() for c in paired[0].split("|")[2:6]] == ["0", "paired", "round-01", "2 of 2"]
+    assert "round-02's prompt consistency fell 0.0080" in paired[0]
 
     # A lever run every round from the same iter0: its rounds, the sail condition's base and iter0.
     for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.6), ("round-02", 0.7)):
@@ -172,7 +189,7 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert "### built-in (frozen-judge)" in lever
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lever if "|" in line}
     assert cell["iter0"][0] == "-0.150 ± 0.000" and cell["round-02"][0] == "+0.450 ± 0.000"
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][3:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][4:]
     assert goals[0][3:7] == ["round-02", "+0.450 ± 0.000", "+0.200 ± 0.000", "+0.000 ± 0.000"]
     assert goals[0][7:] == ["met", "met", "met", "0.000"]
     assert "| guarded | 1 | 3 of 3 | 1 | 0.000 |" in lever

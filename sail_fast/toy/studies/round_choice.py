@@ -3,7 +3,8 @@
 the stages with their round score (what the run sees) beside the judged score against DPO on the same labels
 and on all of them, the stage ``sail.select`` keeps and where ``sail.early_stop`` ends, both from the recorded
 round score by the loop's own functions, and each seed's kept stage against the goal of issue 33: at least
-DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of the base.
+DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of the base. Runs evaluated before
+eval.json recorded per-prompt consistency are read with what ``sail-fast toy consistency`` measured again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ...runs.layout import RunLayout
 from ...sail.evaluation import metric_rows
 from ...sail.label_quality import within_prompt_spearman
 from ...sail.selection import choose_stage, stop_reason
+from .consistency_backfill import with_backfill
 from .experiment import collect, forget_read_stages
 
 
@@ -27,8 +29,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if not isinstance(value, float) else format(value, fmt)
 
 
-# The default, the first rule, and the candidate written after seeds 0-1 (bench/results/round_choice_plan.md)
-RULES = ("guarded", "loss", "agreement")
+# The default, the first rule, the candidate written after seeds 0-1 and the one after seed 2
+# (bench/results/round_choice_plan.md)
+RULES = ("guarded", "loss", "agreement", "paired")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 GOAL_PARTS = ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")  # goal()'s three flags
 
@@ -72,7 +75,8 @@ def world_section(
     """One world's table (markdown) and its per-seed picks, each with its kept stage against the goal."""
     lines = {(row["condition"], row["stage"]): row for row in collect(out, seeds, rounds, rounds, variant)}
     picks = []
-    recorded = {s: metric_rows(RunLayout(out / f"seed-{s}" / condition), rounds) for s in seeds}  # each read once
+    layouts = {s: RunLayout(out / f"seed-{s}" / condition) for s in seeds}
+    recorded = {s: with_backfill(layout, metric_rows(layout, rounds)) for s, layout in layouts.items()}  # read once
     for seed in seeds:
         alone = {(row["condition"], row["stage"]): row for row in collect(out, [seed], rounds, rounds, variant)}
         judged = {stage: _judged(alone, condition, stage) for stage in RunLayout.stage_names(rounds)}
