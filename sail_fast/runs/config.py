@@ -452,6 +452,9 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 # Refused in a config one writes; a config a run recorded before the rename reads under the new name (run_folder).
 RENAMED = {"sail.reference": "sail.ranking_reference", "sail.round_reference": "sail.training_reference"}
+# Values renamed since: sail.select's first rule (lowest held-out loss) was called auto until guarded became the
+# default. Run folders recorded before are read under the new value (run_folder.current_names).
+RENAMED_VALUES = {"sail.select": {"auto": "loss"}}
 
 
 class ConfigError(ValueError):
@@ -480,6 +483,8 @@ def _explain(error: ValidationError, source: str) -> str:
                 else f"; {section or 'the top level'} has: {', '.join(siblings)}"
             )
             lines.append(f"config key '{key}' does not exist{hint}")
+        elif isinstance(err.get("input"), str) and err["input"] in RENAMED_VALUES.get(key, {}):
+            lines.append(f"{key}: {err['input']!r} was renamed {RENAMED_VALUES[key][err['input']]!r}; use that")
         elif err["loc"] and not isinstance(err.get("input"), dict):
             lines.append(f"{key} = {err.get('input')!r}: {err['msg'].replace('Value error, ', '')}")
         else:

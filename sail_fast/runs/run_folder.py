@@ -272,9 +272,9 @@ class ConfigChangedError(ValueError):
 
 
 def current_names(recorded: dict) -> dict:
-    """A config a run recorded, with keys renamed since (``config.RENAMED``) under their new names, also in
-    ``sail.round_overrides``; values unchanged."""
-    from .config import RENAMED
+    """A config a run recorded, with keys renamed since (``config.RENAMED``) under their new names and values
+    renamed since (``config.RENAMED_VALUES``) under their new values, also in ``sail.round_overrides``."""
+    from .config import RENAMED, RENAMED_VALUES
 
     for old, new in RENAMED.items():
         (section, key), renamed = old.split("."), new.split(".")[1]
@@ -285,6 +285,16 @@ def current_names(recorded: dict) -> dict:
             part["round_overrides"][r] = [
                 new + item[len(old) :] if item.split("=")[0].strip() == old else item for item in items
             ]
+    for name, values in RENAMED_VALUES.items():
+        section, key = name.split(".")
+        part = recorded.get(section) or {}
+        if part.get(key) in values:
+            part[key] = values[part[key]]
+        for r, items in (part.get("round_overrides") or {}).items():
+            for i, item in enumerate(items):
+                left, sep, value = item.partition("=")
+                if sep and left.strip() == name and value.strip() in values:
+                    items[i] = f"{name}={values[value.strip()]}"
     return recorded
 
 

@@ -100,3 +100,15 @@ def test_a_run_recorded_before_the_rename_still_loads_and_resumes(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == old and not list(tmp_path.glob("config.resume-*"))
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         load_recorded_config(tmp_path / "elsewhere", code="refuse")
+
+
+def test_a_run_recorded_when_select_loss_was_called_auto_still_loads(tmp_path):
+    from sail_fast.runs.run_folder import load_recorded_config
+
+    current = load_config(CONFIGS / "toy.yaml", ["sail.select=loss", "sail.round_overrides={2: [sail.select=loss]}"])
+    old = dump_yaml(current.model_dump(mode="json")).replace("select: loss", "select: auto")
+    (tmp_path / "config.yaml").write_text(old.replace("sail.select=loss", "sail.select=auto"))
+    assert "select: auto" in old and load_recorded_config(tmp_path, code="refuse") == current
+    # Written by hand today, the old value is refused with the new one named.
+    with pytest.raises(ValueError, match=r"sail.select: 'auto' was renamed 'loss'; use that"):
+        load_config(CONFIGS / "toy.yaml", ["sail.select=auto"])

@@ -65,10 +65,8 @@ def backfill_consistency(run: str | Path, log=print) -> list[str]:
             f"{run}: {', '.join(missing)} kept no evaluation samples (eval_samples.safetensors), so their per-prompt "
             "consistency cannot be measured again; evaluate those stages again instead"
         )
-    # The run's own config and base; its code (toy.preference) is dropped: only the base and the prompts are
-    # used. Runs recorded while the rule was still called `auto` load under the current default name.
-    overrides = [f"output_dir={layout.root}", "sail.select=guarded"]
-    loop = SailLoop(load_recorded_config(layout.root, overrides, code="drop"), log=log)
+    # The run's own config and base; its code (toy.preference) is dropped: only the base and the prompts are used.
+    loop = SailLoop(load_recorded_config(layout.root, [f"output_dir={layout.root}"], code="drop"), log=log)
     ctx = loop.ctx
     prompts = ctx.world.eval_prompts()
     for stage in todo:
