@@ -122,7 +122,9 @@ def run_step(step: dict, out: Path, has_cuda: bool) -> dict:
     record = {"name": step["name"], "command": " ".join(map(str, step["cmd"]))}
     if step["needs_cuda"] and not has_cuda:
         return record | {"status": "skipped", "why": "no CUDA device"}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Each step is a session of its own: a pytest-xdist worker's variables would make a nested pytest think it
+    # is a worker too (pytest-benchmark then disables itself, and --benchmark-only refuses to run).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"HF_HUB_OFFLINE": "1"}
     env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
     log = out / f"step-{step['index']:02d}.log"
     started = time.perf_counter()
