@@ -27,8 +27,8 @@ and round_choice.md.
   earlier stage on ties. Written after seeds 0-1; on seed 2 it kept what ``guarded`` kept, so it failed its
   test (round_choice_plan.md, addendum 4) and is not the default.
 - ``select: last`` keeps the last round, as the paper does.
-- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``paired``, ``last``), or, under ``loss``,
-  also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
+- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``paired``, ``last``), or, under
+  ``loss``, also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def consistency_drop(row: dict, base: dict | None) -> tuple[float, float, float]
     ours, theirs = row.get(BY_PROMPT), (base or {}).get(BY_PROMPT)
     if not isinstance(ours, list) or not isinstance(theirs, list) or len(ours) != len(theirs) or len(ours) < 2:
         return None
+    for name, values in ((row["stage"], ours), (RunLayout.BASE, theirs)):
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"{name}: {BY_PROMPT} must hold finite numbers; evaluate that stage again")
     drops = [b - a for a, b in zip(ours, theirs)]
     mean = sum(drops) / len(drops)
     se = math.sqrt(sum((d - mean) ** 2 for d in drops) / (len(drops) - 1) / len(drops))

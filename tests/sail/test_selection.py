@@ -141,6 +141,8 @@ def test_paired_counts_a_consistency_drop_only_beyond_its_noise_and_the_toleranc
     assert choose_stage(plain, "paired")["stage"] == choose_stage(plain, "guarded")["stage"] == "base"
     # Values for a different number of prompts are not paired: the threshold decides there too.
     assert consistency_drop(planted[1], planted[0] | {"prompt_consistency_by_prompt": base[:50]}) is None
+    with pytest.raises(ValueError, match="iter0: prompt_consistency_by_prompt must hold finite numbers"):
+        consistency_drop(planted[1] | {"prompt_consistency_by_prompt": ["x"] * 100}, planted[0])
 
 
 def planted_fit(monkeypatch, losses):
