@@ -132,8 +132,9 @@ def run_step(step: dict, out: Path, has_cuda: bool) -> dict:
         done = subprocess.run(step["cmd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=step["timeout"])
         status, text = ("passed" if done.returncode == 0 else "failed"), done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
-        status, text = "timed out", f"{err.stdout or ''}{err.stderr or ''}"
-        text = text.decode() if isinstance(text, bytes) else text
+        # A timeout hands back bytes even under text=True: decode each part before joining them.
+        parts = (err.stdout or "", err.stderr or "")
+        status, text = "timed out", "".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in parts)
     log.write_text(text)
     record |= {
         "status": status,
