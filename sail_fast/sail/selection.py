@@ -15,9 +15,10 @@ and round_choice.md.
   loses its prompt only if its per-prompt consistency (``prompt_consistency_by_prompt``) falls below the base's,
   prompt by prompt on the same samples' seeds and draws, by more than ``PAIRED_SE`` standard errors of that
   paired mean and by more than the tolerance of the base's. The threshold alone fired on sampling noise at iter0
-  on seed 2 (the base's own consistency moves 0.007 from seed to seed, more than 3.5% of it). Written after
-  seed 2 and planned with its test (round_choice_plan.md, addendum 6); where a row has no per-prompt values it
-  falls back to the threshold.
+  on seed 2, it seemed (the base's own consistency moves 0.007 from seed to seed, more than 3.5% of it). Written
+  after seed 2 and tested on seed 3 (round_choice_plan.md, addenda 6-8): the paired drops are precise, the
+  ones that stopped seed 2 were real, and it kept the base in all three worlds, so it is not the default.
+  Where a row has no per-prompt values it falls back to the threshold.
 - ``select: loss`` (the first rule, fixed before the runs) keeps the stage, among those that keep their
   prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
   kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
