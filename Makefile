@@ -52,8 +52,10 @@ run: install
 
 # importlib import mode (pyproject.toml) keeps the repository root off sys.path; kernels/
 # hands the top-level name `kernels` to the Hugging Face package even where the root is on it.
+# -n: tests run in parallel workers (pytest-xdist), one per core up to 4; worksteal keeps the minute-long
+# tests from queueing behind one worker.
 test: install lint
-	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider --durations=15
+	HF_HUB_OFFLINE=1 pytest -p no:cacheprovider -n auto --maxprocesses 4 --dist worksteal --durations=15
 
 # The unit tier: everything but the whole-run tests (tests/outcomes/) and the tests marked slow.
 test-fast: install

@@ -20,6 +20,13 @@ if not torch.cuda.is_available():
     # Without a GPU the Triton kernels still run, in Triton's CPU interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest -n (pytest-xdist: make test) the workers share the cores, so each takes its share of torch's
+# threads, and the commands the tests launch inherit the same share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 # With --import-mode=importlib the test folders are not on sys.path; tests import each other's builders by
 # module name (test file names are unique across folders), and helpers/ holds the shared tiny-weight makers.
 HERE = Path(__file__).resolve().parent

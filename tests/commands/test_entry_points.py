@@ -15,6 +15,7 @@ from sail_fast.diffusion.build import build_stack
 from sail_fast.runs.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port  # noqa: E402
 from test_train import TINY, planted_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ ENTRY_POINTS = {
         "--num_accelerators",
         "1",
         "--master_port",
-        "29531",
+        str(free_port()),
         "sail_fast/train.py",
     ],
 }

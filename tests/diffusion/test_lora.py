@@ -37,6 +37,7 @@ from sail_fast.runs.config import LoraSettings, load_config
 from sail_fast.sail.loop import SailLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port  # noqa: E402
 from test_loop import make_overrides  # noqa: E402
 from test_train import TINY, planted_pairs  # noqa: E402
 
@@ -305,7 +306,7 @@ def test_lora_under_deepspeed_zero2_two_ranks_agrees_across_ranks_and_saves_the_
     stack = build_stack(load_config(TINY).model, seed=0)
     planted_pairs(stack, 64, 0).save(tmp_path / "pairs.safetensors")
     out = tmp_path / "ds"
-    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", "29511"]
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", str(free_port())]
     args = [
         f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]",
         f"output_dir={out}",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from ports import free_port  # noqa: E402
 from safetensors.torch import load_file
 
 from sail_fast.data.latent_pairs import LatentPairs
@@ -194,7 +195,7 @@ def test_deepspeed_zero_two_ranks(tmp_path, stage):
         "--num_accelerators",
         "2",
         "--master_port",
-        str(29500 + stage),
+        str(free_port()),
     ]
     args = [
         f"data.seed_pairs=[{tmp_path / 'pairs.safetensors'}]",

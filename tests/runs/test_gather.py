@@ -2,7 +2,6 @@
 without going through pickling; a LatentPairs arrives field by field; mismatched shapes are a clear error."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port  # noqa: E402
 from two_rank_gather import rank_pairs  # noqa: E402
 
 WORKER = Path(__file__).parent / "two_rank_gather.py"
@@ -19,9 +19,7 @@ WORKER = Path(__file__).parent / "two_rank_gather.py"
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gather")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(

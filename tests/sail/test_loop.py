@@ -19,6 +19,7 @@ from sail_fast.sail.evaluation import sample_diversity
 from sail_fast.sail.loop import SailLoop
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ports import free_port  # noqa: E402
 from test_train import TINY, planted_pairs  # noqa: E402
 
 
@@ -166,7 +167,7 @@ def test_two_ranks_deal_the_prompts_and_gather_the_same_pairs(tmp_path):
         "sail.prompts_per_round=5",
     )
     SailLoop(load_config(TINY, overrides)).run()
-    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", "29511"]
+    launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", str(free_port())]
     script = Path(__file__).resolve().parents[2] / "sail_fast" / "train.py"
     args = [a for kv in overrides + [f"output_dir={tmp_path / 'ds'}"] for a in ("--set", kv)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
