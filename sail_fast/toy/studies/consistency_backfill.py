@@ -52,10 +52,11 @@ def backfill_consistency(run: str | Path, log=print) -> list[str]:
     from ...sail.loop import SailLoop
 
     layout = RunLayout(run)
+    records = {stage: read_json_file(layout.eval_json(stage)) for stage in layout.evaluated_stages()}
     todo = [
         stage
-        for stage in layout.evaluated_stages()
-        if BY_PROMPT not in read_json_file(layout.eval_json(stage)) and not backfilled_path(layout, stage).exists()
+        for stage, record in records.items()
+        if BY_PROMPT not in record and not backfilled_path(layout, stage).exists()
     ]
     if not todo:
         return []
@@ -76,7 +77,7 @@ def backfill_consistency(run: str | Path, log=print) -> list[str]:
                 f"{layout.eval_samples(stage)} holds {latents.shape[0]} prompts' samples, not {len(prompts)}"
             )
         values = prompt_consistency(ctx.stack, ctx.base, latents, prompts, seed=ctx.seed, batch=ctx.sail.scoring_batch)
-        recorded = read_json_file(layout.eval_json(stage)).get(CONSISTENCY)
+        recorded = records[stage].get(CONSISTENCY)
         if not isinstance(recorded, float) or abs(values[CONSISTENCY] - recorded) > MATCH * max(1.0, abs(recorded)):
             raise ValueError(
                 f"{layout.root}/{stage}: measured again, prompt consistency is {values[CONSISTENCY]:.6f} against the "
