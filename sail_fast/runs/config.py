@@ -233,8 +233,10 @@ class SailConfig(Section):
     # last of the unbroken run of sound stages (prompt kept, held-out accuracy above chance); loss, the lowest
     # held-out DPO loss against the base; agreement, within guarded's sound run the stage whose reward best agrees
     # with the held-out human pairs (tested on seed 2: no better than guarded); paired, guarded with the prompt test
-    # as a paired drop beyond 2 SE (tested on seed 3: no better than guarded); last, the last round (the paper's).
-    select: Literal["guarded", "paired", "loss", "agreement", "last"] = "guarded"
+    # as a paired drop beyond 2 SE (tested on seed 3: no better than guarded); tested, guarded with the prompt test
+    # on the base's prompt choice paired by prompt and the held-out test against chance at 2 SE (addendum 9, under
+    # test); last, the last round (the paper's).
+    select: Literal["guarded", "paired", "tested", "loss", "agreement", "last"] = "guarded"
     # End the rounds after a round that is not sound (select: loss, also after `patience` rounds without a lower
     # held-out loss). Needs every round evaluated (off with eval_each_round: false).
     early_stop: bool = True

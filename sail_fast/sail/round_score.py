@@ -8,7 +8,8 @@ out, the base model, the stage's policy and samples), never a judge. ``sail.sele
   predicts the held-out labels better than chance. It is the validation loss of the reward the policy has
   become: it falls while the policy moves the way the labels point, and rises once the move is larger than
   the labels support (the wrong-side pairs cost in proportion to the reward's size), as on overshoot.
-- ``heldout_accuracy``: the share of those pairs whose winner gets the higher reward (same draws).
+- ``heldout_accuracy``: the share of those pairs whose winner gets the higher reward (same draws), of
+  ``heldout_pairs`` pairs (``select: tested`` tests it against chance at that count).
 - ``heldout_drift``: the policy's denoising error on the held-out images (winners and losers) at the same
   draws, relative to the base's (0 at the base): it rises when the policy leaves the images people label.
 - ``prompt_consistency``: the base UNet as a zero-shot judge of whether the stage's evaluation samples
@@ -16,7 +17,9 @@ out, the base model, the stage's policy and samples), never a judge. ``sail.sele
   relative to under its own (``mean other / mean own - 1``, every condition on the same draws). It falls
   when samples drift off their prompt (the toy's wrong digit; on Stable Diffusion, prompt fidelity).
 - ``prompt_choice_accuracy``: the share of samples whose own prompt gives the base its lowest error of
-  the ``1 + OTHER_PROMPTS``.
+  the ``1 + OTHER_PROMPTS``. It compares the prompts' errors sample by sample, so a change that raises the
+  base's error under every prompt alike (a new style) leaves it alone, where it lowers the ratio above.
+- ``prompt_choice_by_prompt``: that share per evaluation prompt (``select: tested`` pairs it with the base's).
 - ``prompt_consistency_by_prompt``: the same ratio per evaluation prompt, in the prompts' order. Every stage
   samples the same prompts from the same seeds and is denoised on the same draws, so a stage's values pair
   with the base's prompt by prompt (``select: paired`` tests the drop against its SE).
@@ -48,6 +51,8 @@ SCORE_KEYS = (
     "prompt_consistency",
     "prompt_choice_accuracy",
     "prompt_consistency_by_prompt",
+    "prompt_choice_by_prompt",
+    "heldout_pairs",
 )
 
 
@@ -55,7 +60,9 @@ SCORE_KEYS = (
 def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, seed: int, micro_batch: int) -> dict:
     """``heldout_dpo_loss``, ``heldout_accuracy`` and ``heldout_drift`` of ``policy`` (module docstring)."""
     if policy is base:  # the reward is 0 on every pair: the loss is log 2, the drift 0
-        return {"heldout_dpo_loss": math.log(2.0), "heldout_accuracy": 0.5, "heldout_drift": 0.0}
+        return {"heldout_dpo_loss": math.log(2.0), "heldout_accuracy": 0.5, "heldout_drift": 0.0} | {
+            "heldout_pairs": len(pairs)
+        }
     scorer = ImplicitRewardScorer(
         policy, base, scheduler, beta=beta, num_draws=HELDOUT_DRAWS, micro_batch=micro_batch, estimator="mean"
     )
@@ -67,6 +74,7 @@ def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, see
         "heldout_dpo_loss": float(-F.logsigmoid(margin).mean()),
         "heldout_accuracy": float((margin > 0).double().mean()),
         "heldout_drift": float(mse_policy.mean() / mse_ref.mean() - 1.0),
+        "heldout_pairs": len(margin),
     }
 
 
@@ -115,8 +123,10 @@ def prompt_consistency(
     errors = errors.view(len(samples), conditions.shape[1], CONSISTENCY_DRAWS).mean(-1)  # [P * n, 1 + O]
     own, other = errors[:, 0], errors[:, 1:]
     own_p, other_p = own.view(num_prompts, n).mean(1), other.reshape(num_prompts, -1).mean(1)
+    chose_own = (own < other.min(1).values).double()  # [P * n]
     return {
         "prompt_consistency": float(other.mean() / own.mean() - 1.0),
-        "prompt_choice_accuracy": float((own < other.min(1).values).double().mean()),
+        "prompt_choice_accuracy": float(chose_own.mean()),
         "prompt_consistency_by_prompt": (other_p / own_p - 1.0).tolist(),
+        "prompt_choice_by_prompt": chose_own.view(num_prompts, n).mean(1).tolist(),
     }

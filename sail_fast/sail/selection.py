@@ -19,6 +19,15 @@ and round_choice.md.
   after seed 2 and tested on seed 3 (round_choice_plan.md, addenda 6-8): the paired drops are precise, the
   ones that stopped seed 2 were real, and it kept the base in all three worlds, so it is not the default.
   Where a row has no per-prompt values it falls back to the threshold.
+- ``select: tested`` is ``guarded`` with both guards tested against their noise (round_choice_plan.md,
+  addendum 9, written before any run was read under it). The prompt guard reads the base's prompt choice
+  (``prompt_choice_by_prompt``: the share of each prompt's samples whose own prompt gives the base its lowest
+  error), paired prompt by prompt with the base's; a stage loses its prompt only if the drop exceeds
+  ``PAIRED_SE`` standard errors and ``CHOICE_TOLERANCE``. A common rise of the base's error under every
+  prompt (a new style) lowers the consistency ratio but not the choice. The held-out guard fails a stage only
+  if its held-out accuracy is below chance by more than ``PAIRED_SE`` of chance's standard error over the
+  ``heldout_pairs`` it was measured on. Rows without per-prompt choices fall back to an unpaired drop of
+  ``CHOICE_TOLERANCE`` in ``prompt_choice_accuracy``; rows without the pair count, to ``guarded``'s 0.5.
 - ``select: loss`` (the first rule, fixed before the runs) keeps the stage, among those that keep their
   prompt, with the lowest held-out DPO loss against the base; the base (log 2) is a candidate. On the toy it
   kept the base everywhere: at beta 5000 the implicit reward's margins on the held-out pairs are several times
@@ -28,7 +37,8 @@ and round_choice.md.
   earlier stage on ties. Written after seeds 0-1; on seed 2 it kept what ``guarded`` kept, so it failed its
   test (round_choice_plan.md, addendum 4) and is not the default.
 - ``select: last`` keeps the last round, as the paper does.
-- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``paired``, ``last``), or, under
+- ``early_stop`` ends the rounds after a round that is not sound (``guarded``, ``paired``, ``tested``, ``last``;
+  each with its own tests), or, under
   ``loss``, also once ``sail.patience`` rounds in a row have not lowered the best held-out loss.
 """
 
@@ -45,10 +55,17 @@ CONSISTENCY_TOLERANCE = 0.035
 # select: paired counts a consistency drop only beyond this many standard errors of its paired mean (a two-sided
 # 5% test; fixed in addendum 6 before seed 3 ran, not fitted to seeds 0-2).
 PAIRED_SE = 2.0
+# select: tested's prompt guard: the drop in the base's prompt choice accuracy (a share, absolute) that one point of
+# digit accuracy costs under the same guidance intervention: 1.99 points per point, least squares through the
+# origin over guidance 7.5 / 4 / 2 (round_score_guard.json; fixed in addendum 9 before any run was read with it).
+CHOICE_TOLERANCE = 0.020
 LOSS = "heldout_dpo_loss"
 ACCURACY = "heldout_accuracy"
 CONSISTENCY = "prompt_consistency"
 BY_PROMPT = "prompt_consistency_by_prompt"
+CHOICE = "prompt_choice_accuracy"
+CHOICE_BY_PROMPT = "prompt_choice_by_prompt"
+HELDOUT_PAIRS = "heldout_pairs"
 AGREEMENT = "self_label_agreement"
 
 
@@ -60,24 +77,29 @@ def _base(rows: list[dict]) -> dict | None:
     return next((row for row in rows if row["stage"] == RunLayout.BASE), None)
 
 
-def consistency_drop(row: dict, base: dict | None) -> tuple[float, float, float] | None:
-    """(drop, its SE, the base's mean) of a stage's per-prompt consistency against the base's, paired prompt by
+def paired_drop(row: dict, base: dict | None, key: str = BY_PROMPT) -> tuple[float, float, float] | None:
+    """(drop, its SE, the base's mean) of a stage's per-prompt values ``key`` against the base's, paired prompt by
     prompt; None when either row has no per-prompt values (or they are not for the same prompts)."""
-    ours, theirs = row.get(BY_PROMPT), (base or {}).get(BY_PROMPT)
+    ours, theirs = row.get(key), (base or {}).get(key)
     if not isinstance(ours, list) or not isinstance(theirs, list) or len(ours) != len(theirs) or len(ours) < 2:
         return None
     for name, values in ((row["stage"], ours), (RunLayout.BASE, theirs)):
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError(f"{name}: {BY_PROMPT} must hold finite numbers; evaluate that stage again")
+            raise ValueError(f"{name}: {key} must hold finite numbers; evaluate that stage again")
     drops = [b - a for a, b in zip(ours, theirs)]
     mean = sum(drops) / len(drops)
     se = math.sqrt(sum((d - mean) ** 2 for d in drops) / (len(drops) - 1) / len(drops))
     return mean, se, sum(theirs) / len(theirs)
 
 
+def consistency_drop(row: dict, base: dict | None) -> tuple[float, float, float] | None:
+    """``paired_drop`` of the per-prompt consistency (``select: paired``)."""
+    return paired_drop(row, base, BY_PROMPT)
+
+
 def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE, paired: bool = False) -> bool:
-    """Whether a stage's samples keep their prompt (see the module docstring); True when either side is unknown.
-    ``paired``: the drop must also exceed ``PAIRED_SE`` of its SE (``select: paired``)."""
+    """Whether a stage's samples keep their prompt by the consistency ratio (``guarded``, ``loss``; ``paired``: the
+    drop must also exceed ``PAIRED_SE`` of its SE); True when either side is unknown."""
     drop = consistency_drop(row, base) if paired else None
     if drop is not None:
         mean, se, base_mean = drop
@@ -88,23 +110,62 @@ def admissible(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLE
     return ours >= (1.0 - tolerance) * theirs
 
 
-def unsound(row: dict, base: dict | None, tolerance: float = CONSISTENCY_TOLERANCE, paired: bool = False) -> str | None:
-    """Why a trained stage is not sound (None: it is): it lost its prompt, or its reward no longer ranks the
-    held-out human pairs better than chance. ``paired``: the prompt test of ``select: paired``."""
+def lost_prompt(row: dict, base: dict | None, rule: str, tolerance: float = CONSISTENCY_TOLERANCE) -> str | None:
+    """Why a stage's samples no longer show their prompt under ``rule``'s prompt test (None: they do)."""
+    if rule == "tested":
+        drop = paired_drop(row, base, CHOICE_BY_PROMPT)
+        if drop is not None:
+            mean, se, _ = drop
+            if mean > PAIRED_SE * se and mean > CHOICE_TOLERANCE:
+                return (
+                    f"{row['stage']}'s prompt choice accuracy fell {mean:.3f} ± {se:.3f} (SE) below the base's, "
+                    f"prompt by prompt: more than {PAIRED_SE:g} SE and {CHOICE_TOLERANCE:.3f}"
+                )
+            return None
+        ours, theirs = row.get(CHOICE), (base or {}).get(CHOICE)
+        if isinstance(ours, float) and isinstance(theirs, float) and theirs - ours > CHOICE_TOLERANCE:
+            return f"{row['stage']}'s prompt choice accuracy fell more than {CHOICE_TOLERANCE:.3f} ({ours:.3f} against {theirs:.3f})"
+        return None
+    paired = rule == "paired"
     drop = consistency_drop(row, base) if paired else None
-    if drop is not None and not admissible(row, base, tolerance, paired):
+    if admissible(row, base, tolerance, paired):
+        return None
+    if drop is not None:
         return (
             f"{row['stage']}'s prompt consistency fell {drop[0]:.4f} ± {drop[1]:.4f} (SE) below the base's, prompt by "
             f"prompt: more than {PAIRED_SE:g} SE and {tolerance:.1%} of the base's {drop[2]:.4f}"
         )
-    if drop is None and not admissible(row, base, tolerance):
-        return (
-            f"{row['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
-            f"({row[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
-        )
-    accuracy = row.get(ACCURACY)
-    if isinstance(accuracy, float) and not accuracy > 0.5:
+    return (
+        f"{row['stage']} kept less than {1 - tolerance:.1%} of the base's prompt consistency "
+        f"({row[CONSISTENCY]:.4f} against {base[CONSISTENCY]:.4f})"
+    )
+
+
+def chance_floor(row: dict, rule: str) -> float:
+    """The held-out accuracy a sound stage must exceed: 0.5, or under ``tested`` chance less ``PAIRED_SE`` of
+    chance's standard error over the row's ``heldout_pairs`` (0.5 where the count is not recorded)."""
+    pairs = row.get(HELDOUT_PAIRS)
+    if rule != "tested" or not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
+        return 0.5
+    return 0.5 - PAIRED_SE * 0.5 / math.sqrt(pairs)
+
+
+def unsound(
+    row: dict, base: dict | None, rule: str = "guarded", tolerance: float = CONSISTENCY_TOLERANCE
+) -> str | None:
+    """Why a trained stage is not sound under ``rule`` (None: it is): it lost its prompt, or its reward no longer
+    ranks the held-out human pairs better than chance."""
+    why = lost_prompt(row, base, rule, tolerance)
+    if why:
+        return why
+    accuracy, floor = row.get(ACCURACY), chance_floor(row, rule)
+    if isinstance(accuracy, float) and floor == 0.5 and not accuracy > 0.5:
         return f"{row['stage']} ranks the held-out human pairs no better than chance (accuracy {accuracy:.3f})"
+    if isinstance(accuracy, float) and accuracy < floor:
+        return (
+            f"{row['stage']} ranks the held-out human pairs worse than chance (accuracy {accuracy:.3f}, below "
+            f"{floor:.3f}: {PAIRED_SE:g} SE under 0.5 at {row[HELDOUT_PAIRS]} pairs)"
+        )
     return None
 
 
@@ -115,8 +176,8 @@ def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CON
     last = rows[-1]
     if rule == "last":
         return {"stage": last["stage"], "rule": rule, "reason": "sail.select: last keeps the last stage"}
-    if rule == "paired":
-        return _guarded(rows, tolerance, paired=True)
+    if rule in ("paired", "tested"):
+        return _guarded(rows, tolerance, rule)
     if rule in ("guarded", "agreement"):
         guarded = _guarded(rows, tolerance)
         return guarded if rule == "guarded" else _agreement(rows, guarded)
@@ -137,18 +198,17 @@ def choose_stage(rows: list[dict], rule: str = "guarded", tolerance: float = CON
     return {"stage": best["stage"], "rule": rule, "reason": reason}
 
 
-def _guarded(rows: list[dict], tolerance: float, paired: bool = False) -> dict:
+def _guarded(rows: list[dict], tolerance: float, rule: str = "guarded") -> dict:
     base = _base(rows)
     kept, why = RunLayout.BASE if base is not None else rows[0]["stage"], None
     for row in rows:
         if RunLayout.round_of(row["stage"]) < 0:
             continue
-        why = unsound(row, base, tolerance, paired)
+        why = unsound(row, base, rule, tolerance)
         if why:
             break
         kept = row["stage"]
     reason = "the last stage of the unbroken run of sound ones (prompt kept, held-out accuracy above chance)"
-    rule = "paired" if paired else "guarded"
     return {"stage": kept, "rule": rule, "reason": reason + (f"; {why}" if why else "")}
 
 
@@ -175,12 +235,12 @@ def stop_reason(
         return None
     last, base = rows[-1], _base(rows)
     if rule != "loss":
-        return unsound(last, base, tolerance, paired=rule == "paired")
+        return unsound(last, base, rule, tolerance)
     scored = _scored(rows)
     if not scored or scored[-1] is not last:
         return None
     if not admissible(last, base, tolerance):
-        return unsound(last, base, tolerance)
+        return unsound(last, base, "guarded", tolerance)
     best = min(scored, key=lambda row: row[LOSS])
     since = RunLayout.round_of(last["stage"]) - RunLayout.round_of(best["stage"])
     if since >= patience:

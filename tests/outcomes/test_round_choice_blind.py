@@ -13,7 +13,7 @@ from sail_fast.runs.layout import RunLayout
 from sail_fast.sail.evaluation import metric_rows
 from sail_fast.sail.loop import SailLoop
 from sail_fast.sail.round_score import SCORE_KEYS
-from sail_fast.sail.selection import BY_PROMPT
+from sail_fast.sail.selection import BY_PROMPT, CHOICE_BY_PROMPT, HELDOUT_PAIRS
 from sail_fast.toy.run import ToyWorld
 from sail_fast.toy.studies.consistency_backfill import backfill_consistency, with_backfill
 
@@ -44,17 +44,24 @@ def test_the_kept_stage_and_the_round_score_do_not_depend_on_the_judge(tmp_path,
     chosen = [json.loads((run / "chosen.json").read_text()) for run in (seen, blind)]
     assert chosen[0] == chosen[1]
 
-    # A run evaluated before eval.json held per-prompt consistency: `toy consistency` measures it again from the
-    # stored samples and the base, and gets the values the evaluation recorded; a second call writes nothing.
+    # A run evaluated before eval.json held the per-prompt scores and the held-out pair count: `toy consistency`
+    # measures them again from the stored samples and the base, and gets the values the evaluation recorded; a
+    # second call writes nothing.
     older = RunLayout(tmp_path / "older")
     shutil.copytree(seen, older.root)
     recorded = {}
     for stage in older.evaluated_stages():
         record = json.loads(older.eval_json(stage).read_text())
-        recorded[stage] = record.pop(BY_PROMPT)
+        recorded[stage] = {key: record.pop(key) for key in (BY_PROMPT, CHOICE_BY_PROMPT, HELDOUT_PAIRS)}
         older.eval_json(stage).write_text(json.dumps(record))
-    assert len(recorded) >= 3 and all(len(v) == len(recorded["base"]) > 1 for v in recorded.values())
+    assert len(recorded) >= 3 and all(
+        len(v[BY_PROMPT]) == len(recorded["base"][BY_PROMPT]) > 1 for v in recorded.values()
+    )
     assert backfill_consistency(older.root) == list(recorded) and backfill_consistency(older.root) == []
     rows = with_backfill(older, metric_rows(older, rounds=8))
     assert [row["stage"] for row in rows] == list(recorded)
-    assert all(row[BY_PROMPT] == pytest.approx(recorded[row["stage"]], abs=1e-9) for row in rows)
+    for row in rows:
+        want = recorded[row["stage"]]
+        assert row[BY_PROMPT] == pytest.approx(want[BY_PROMPT], abs=1e-9)
+        assert row[CHOICE_BY_PROMPT] == want[CHOICE_BY_PROMPT]  # shares of the same samples: exact
+        assert row[HELDOUT_PAIRS] == want[HELDOUT_PAIRS] > 0

@@ -14,7 +14,15 @@ from safetensors.torch import load_file
 from sail_fast.runs.config import load_config
 from sail_fast.sail import evaluation
 from sail_fast.sail.loop import SailLoop
-from sail_fast.sail.selection import CONSISTENCY_TOLERANCE, PAIRED_SE, choose_stage, consistency_drop, stop_reason
+from sail_fast.sail.selection import (
+    CHOICE_TOLERANCE,
+    CONSISTENCY_TOLERANCE,
+    PAIRED_SE,
+    choose_stage,
+    consistency_drop,
+    paired_drop,
+    stop_reason,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import make_overrides  # noqa: E402
@@ -143,6 +151,49 @@ def test_paired_counts_a_consistency_drop_only_beyond_its_noise_and_the_toleranc
     assert consistency_drop(planted[1], planted[0] | {"prompt_consistency_by_prompt": base[:50]}) is None
     with pytest.raises(ValueError, match="iter0: prompt_consistency_by_prompt must hold finite numbers"):
         consistency_drop(planted[1] | {"prompt_consistency_by_prompt": ["x"] * 100}, planted[0])
+
+
+def with_choice(rows_, per_stage, pairs=100):
+    """``rows_`` with per-prompt prompt choice (each prompt's share of 10 samples) and the held-out pair count."""
+    for row, values in zip(rows_, per_stage):
+        row |= {"prompt_choice_by_prompt": values, "prompt_choice_accuracy": sum(values) / len(values)}
+        row["heldout_pairs"] = pairs
+    return rows_
+
+
+def test_tested_reads_the_prompt_choice_paired_and_the_held_out_accuracy_against_its_noise():
+    base = [0.9 if i % 3 else 0.8 for i in range(100)]  # shares of 10 samples per prompt
+    flip = lambda k: [b - (0.1 if i % k == 0 else 0.0) for i, b in enumerate(base)]  # noqa: E731 one sample in 1/k prompts
+    # A new style lowers the consistency ratio by 10% (guarded loses the prompt at iter0), but every sample still
+    # picks its own prompt; round-01 loses one sample in every tenth prompt (0.010: beyond 2 SE, within the
+    # tolerance); round-02 one in every second prompt (0.050: beyond both).
+    planted = rows([LOG2, 1.4, 2.0, 2.5], consistency=[0.16, 0.144, 0.144, 0.144])
+    planted = with_choice(planted, [base, base, flip(10), flip(2)])
+    drop, se, _ = paired_drop(planted[2], planted[0], "prompt_choice_by_prompt")
+    assert drop == pytest.approx(0.010) and PAIRED_SE * se < drop < CHOICE_TOLERANCE
+    assert choose_stage(planted, "guarded")["stage"] == "base"
+    chosen = choose_stage(planted, "tested")
+    assert chosen["stage"] == "round-01" and chosen["rule"] == "tested"
+    assert "round-02's prompt choice accuracy fell 0.050" in chosen["reason"]
+    assert stop_reason(planted[:3], patience=1, rule="tested") is None
+    assert "prompt choice" in stop_reason(planted, patience=1, rule="tested")
+
+    # Held-out accuracy: 0.45 on 100 pairs is chance (the floor is 0.5 - 2 x 0.05 = 0.40); 0.38 is not.
+    chance = with_choice(rows([LOG2, 1.4, 2.0, 2.5], accuracy=[0.5, 0.45, 0.6, 0.38]), [base] * 4)
+    assert choose_stage(chance, "guarded")["stage"] == "base"
+    chosen = choose_stage(chance, "tested")
+    assert chosen["stage"] == "round-01" and "below 0.400: 2 SE under 0.5 at 100 pairs" in chosen["reason"]
+    # More pairs, a narrower band: at 400 pairs the floor is 0.45, and 0.44 fails.
+    assert (
+        choose_stage(with_choice(rows([LOG2, 1.4], accuracy=[0.5, 0.44]), [base] * 2, 400), "tested")["stage"] == "base"
+    )
+    # Rows without the per-prompt choices fall back to an unpaired drop; without the pair count, to 0.5.
+    bare = [{k: v for k, v in row.items() if k not in ("prompt_choice_by_prompt", "heldout_pairs")} for row in planted]
+    assert choose_stage(bare, "tested")["stage"] == "round-01"
+    assert (
+        choose_stage([{k: v for k, v in r.items() if k != "heldout_pairs"} for r in chance], "tested")["stage"]
+        == "base"
+    )
 
 
 def planted_fit(monkeypatch, losses):

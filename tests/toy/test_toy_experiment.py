@@ -122,7 +122,7 @@ def test_conditions_share_the_seed_data_and_iter0(tmp_path):
 
 
 def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends(tmp_path):
-    from sail_fast.toy.studies.round_choice import round_choice
+    from sail_fast.toy.studies.round_choice import RULES, round_choice
 
     gen = torch.Generator().manual_seed(0)
     root = tmp_path / "seed-0"
@@ -142,18 +142,27 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     page = round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines()
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in page if "|" in line}
     assert cell["round-01"][0] == "+0.150 ± 0.000" and cell["round-01"][1] == "-0.100 ± 0.000"
-    assert cell["round-01"][3] == "0.5800" and cell["round-01"][-3] == "1" and cell["round-02"][-3] == ""
-    assert cell["round-02"][-4] == "1"  # guarded: nothing unsound, the last round (no held-out accuracy recorded)
-    assert cell["round-01"][-2] == "1" and cell["round-01"][-5] == "0.700"  # agreement: the most agreeing sound stage
-    assert cell["round-02"][-1] == "1"  # paired: no per-prompt values recorded, so guarded's threshold decides
+    kept = lambda stage, rule: cell[stage][len(cell[stage]) - len(RULES) + RULES.index(rule)]  # noqa: E731
+    assert cell["round-01"][3] == "0.5800" and kept("round-01", "loss") == "1" and kept("round-02", "loss") == ""
+    assert kept("round-02", "guarded") == "1"  # nothing unsound, the last round (no held-out accuracy recorded)
+    assert kept("round-01", "agreement") == "1" and cell["round-01"][-1 - len(RULES)] == "0.700"  # the most agreeing
+    assert kept("round-02", "paired") == "1"  # no per-prompt values recorded, so guarded's threshold decides
+    assert kept("round-02", "tested") == "1"  # no per-prompt choice or choice accuracy recorded: nothing fails
     picks = [line for line in page if line.startswith("| built-in |")]
-    assert [c.strip() for c in picks[0].split("|")[2:6]] == ["0", "guarded", "round-02", "2 of 2"]
-    assert [c.strip() for c in picks[1].split("|")[2:6]] == ["0", "loss", "round-01", "2 of 2"]
-    assert [c.strip() for c in picks[2].split("|")[2:6]] == ["0", "agreement", "round-01", "2 of 2"]
-    assert [c.strip() for c in picks[3].split("|")[2:6]] == ["0", "paired", "round-02", "2 of 2"]
+    want = {
+        "guarded": "round-02",
+        "loss": "round-01",
+        "agreement": "round-01",
+        "paired": "round-02",
+        "tested": "round-02",
+    }
+    for line, rule in zip(picks, RULES):
+        assert [c.strip() for c in line.split("|")[2:6]] == ["0", rule, want[rule], "2 of 2"]
     assert "has not improved on round-01" in picks[1]
     # Each seed's kept stage against the goal: >= DPO-6%, within 1 SE of DPO-100%, accuracy within 1 point.
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][4:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in page if line.startswith("| built-in |")][
+        len(RULES) :
+    ]
     assert goals[0][3:7] == ["round-02", "-0.050 ± 0.000", "-0.300 ± 0.000", "+0.000 ± 0.000"]
     assert goals[0][7:] == ["missed", "missed", "met", "0.200"]  # regret: round 1 scored 0.2 more
     assert goals[1][3:7] == ["round-01", "+0.150 ± 0.000", "-0.100 ± 0.000", "+0.000 ± 0.000"]
@@ -162,8 +171,8 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert "| guarded | 1 | 1 of 3 | 0 | 0.200 |" in page and "| agreement | 1 | 2 of 3 | 0 | 0.000 |" in page
     assert "| paired | 1 | 1 of 3 | 0 | 0.200 |" in page
     # Which run-visible column tracks the judge within the run: Spearman over iter0, round 1, round 2.
-    tracked = [c.strip() for c in page[page.index("| mean | | -0.50 | - | - | - | +1.00 |") - 1].split("|")[1:-1]]
-    assert tracked == ["built-in", "0", "-0.50", "-", "-", "-", "+1.00"]
+    tracked = [c.strip() for c in page[page.index("| mean | | -0.50 | - | - | - | - | +1.00 |") - 1].split("|")[1:-1]]
+    assert tracked == ["built-in", "0", "-0.50", "-", "-", "-", "-", "+1.00"]
     # Per-prompt consistency measured again by `toy consistency` is read: round-02 lost 5% on every prompt.
     steady = [0.16, 0.17, 0.15]
     for stage, values in (
@@ -178,6 +187,15 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     paired = [line for line in round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines() if "| paired |" in line]
     assert [c.strip() for c in paired[0].split("|")[2:6]] == ["0", "paired", "round-01", "2 of 2"]
     assert "round-02's prompt consistency fell 0.0080" in paired[0]
+    # The per-prompt choice and the held-out pair count (`toy consistency` writes them to round_score.json):
+    # round-02 loses one sample of ten on every prompt, beyond 2 SE and the tolerance, so tested keeps round-01.
+    for stage, values in (("base", [0.9] * 3), ("iter0", [0.9] * 3), ("round-01", [0.9] * 3), ("round-02", [0.8] * 3)):
+        (root / "sail" / stage / "round_score.json").write_text(
+            json.dumps({"prompt_choice_by_prompt": values, "heldout_pairs": 100})
+        )
+    tested = [line for line in round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines() if "| tested |" in line]
+    assert [c.strip() for c in tested[0].split("|")[2:6]] == ["0", "tested", "round-01", "2 of 2"]
+    assert "round-02's prompt choice accuracy fell 0.100" in tested[0]
 
     # A lever run every round from the same iter0: its rounds, the sail condition's base and iter0.
     for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.6), ("round-02", 0.7)):
@@ -189,7 +207,9 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert "### built-in (frozen-judge)" in lever
     cell = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lever if "|" in line}
     assert cell["iter0"][0] == "-0.150 ± 0.000" and cell["round-02"][0] == "+0.450 ± 0.000"
-    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][4:]
+    goals = [[c.strip() for c in line.split("|")[1:-1]] for line in lever if line.startswith("| built-in |")][
+        len(RULES) :
+    ]
     assert goals[0][3:7] == ["round-02", "+0.450 ± 0.000", "+0.200 ± 0.000", "+0.000 ± 0.000"]
     assert goals[0][7:] == ["met", "met", "met", "0.000"]
     assert "| guarded | 1 | 3 of 3 | 1 | 0.000 |" in lever

@@ -29,9 +29,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if not isinstance(value, float) else format(value, fmt)
 
 
-# The default, the first rule, the candidate written after seeds 0-1 and the one after seed 2
+# The default, the first rule, and the candidates written after seeds 0-1, seed 2 and seed 3
 # (bench/results/round_choice_plan.md)
-RULES = ("guarded", "loss", "agreement", "paired")
+RULES = ("guarded", "loss", "agreement", "paired", "tested")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 GOAL_PARTS = ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")  # goal()'s three flags
 
@@ -137,6 +137,7 @@ TRACKED = {  # run-visible columns, and the name the page gives them
     "heldout_accuracy": "held-out accuracy",
     "heldout_drift": "drift",
     "prompt_consistency": "prompt consistency",
+    "prompt_choice_accuracy": "prompt choice",
     "self_label_agreement": "agreement (ranking's estimator)",
 }
 

@@ -45,15 +45,19 @@ def sampler_transfer(
     sampler: str = "ddpm",
     steps: int = 50,
     images_per_prompt: int | None = None,
+    batch_size: int | None = None,
     log=print,
     trust_code: bool = False,
 ) -> Path:
     """Evaluate the finished stages of ``conditions`` (sail first: the others share its base) under
-    ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md)."""
+    ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md). ``batch_size``: samples per UNet
+    call (``sail.generation_batch``), which changes the speed, not the samples."""
     out, variant = Path(out), f"{sampler}-{steps}"
     overrides = [f"sail.sampler={sampler}", f"sail.sampling_steps={steps}"]
     if images_per_prompt is not None:
         overrides.append(f"sail.eval_images_per_prompt={images_per_prompt}")
+    if batch_size is not None:
+        overrides.append(f"sail.generation_batch={batch_size}")
     rounds = 0
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
