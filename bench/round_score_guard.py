@@ -1,7 +1,7 @@
 """How far the round score's prompt consistency moves per point of digit accuracy, measured on an intervention
 that has nothing to do with any preference: the shipped toy base sampled at lower guidance scales (fewer
-correct digits). Sets ``selection.CONSISTENCY_TOLERANCE`` (bench/results/round_choice_plan.md); never reads
-a human.
+correct digits). Sets ``selection.CONSISTENCY_TOLERANCE`` and, from the prompt choice accuracy on the same
+samples, ``selection.CHOICE_TOLERANCE`` (bench/results/round_choice_plan.md, addenda 1 and 9); never reads a human.
 
     python bench/round_score_guard.py   # -> bench/results/round_score_guard.json
 """
@@ -31,6 +31,7 @@ for seed in SEEDS:
             stack, prompts, cfg.eval_images_per_prompt, seed=100 + seed, sampling=sampling, progress=False
         )
         score = prompt_consistency(stack, stack.unet, x, prompts, seed=seed, batch=cfg.scoring_batch)
+        score = {k: v for k, v in score.items() if not k.endswith("_by_prompt")}  # the means only
         row = {
             "seed": seed,
             "guidance_scale": g,
@@ -39,17 +40,23 @@ for seed in SEEDS:
         rows.append(row | score)
         print(rows[-1], flush=True)
 # Per seed, the change from guidance 7.5 (the configs') against the change in accuracy, in points.
-slopes = []
+slopes, choice_slopes = [], []
 for seed in SEEDS:
     mine = [r for r in rows if r["seed"] == seed]
     acc = np.array([100 * (r["digit_accuracy"] - mine[0]["digit_accuracy"]) for r in mine])
     rel = np.array([r["prompt_consistency"] / mine[0]["prompt_consistency"] - 1 for r in mine])
+    choice = np.array([r["prompt_choice_accuracy"] - mine[0]["prompt_choice_accuracy"] for r in mine])
     slopes.append(float((acc * rel).sum() / (acc * acc).sum()))  # least squares through the origin
+    choice_slopes.append(float((acc * choice).sum() / (acc * acc).sum()))
 result = {
     "command": "python bench/round_score_guard.py",
     "rows": rows,
     "relative_consistency_change_per_accuracy_point": slopes,
     "mean_slope": float(np.mean(slopes)),
+    # select: tested's prompt guard: the absolute change in prompt choice accuracy per point of digit accuracy
+    "choice_accuracy_change_per_accuracy_point": choice_slopes,
+    "mean_choice_slope": float(np.mean(choice_slopes)),
 }
 Path("bench/results/round_score_guard.json").write_text(json.dumps(result, indent=2) + "\n")
-print(json.dumps({k: result[k] for k in ("relative_consistency_change_per_accuracy_point", "mean_slope")}))
+shown = ("relative_consistency_change_per_accuracy_point", "mean_slope", "mean_choice_slope")
+print(json.dumps({k: result[k] for k in shown}))
