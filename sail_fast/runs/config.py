@@ -229,6 +229,9 @@ class SailConfig(Section):
     eval_prompts: int = Field(50, ge=1)  # prompts sampled for each stage's evaluation
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = Field(4, ge=1)
+    # With a judge (the toy): how well each stage's reward ranks its own evaluation samples (label_accuracy, ...),
+    # a diagnostic that costs a quarter of a toy stage's evaluation; `toy transfer` turns it off.
+    eval_label_quality: bool = True
     # Which stage the run keeps (sail_fast.sail.selection, from the round score alone; chosen.json): guarded, the
     # last of the unbroken run of sound stages (prompt kept, held-out accuracy above chance); loss, the lowest
     # held-out DPO loss against the base; agreement, within guarded's sound run the stage whose reward best agrees

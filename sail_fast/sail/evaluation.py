@@ -62,7 +62,7 @@ def evaluate_stage(ctx: RunContext, name: str, unet, heldout: LatentPairs | None
             metrics["self_label_agreement"] = scorer.pair_accuracy(
                 heldout, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, EVAL_AGREEMENT_DRAWS))
             )
-        if samples is not None:  # how well the stage's reward ranks its own samples, by the judge (a diagnostic)
+        if samples is not None and ctx.sail.eval_label_quality:  # how well the stage's reward ranks its samples
             metrics |= eval_label_quality(ctx, scorer, latents, prompts, samples)
     if samples is not None:
         metrics |= ctx.world.summary(samples, prompts) | paired_with_earlier(ctx.layout, name, samples)

@@ -74,6 +74,9 @@ def test_another_sampler_draws_new_samples_paired_across_stages(experiment):
         float((round1 - base["score"]).mean()), abs=1e-6
     )
     assert "Diffusion-DPO, 6% of labels" not in rows  # no dpo-6 run in this folder: skipped, not invented
+    # The label-quality diagnostic is the loop's own evaluation's, not the transfer's.
+    assert "label_accuracy" in json.loads((experiment / "seed-0/sail/round-01/eval.json").read_text())
+    assert "label_accuracy" not in json.loads((variant / "round-01/eval.json").read_text())
     # A second call finds every stage evaluated and samples nothing.
     stamp = (variant / "round-01/eval.json").stat().st_mtime_ns
     sampler_transfer(experiment, [0], ["sail"], sampler="ddpm", steps=3, images_per_prompt=1, trust_code=True)

@@ -53,7 +53,8 @@ def sampler_transfer(
     ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md). ``batch_size``: samples per UNet
     call (``sail.generation_batch``), which changes the speed, not the samples."""
     out, variant = Path(out), f"{sampler}-{steps}"
-    overrides = [f"sail.sampler={sampler}", f"sail.sampling_steps={steps}"]
+    # The label-quality diagnostic reads how the loop's own samples rank; the table reads none of it.
+    overrides = [f"sail.sampler={sampler}", f"sail.sampling_steps={steps}", "sail.eval_label_quality=false"]
     if images_per_prompt is not None:
         overrides.append(f"sail.eval_images_per_prompt={images_per_prompt}")
     if batch_size is not None:
