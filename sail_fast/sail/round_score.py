@@ -60,8 +60,11 @@ SCORE_KEYS = (
 def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, seed: int, micro_batch: int) -> dict:
     """``heldout_dpo_loss``, ``heldout_accuracy`` and ``heldout_drift`` of ``policy`` (module docstring)."""
     if policy is base:  # the reward is 0 on every pair: the loss is log 2, the drift 0
-        return {"heldout_dpo_loss": math.log(2.0), "heldout_accuracy": 0.5, "heldout_drift": 0.0} | {
-            "heldout_pairs": len(pairs)
+        return {
+            "heldout_dpo_loss": math.log(2.0),
+            "heldout_accuracy": 0.5,
+            "heldout_drift": 0.0,
+            "heldout_pairs": len(pairs),
         }
     scorer = ImplicitRewardScorer(
         policy, base, scheduler, beta=beta, num_draws=HELDOUT_DRAWS, micro_batch=micro_batch, estimator="mean"

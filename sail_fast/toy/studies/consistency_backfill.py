@@ -21,7 +21,7 @@ from ...runs.layout import RunLayout
 from ...runs.readback import read_json_file
 from ...runs.run_folder import load_recorded_config, write_json
 from ...sail.round_score import prompt_consistency
-from ...sail.selection import BY_PROMPT, CHOICE, CHOICE_BY_PROMPT, CONSISTENCY, HELDOUT_PAIRS
+from ...sail.selection import ACCURACY, BY_PROMPT, CHOICE, CHOICE_BY_PROMPT, CONSISTENCY, HELDOUT_PAIRS
 
 FILE = "round_score.json"
 FIRST_FILE = "prompt_consistency.json"  # the first version's: per-prompt consistency only
@@ -111,7 +111,7 @@ def backfill_consistency(run: str | Path, log=print) -> list[str]:
                     f"{recorded}: the samples, base or draws are not the ones evaluated, so nothing was written"
                 )
         found = {key: values[key] for key in (CONSISTENCY, CHOICE) + PER_PROMPT}
-        if pairs is not None and isinstance(records[stage].get("heldout_accuracy"), float):
+        if pairs is not None and isinstance(records[stage].get(ACCURACY), float):
             found[HELDOUT_PAIRS] = pairs
         write_json(backfilled_path(layout, stage), found)
         log(f"{layout.root}/{stage}: per-prompt prompt consistency and choice written ({len(prompts)} prompts)")
