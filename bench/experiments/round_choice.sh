@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One world-seed of the round-choice experiment (bench/results/round_choice.md): the SAIL rounds held to
+# the base, DPO-6% and DPO-100% under the loop's own sampler (DDIM 10), then every stage sampled again
+# under DDPM 50 (`sail-fast toy transfer`). One CPU thread, at low priority. Finished stages are kept, so
+# running it again resumes where it stopped.
+#
+#   bench/experiments/round_choice.sh WORLD SEED [OUT]     WORLD: builtin, bold or thin; OUT: exp
+#   sail-fast toy round-choice --worlds built-in=OUT/builtin-default bold=OUT/bold-default \
+#       thin=OUT/thin-default --seeds SEED [--variant ddpm-50]
+set -euo pipefail
+world=${1:?world: builtin, bold or thin} seed=${2:?seed}
+out=${3:-exp}/$world-default
+case $world in
+    builtin) human=() code=() ;;
+    # The stroke humans are code (configs/preferences/strokes.py); the transfer reads the preference back
+    # from the run's recorded config, which it runs only when told to.
+    bold | thin)
+        human=(--set "toy.preference=configs/preferences/strokes.py:$world" --set toy.temperature=auto)
+        code=(--trust-code)
+        ;;
+    *) echo "unknown world '$world': use builtin, bold or thin" >&2 && exit 2 ;;
+esac
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
+nice -n 5 sail-fast toy experiment --config configs/toy.yaml --out "$out" --seeds "$seed" \
+    --conditions sail dpo-6 dpo-full --set sail.training_reference=base "${human[@]}"
+nice -n 5 sail-fast toy transfer "$out" --seeds "$seed" --sampler ddpm --steps 50 --batch-size 64 "${code[@]}"
