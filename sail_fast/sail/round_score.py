@@ -75,7 +75,7 @@ def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, see
     margin = reward[:, 0] - reward[:, 1]
     return {
         "heldout_dpo_loss": float(-F.logsigmoid(margin).mean()),
-        "heldout_accuracy": float((margin > 0).double().mean()),
+        "heldout_accuracy": float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()),  # a tie is chance
         "heldout_drift": float(mse_policy.mean() / mse_ref.mean() - 1.0),
         "heldout_pairs": len(margin),
     }
