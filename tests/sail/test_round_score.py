@@ -6,48 +6,20 @@ import math
 
 import pytest
 import torch
+from digit_pairs import PROMPTS as DIGITS
+from digit_pairs import bold_over_thin
 
-from sail_fast.data.latent_pairs import LatentPairs
 from sail_fast.reward.scorer import ImplicitRewardScorer
 from sail_fast.sail.round_score import OTHER_PROMPTS, heldout_fit, other_prompts, prompt_consistency
-from sail_fast.toy.world import load_digits, load_toy_stack, sample_digits
+from sail_fast.toy.world import load_toy_stack, sample_digits
 
 BETA = 5000.0
 SAMPLING = {"sampler": "ddim", "num_inference_steps": 10, "guidance_scale": 7.5}
-DIGITS = [f"a handwritten {d}" for d in range(10)]
 
 
 @pytest.fixture(scope="module")
 def stack():
     return load_toy_stack()
-
-
-def real_digit_pairs(stack, per_digit: int) -> LatentPairs:
-    """Real digits: the boldest of each class against the thinnest, on the class's prompt."""
-    images, labels = load_digits()
-    width = ((images + 1) / 2 > 0.5).float().mean(dim=(1, 2, 3))
-    win, lose, digit = [], [], []
-    for d in range(10):
-        order = (labels == d).nonzero().squeeze(1)
-        order = order[width[order].argsort()]
-        win.append(images[order[-per_digit:]])
-        lose.append(images[order[:per_digit]])
-        digit += [d] * per_digit
-    prompts = DIGITS + [""]
-    embeds = stack.encode_prompts(prompts).prompt_embeds
-    m = len(digit)
-    return LatentPairs(
-        torch.cat(win),
-        torch.cat(lose),
-        torch.tensor(digit),
-        prompts,
-        embeds,
-        None,
-        None,
-        None,
-        torch.ones(m),
-        ["human"] * m,
-    )
 
 
 def test_heldout_fit_is_the_dpo_loss_of_the_mean_reward_over_draws(stack, monkeypatch):
@@ -60,7 +32,7 @@ def test_heldout_fit_is_the_dpo_loss_of_the_mean_reward_over_draws(stack, monkey
         ]
     )
     monkeypatch.setattr(ImplicitRewardScorer, "pair_mse", lambda self, pairs, generator: (reference + delta, reference))
-    policy, pairs = copy.deepcopy(stack.unet), real_digit_pairs(stack, 1)
+    policy, pairs = copy.deepcopy(stack.unet), bold_over_thin(stack, 1)
     fit = heldout_fit(policy, stack.unet, stack.scheduler, pairs, beta=BETA, seed=0, micro_batch=8)
     margins = (0.5 * BETA * 2**-13, -0.5 * BETA * 2**-12)  # r = -beta/2 * mean over draws of (policy - base)
     want = sum(math.log1p(math.exp(-m)) for m in margins) / 2  # -log sigmoid(m)
@@ -70,7 +42,7 @@ def test_heldout_fit_is_the_dpo_loss_of_the_mean_reward_over_draws(stack, monkey
 
 
 def test_heldout_fit_on_real_unets_pairs_its_draws_and_calls_a_tie_chance(stack):
-    pairs = real_digit_pairs(stack, 1)
+    pairs = bold_over_thin(stack, 1)
     policy = copy.deepcopy(stack.unet)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

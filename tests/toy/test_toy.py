@@ -175,34 +175,13 @@ def test_dpo_moves_generation_toward_the_winners(tmp_path):
     import copy
     import dataclasses
 
-    from sail_fast.data.latent_pairs import LatentPairs
+    from digit_pairs import bold_over_thin
+
     from sail_fast.dpo.builder import trainer_for
     from sail_fast.runs.config import load_config
 
     stack = load_toy_stack()
-    images, labels = load_digits()
-    width = ((images + 1) / 2 > 0.5).float().mean(dim=(1, 2, 3))
-    win, lose, digit = [], [], []
-    for d in range(10):
-        order = (labels == d).nonzero().squeeze(1)
-        order = order[width[order].argsort()]
-        half = len(order) // 2
-        lose.append(images[order[:half]])
-        win.append(images[order[-half:]])
-        digit += [d] * half
-    prompts = [f"a handwritten {d}" for d in range(10)] + [""]
-    pairs = LatentPairs(
-        torch.cat(win),
-        torch.cat(lose),
-        torch.tensor(digit),
-        prompts,
-        stack.encode_prompts(prompts).prompt_embeds,
-        None,
-        None,
-        None,
-        torch.ones(len(digit)),
-        ["human"] * len(digit),
-    )
+    pairs = bold_over_thin(stack)
     eval_prompts = split_prompts(0)[0][:20]
 
     def mean_width(unet):
