@@ -10,6 +10,8 @@ out, the base model, the stage's policy and samples), never a judge. ``sail.sele
   the labels support (the wrong-side pairs cost in proportion to the reward's size), as on overshoot.
 - ``heldout_accuracy``: the share of those pairs whose winner gets the higher reward (same draws), of
   ``heldout_pairs`` pairs (``select: tested`` tests it against chance at that count).
+- ``heldout_margins``: each held-out pair's ``r_w - r_l``, in the pairs' order: the same pairs on the same
+  draws at every stage, so stages pair pair by pair (and a loss calibrated per stage can be fitted later).
 - ``heldout_drift``: the policy's denoising error on the held-out images (winners and losers) at the same
   draws, relative to the base's (0 at the base): it rises when the policy leaves the images people label.
 - ``prompt_consistency``: the base UNet as a zero-shot judge of whether the stage's evaluation samples
@@ -53,6 +55,7 @@ SCORE_KEYS = (
     "prompt_consistency_by_prompt",
     "prompt_choice_by_prompt",
     "heldout_pairs",
+    "heldout_margins",
 )
 
 
@@ -65,6 +68,7 @@ def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, see
             "heldout_accuracy": 0.5,
             "heldout_drift": 0.0,
             "heldout_pairs": len(pairs),
+            "heldout_margins": [0.0] * len(pairs),
         }
     scorer = ImplicitRewardScorer(
         policy, base, scheduler, beta=beta, num_draws=HELDOUT_DRAWS, micro_batch=micro_batch, estimator="mean"
@@ -78,6 +82,7 @@ def heldout_fit(policy, base, scheduler, pairs: LatentPairs, *, beta: float, see
         "heldout_accuracy": float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()),  # a tie is chance
         "heldout_drift": float(mse_policy.mean() / mse_ref.mean() - 1.0),
         "heldout_pairs": len(margin),
+        "heldout_margins": margin.tolist(),
     }
 
 

@@ -38,6 +38,7 @@ def test_heldout_fit_is_the_dpo_loss_of_the_mean_reward_over_draws(stack, monkey
     want = sum(math.log1p(math.exp(-m)) for m in margins) / 2  # -log sigmoid(m)
     assert fit["heldout_dpo_loss"] == pytest.approx(want, rel=1e-12)
     assert fit["heldout_accuracy"] == 0.5
+    assert fit["heldout_margins"] == pytest.approx(margins, rel=1e-12)
     assert fit["heldout_drift"] == pytest.approx(delta.mean().item() / 0.125, rel=1e-12)
 
 
@@ -60,11 +61,13 @@ def test_heldout_fit_on_real_unets_pairs_its_draws_and_calls_a_tie_chance(stack)
     assert turned["heldout_accuracy"] == pytest.approx(1.0 - fit["heldout_accuracy"])
     assert turned["heldout_drift"] == pytest.approx(fit["heldout_drift"], rel=1e-9)
     assert turned["heldout_dpo_loss"] != pytest.approx(fit["heldout_dpo_loss"])
+    assert turned["heldout_margins"] == pytest.approx([-m for m in fit["heldout_margins"]], rel=1e-9)
 
     # A policy with the base's weights is the base: every margin is 0, which is chance, not a miss.
     same = heldout_fit(copy.deepcopy(stack.unet), stack.unet, stack.scheduler, pairs, **options)
     assert same == heldout_fit(stack.unet, stack.unet, stack.scheduler, pairs, **options)
     assert (same["heldout_dpo_loss"], same["heldout_accuracy"], same["heldout_drift"]) == (math.log(2.0), 0.5, 0.0)
+    assert same["heldout_margins"] == [0.0] * len(pairs)
 
 
 def test_other_prompts_are_distinct_never_the_prompt_itself_and_fixed_by_the_seed():
