@@ -7,7 +7,16 @@
 #   bench/experiments/round_choice.sh WORLD SEED [OUT]     WORLD: builtin, bold or thin; OUT: exp
 #   sail-fast toy round-choice --worlds built-in=OUT/builtin-default bold=OUT/bold-default \
 #       thin=OUT/thin-default --seeds SEED [--variant ddpm-50]
+#
+# Run it from the checkout it belongs to, with that checkout's own venv (`make install` there): an editable
+# install elsewhere imports that other tree, and the runs would not be of the commit they name.
 set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd -P)
+imported=$(python3 -c 'import pathlib, sail_fast; print(pathlib.Path(sail_fast.__file__).resolve().parents[1])')
+if [[ $imported != "$here" ]]; then
+    echo "python3 here imports sail_fast from $imported, not from this checkout ($here): activate $here's venv" >&2
+    exit 2
+fi
 world=${1:?world: builtin, bold or thin} seed=${2:?seed}
 out=${3:-exp}/$world-default
 case $world in
