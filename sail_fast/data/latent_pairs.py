@@ -203,6 +203,14 @@ class LatentPairs:
             source=[self.source[i] for i in idx.tolist()],
         )
 
+    def hold_out(self, count: int, generator: torch.Generator) -> tuple["LatentPairs", "LatentPairs"]:
+        """(the rest, ``count`` pairs drawn at random by ``generator``), each in the original order."""
+        if not 0 < count < len(self):
+            raise ValueError(f"cannot hold out {count} of {len(self)} pairs: leave at least one on each side")
+        held = torch.zeros(len(self), dtype=torch.bool)
+        held[torch.randperm(len(self), generator=generator)[:count]] = True
+        return self.subset(~held), self.subset(held)
+
     def batch(
         self,
         idx: torch.Tensor,

@@ -226,6 +226,9 @@ class SailConfig(Section):
     round_steps: int | None = Field(None, ge=1)  # DPO steps of each round (default train.steps)
     iter0_from: str | None = None  # reuse a finished iter0 stage directory (ablations share one)
     heldout_pairs: list[str] = []  # human pairs for self-label agreement (toy: written by the run)
+    # Without heldout_pairs: hold this many of the seed pairs out of training (a seeded draw, the same on resume)
+    # as the round score's held-out pairs, so sail.select's held-out guard has pairs to read.
+    heldout_split: int = Field(0, ge=0)
     eval_prompts: int = Field(50, ge=1)  # prompts sampled for each stage's evaluation
     eval_each_round: bool = True  # false: evaluate base, iter0 and the last round only (ablations)
     eval_images_per_prompt: int = Field(4, ge=1)
@@ -277,6 +280,15 @@ class SailConfig(Section):
             "num_inference_steps": self.sampling_steps,
             "guidance_scale": self.guidance_scale,
         }
+
+    @model_validator(mode="after")
+    def _one_heldout_source(self):
+        if self.heldout_split and self.heldout_pairs:
+            raise ValueError(
+                "sail.heldout_split holds seed pairs out as the held-out pairs, but sail.heldout_pairs names them "
+                "already; set one of them (heldout_split: 0 or heldout_pairs: [])"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -551,6 +563,7 @@ ROUND_KEYS_FIXED = (
     "sail.real.inpaint_pipeline",
     "sail.real.inpaint_steps",
     "sail.heldout_pairs",
+    "sail.heldout_split",
     "sail.eval",
     "sail.ranker",
     "train.lora",

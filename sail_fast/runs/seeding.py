@@ -45,3 +45,4 @@ EVAL_LABEL_QUALITY_DRAWS = 9002  # the draws scoring a stage's own samples again
 ROUND_SCORE_HELDOUT = 9003  # the draws the round score fits the held-out human pairs with (sail/round_score.py)
 ROUND_SCORE_CONSISTENCY = 9004  # the round score's other prompts per sample
 ROUND_SCORE_CONSISTENCY_DRAWS = (ROUND_SCORE_CONSISTENCY, 1)  # and its (t, eps) draws: a sub-stream of it
+HELDOUT_SPLIT = 9005  # which seed pairs sail.heldout_split holds out of training (sail/loop.py)

@@ -40,7 +40,7 @@ from ..runs.layout import RunLayout
 from ..runs.output_folder import writable_folder
 from ..runs.readback import check_run_records
 from ..runs.run_folder import RunLock, atomic_write_text, record_config, write_json
-from ..runs.seeding import STAGE_TRAINING, derive_seed
+from ..runs.seeding import HELDOUT_SPLIT, STAGE_TRAINING, derive_seed
 from ..runs.yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
@@ -143,8 +143,14 @@ class SailLoop:
             load_pairs(seed_sources, self.ctx.stack, **pair_args) if seed_sources else None
         )  # None: rounds alone
         heldout = load_pairs(heldout_sources, self.ctx.stack, **pair_args) if heldout_sources else None
+        seed_pairs, heldout = self._split_heldout(seed_pairs, heldout)
         # The seed file is the human budget: a cap meant for real data must not cut it silently.
         self.log(f"seed: {len(seed_pairs or [])} human pairs; held-out: {len(heldout) if heldout else 0} pairs")
+        if heldout is None and self.sail.select != "last":
+            self.log(
+                f"no held-out human pairs: the round score has no held-out fit, so sail.select: {self.sail.select} "
+                "chooses without it; set sail.heldout_split (seed pairs to hold out) or sail.heldout_pairs"
+            )
         real_set = encoded_real_images(self.ctx) if "real" in self.sail.pair_sources else None
 
         evaluate_stage(self.ctx, RunLayout.BASE, self.base, heldout)
@@ -230,6 +236,28 @@ class SailLoop:
     def _write_metrics(self) -> None:
         if self.dist.is_main:
             write_metrics(self.layout, self.sail.rounds)
+
+    def _split_heldout(self, seed_pairs: LatentPairs | None, heldout: LatentPairs | None):
+        """``sail.heldout_split``: (the seed pairs trained on, the held-out pairs), drawn the same way on every
+        rank and every resume."""
+        count = self.sail.heldout_split
+        if not count:
+            return seed_pairs, heldout
+        if heldout is not None:  # a world's own held-out pairs (the toy's)
+            raise ValueError(
+                f"sail.heldout_split: {count} holds out seed pairs, but this run's world brings {len(heldout)} "
+                "held-out pairs of its own; set sail.heldout_split: 0"
+            )
+        if seed_pairs is None or count >= len(seed_pairs):
+            have = len(seed_pairs) if seed_pairs is not None else 0
+            raise ValueError(
+                f"sail.heldout_split: {count} of {have} seed pairs leaves none to train on; hold out fewer "
+                "(a few hundred is plenty) or add seed pairs (data.seed_pairs)"
+            )
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, HELDOUT_SPLIT))
+        trained, held = seed_pairs.hold_out(count, generator)
+        self.log(f"sail.heldout_split: {count} of {len(seed_pairs)} seed pairs held out for the round score")
+        return trained, held
 
     def iter0_stage(self, seed_pairs: LatentPairs, heldout) -> UNet2DConditionModel:
         layout, stage = self.layout, RunLayout.ITER0

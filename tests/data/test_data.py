@@ -422,6 +422,22 @@ def test_cat_merges_prompt_tables_and_subset_compacts_them():
         LatentPairs.cat([a, _hand_pairs(["z", ""], [0], ["human"], sdxl=True)])
 
 
+def test_hold_out_splits_every_pair_to_one_side_in_order_by_the_generator():
+    pairs = _hand_pairs(["cat", "dog", "bird", ""], [0, 1, 2, 0, 1, 2, 0, 1, 2, 3], ["human"] * 10, seed=0)
+    rest, held = pairs.hold_out(3, torch.Generator().manual_seed(5))
+    assert (len(rest), len(held)) == (7, 3)
+    # Each pair lands on exactly one side, each side in the original order.
+    where = [next(i for i in range(10) if torch.equal(pairs.win[i], w)) for w in torch.cat([rest.win, held.win])]
+    assert sorted(where) == list(range(10)) and where[:7] == sorted(where[:7]) and where[7:] == sorted(where[7:])
+    assert torch.equal(held.prompt_embeds[held.prompt_index], pairs.prompt_embeds[pairs.prompt_index[where[7:]]])
+    again = pairs.hold_out(3, torch.Generator().manual_seed(5))[1]
+    _assert_same(again, held)
+    assert not torch.equal(pairs.hold_out(3, torch.Generator().manual_seed(6))[1].win, held.win)
+    for count in (0, 10):
+        with pytest.raises(ValueError, match=f"cannot hold out {count} of 10 pairs"):
+            pairs.hold_out(count, torch.Generator())
+
+
 # ----------------------------------------------------------------------------- mixup
 
 

@@ -54,6 +54,8 @@ def test_bad_values_and_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="train.mixup_alpha = 1.5: Input should be less than or equal to 1"):
         load_config(CONFIGS / "tiny.yaml", ["train.mixup_alpha=1.5"])
+    with pytest.raises(ValueError, match="sail.heldout_pairs names them already; set one of them"):
+        load_config(CONFIGS / "tiny.yaml", ["sail.heldout_split=10", "sail.heldout_pairs=[pairs.jsonl]"])
 
 
 def test_renamed_reference_keys_are_refused_in_one_line_naming_the_new_key(tmp_path):

@@ -103,6 +103,26 @@ def test_a_round_encodes_its_prompts_once(tmp_path, monkeypatch):
     assert [c for c in calls if set(c) & set(round_prompts)] == [round_prompts + [""]]
 
 
+def test_heldout_split_holds_seed_pairs_out_of_training_for_the_round_score(tmp_path):
+    # No held-out file: 8 of the 32 seed pairs become the held-out pairs; iter0 trains on the other 24.
+    overrides = [o for o in make_overrides(tmp_path, "sail.rounds=0") if not o.startswith("sail.heldout_pairs")]
+    logged = []
+    SailLoop(load_config(TINY, overrides + ["sail.heldout_split=8"]), log=logged.append).run()
+    run = tmp_path / "run"
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [(r["stage"], r["heldout_pairs"]) for r in rows] == [("base", 8), ("iter0", 8)]
+    assert 0 < rows[1]["heldout_dpo_loss"] != rows[0]["heldout_dpo_loss"]
+    assert json.loads((run / "iter0/done.json").read_text())["human_pairs"] == 24
+    assert "sail.heldout_split: 8 of 32 seed pairs held out for the round score" in logged
+
+    # Without either, the run says what its choice cannot read, and how to give it.
+    logged.clear()
+    SailLoop(load_config(TINY, overrides + [f"output_dir={tmp_path / 'bare'}"]), log=logged.append).run()
+    assert any(line.startswith("no held-out human pairs:") and "sail.heldout_split" in line for line in logged)
+    with pytest.raises(ValueError, match="heldout_split: 32 of 32 seed pairs leaves none to train on"):
+        SailLoop(load_config(TINY, overrides + [f"output_dir={tmp_path / 'all'}", "sail.heldout_split=32"])).run()
+
+
 def test_random_pairing_orders_two_random_candidates_by_reward(tmp_path):
     SailLoop(make_config(tmp_path, "sail.pairing=random", "sail.rounds=1")).run()
     stage = tmp_path / "run/round-01"
