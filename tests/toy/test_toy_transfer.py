@@ -81,3 +81,20 @@ def test_another_sampler_draws_new_samples_paired_across_stages(experiment):
     stamp = (variant / "round-01/eval.json").stat().st_mtime_ns
     sampler_transfer(experiment, [0], ["sail"], sampler="ddpm", steps=3, images_per_prompt=1, trust_code=True)
     assert (variant / "round-01/eval.json").stat().st_mtime_ns == stamp
+
+
+def test_compile_and_batch_size_reach_the_runs_settings(tmp_path, monkeypatch):
+    from sail_fast.toy.studies import sampler_transfer as transfer
+
+    run = tmp_path / "seed-0/sail"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    seen = []
+    monkeypatch.setattr(
+        transfer, "evaluate_run_under", lambda run, variant, overrides, log, **kw: seen.append(overrides) or 1
+    )
+    monkeypatch.setattr(transfer, "write_table", lambda out, seeds, rounds, variant: out / f"results-{variant}.md")
+    transfer.sampler_transfer(tmp_path, [0], ["sail"], batch_size=50, compile=True)
+    transfer.sampler_transfer(tmp_path, [0], ["sail"])
+    assert {"sail.sampler=ddpm", "sail.generation_batch=50", "sail.compile=true"} <= set(seen[0])
+    assert not any(o.startswith(("sail.compile", "sail.generation_batch")) for o in seen[1])

@@ -46,12 +46,15 @@ def sampler_transfer(
     steps: int = 50,
     images_per_prompt: int | None = None,
     batch_size: int | None = None,
+    compile: bool = False,
     log=print,
     trust_code: bool = False,
 ) -> Path:
     """Evaluate the finished stages of ``conditions`` (sail first: the others share its base) under
     ``sampler`` at ``steps``; returns the table (results-<sampler>-<steps>.md). ``batch_size``: samples per UNet
-    call (``sail.generation_batch``), which changes the speed, not the samples."""
+    call (``sail.generation_batch``), which changes the speed, not the samples. ``compile``: sample with a
+    ``torch.compile``d UNet (``sail.compile``): one graph serves every stage's policy, the same samples to rounding
+    (a batch size that divides the stage's samples spares a second graph for a shorter last batch)."""
     out, variant = Path(out), f"{sampler}-{steps}"
     # The label-quality diagnostic reads how the loop's own samples rank; the table reads none of it.
     overrides = [f"sail.sampler={sampler}", f"sail.sampling_steps={steps}", "sail.eval_label_quality=false"]
@@ -59,6 +62,8 @@ def sampler_transfer(
         overrides.append(f"sail.eval_images_per_prompt={images_per_prompt}")
     if batch_size is not None:
         overrides.append(f"sail.generation_batch={batch_size}")
+    if compile:
+        overrides.append("sail.compile=true")
     rounds = 0
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
