@@ -245,7 +245,7 @@ def test_a_preference_error_is_a_user_code_error_in_library_use(tmp_path):
 
 
 # -------------------------------------------------------------------------------- 6. versions
-def test_a_version_record_holds_sail_fast_torch_and_diffusers():
+def test_a_version_record_holds_sail_fast_torch_diffusers_and_the_kernels():
     import diffusers
 
     import sail_fast
@@ -255,6 +255,8 @@ def test_a_version_record_holds_sail_fast_torch_and_diffusers():
         "sail_fast": sail_fast.__version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 and AVX-512 kernels round differently
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
     assert describe_version_change(record, record) is None
 
@@ -264,6 +266,9 @@ def test_a_changed_version_is_named_in_one_line():
     before = {"sail_fast": "0.1.0", "torch": "2.12.0", "diffusers": "0.42.1", "config_sha256": "ab12"}
     assert describe_version_change(before, now) == (
         "resuming with other versions than the run began with: sail-fast 0.1.0 -> 0.2.0, torch 2.12.0 -> 2.13.0; "
-        "its finished stages were made by the earlier ones"
+        "its finished stages were made by the earlier ones (later stages will differ from an unbroken run, to "
+        "rounding at first)"
     )
+    machine = describe_version_change(now | {"cpu_capability": "AVX2"}, now | {"cpu_capability": "AVX512"})
+    assert "torch CPU kernels AVX2 -> AVX512" in machine
     assert describe_version_change({"config_sha256": "ab12"}, now) is None  # a record from before versions
