@@ -41,8 +41,8 @@ def version_record() -> dict:
 
 
 def describe_version_change(recorded: dict, now: dict) -> str | None:
-    """One line naming every package whose version differs between ``recorded`` (what the run began with) and
-    ``now``; None when none does. Keys either side lacks (a record from before versions were kept) are not compared."""
+    """One line naming every package version and kernel that differs between ``recorded`` (what the run began
+    with) and ``now``; None when none does. Keys either side lacks (a record from before versions were kept) are not compared."""
     names = PACKAGES | MACHINE
     changed = [
         f"{names[key]} {recorded[key]} -> {now[key]}"
