@@ -8,6 +8,12 @@
 #   sail-fast toy round-choice --worlds built-in=OUT/builtin-default bold=OUT/bold-default \
 #       thin=OUT/thin-default --seeds SEED [--variant ddpm-50]
 #
+# The numbers depend on the CPU kernels torch dispatches to (run.json records them). The records in
+# round_choice.md up to seed 3 ran AVX2 kernels; on an AVX-512 machine, export ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 first to reproduce them (checked: built-in seed 1's
+# iter0 row to every printed digit; without them its held-out loss is 3.0291 instead of 3.0364), at about
+# 1.25x the time.
+#
 # Run it from the checkout it belongs to, with that checkout's own venv (`make install` there): an editable
 # install elsewhere imports that other tree, and the runs would not be of the commit they name.
 set -euo pipefail
