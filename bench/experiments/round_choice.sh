@@ -36,6 +36,9 @@ case $world in
     *) echo "unknown world '$world': use builtin, bold or thin" >&2 && exit 2 ;;
 esac
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
+# The label-quality diagnostic (how well each stage's reward ranks its own samples by the judge) is about a sixth
+# of a round's UNet calls; nothing on the round-choice page reads it, and its draws are a stream of their own.
 nice -n 5 sail-fast toy experiment --config configs/toy.yaml --out "$out" --seeds "$seed" \
-    --conditions sail dpo-6 dpo-full --set sail.training_reference=base "${human[@]}"
+    --conditions sail dpo-6 dpo-full --set sail.training_reference=base --set sail.eval_label_quality=false \
+    "${human[@]}"
 nice -n 5 sail-fast toy transfer "$out" --seeds "$seed" --sampler ddpm --steps 50 --batch-size 64 "${code[@]}"
