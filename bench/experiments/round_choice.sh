@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One world-seed of the round-choice experiment (bench/results/round_choice.md): the SAIL rounds held to
 # the base, DPO-6% and DPO-100% under the loop's own sampler (DDIM 10), then every stage sampled again
-# under DDPM 50 (`sail-fast toy transfer`). One CPU thread, at low priority. Finished stages are kept, so
-# running it again resumes where it stopped.
+# under DDPM 50 (`sail-fast toy transfer`). One CPU thread. Finished stages are kept, so running it again
+# resumes where it stopped. `nice` below ranks it only within its own session: where the kernel groups each
+# session (sched_autogroup, as on the development machines), a job started with setsid takes an equal share
+# whatever its nice; lower it with `echo 19 > /proc/PID/autogroup`.
 #
 #   bench/experiments/round_choice.sh WORLD SEED [OUT]     WORLD: builtin, bold or thin; OUT: exp
 #   sail-fast toy round-choice --worlds built-in=OUT/builtin-default bold=OUT/bold-default \
