@@ -1,0 +1,62 @@
+"""Exploratory check of addendum 12's lever (bench/results/round_choice_plan.md): the uniform weight average
+of iter0..round-LAST of a finished toy experiment's SAIL run, evaluated like a stage (the run's own sampler,
+eval seeds and judge) into SEED_DIR/soup-explore/, then paired with the run's stages and its DPO-6% and
+DPO-100% evaluations on the same samples' seeds. Not a test of the lever: see the addendum.
+
+    python bench/experiments/soup_explore.py exp/thin-default/seed-1 4 [--trust-code]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sail_fast.metrics.statistics import paired_difference
+from sail_fast.runs.run_folder import load_recorded_config
+from sail_fast.sail.evaluation import evaluate_stage
+from sail_fast.sail.loop import SailLoop
+
+
+def weight_average(modules: list[torch.nn.Module]) -> torch.nn.Module:
+    """A copy of the first module holding the mean of every module's floating-point weights."""
+    states = [m.state_dict() for m in modules]
+    mean = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+    soup = copy.deepcopy(modules[0])
+    soup.load_state_dict(mean)
+    return soup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("seed_dir", type=Path, help="a toy experiment's seed-N folder (sail, dpo-6, dpo-full)")
+    parser.add_argument("last", type=int, help="the last round in the average (iter0 is round 0)")
+    parser.add_argument("--trust-code", action="store_true", help="run the preference code the run's config names")
+    args = parser.parse_args()
+    run, code = args.seed_dir / "sail", "trust" if args.trust_code else "refuse"
+    here = [f"output_dir={run}"]
+    loop = SailLoop(load_recorded_config(run, here, code=code), log=print)
+    config = load_recorded_config(run, here + ["sail.eval_label_quality=false"], code=code)
+    ctx = dataclasses.replace(loop.context_for(config), out=args.seed_dir / "soup-explore")
+    name = f"soup-00-{args.last:02d}"
+    with torch.no_grad():
+        soup = weight_average([loop.policies.load(loop.policy_dir(r)) for r in range(args.last + 1)])
+    evaluate_stage(ctx, name, soup, heldout=None)
+    mine = load_file(ctx.out / name / "eval_samples.safetensors")
+    others = {s: run / s for s in ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, args.last + 1)]}
+    others |= {"DPO 6%": args.seed_dir / "dpo-6" / "iter0", "DPO 100%": args.seed_dir / "dpo-full" / "iter0"}
+    for other, folder in others.items():
+        theirs = load_file(folder / "eval_samples.safetensors")
+        (score, score_se), (acc, acc_se) = (paired_difference(mine[k], theirs[k]) for k in ("score", "correct"))
+        print(f"{name} - {other}: score {score:+.3f} ± {score_se:.3f}, digit accuracy {acc:+.3f} ± {acc_se:.3f}")
+
+
+if __name__ == "__main__":
+    main()
