@@ -3,7 +3,10 @@ of iter0..round-LAST of a finished toy experiment's SAIL run, evaluated like a s
 eval seeds and judge) into SEED_DIR/soup-explore/, then paired with the run's stages and its DPO-6% and
 DPO-100% evaluations on the same samples' seeds. Not a test of the lever: see the addendum.
 
-    python bench/experiments/soup_explore.py exp/thin-default/seed-1 4 [--trust-code]
+    python bench/experiments/soup_explore.py exp/thin-default/seed-1 4 [--trust-code] [--sampler ddpm --steps 50]
+
+With --sampler, the soup is sampled under that sampler and paired with the stages' `toy transfer` evaluations
+(``<run>/<sampler>-<steps>/``), which must exist.
 """
 
 from __future__ import annotations
@@ -39,19 +42,29 @@ def main() -> None:
     parser.add_argument("seed_dir", type=Path, help="a toy experiment's seed-N folder (sail, dpo-6, dpo-full)")
     parser.add_argument("last", type=int, help="the last round in the average (iter0 is round 0)")
     parser.add_argument("--trust-code", action="store_true", help="run the preference code the run's config names")
+    parser.add_argument("--sampler", help="another sampler, as in `sail-fast toy transfer` (default: the run's own)")
+    parser.add_argument("--steps", type=int, default=50, help="its sampling steps")
     args = parser.parse_args()
     run, code = args.seed_dir / "sail", "trust" if args.trust_code else "refuse"
     here = [f"output_dir={run}"]
     loop = SailLoop(load_recorded_config(run, here, code=code), log=print)
-    config = load_recorded_config(run, here + ["sail.eval_label_quality=false"], code=code)
-    ctx = dataclasses.replace(loop.context_for(config), out=args.seed_dir / "soup-explore")
+    overrides, variant = ["sail.eval_label_quality=false"], ""
+    if args.sampler:
+        variant = f"{args.sampler}-{args.steps}"
+        overrides += [f"sail.sampler={args.sampler}", f"sail.sampling_steps={args.steps}", "sail.generation_batch=64"]
+    config = load_recorded_config(run, here + overrides, code=code)
+    ctx = dataclasses.replace(loop.context_for(config), out=args.seed_dir / "soup-explore" / variant)
     name = f"soup-00-{args.last:02d}"
     with torch.no_grad():
         soup = weight_average([loop.policies.load(loop.policy_dir(r)) for r in range(args.last + 1)])
     evaluate_stage(ctx, name, soup, heldout=None)
     mine = load_file(ctx.out / name / "eval_samples.safetensors")
-    others = {s: run / s for s in ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, args.last + 1)]}
-    others |= {"DPO 6%": args.seed_dir / "dpo-6" / "iter0", "DPO 100%": args.seed_dir / "dpo-full" / "iter0"}
+    stages = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, args.last + 1)]
+    others = {s: run / variant / s for s in stages}
+    others |= {
+        "DPO 6%": args.seed_dir / "dpo-6" / variant / "iter0",
+        "DPO 100%": args.seed_dir / "dpo-full" / variant / "iter0",
+    }
     for other, folder in others.items():
         theirs = load_file(folder / "eval_samples.safetensors")
         (score, score_se), (acc, acc_se) = (paired_difference(mine[k], theirs[k]) for k in ("score", "correct"))
