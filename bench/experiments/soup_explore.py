@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from sail_fast.metrics.statistics import paired_difference
+from sail_fast.runs.layout import RunLayout
 from sail_fast.runs.run_folder import load_recorded_config
 from sail_fast.sail.evaluation import evaluate_stage
 from sail_fast.sail.loop import SailLoop
@@ -48,6 +49,8 @@ def main() -> None:
     run, code = args.seed_dir / "sail", "trust" if args.trust_code else "refuse"
     here = [f"output_dir={run}"]
     loop = SailLoop(load_recorded_config(run, here, code=code), log=print)
+    if loop.policies.lora:  # A and B averaged apart do not give the mean update (addendum 12's build notes)
+        raise SystemExit(f"{run} trained LoRA adapters; this script averages full UNets only")
     overrides, variant = ["sail.eval_label_quality=false"], ""
     if args.sampler:
         variant = f"{args.sampler}-{args.steps}"
@@ -58,15 +61,14 @@ def main() -> None:
     with torch.no_grad():
         soup = weight_average([loop.policies.load(loop.policy_dir(r)) for r in range(args.last + 1)])
     evaluate_stage(ctx, name, soup, heldout=None)
-    mine = load_file(ctx.out / name / "eval_samples.safetensors")
-    stages = ["base", "iter0"] + [f"round-{r:02d}" for r in range(1, args.last + 1)]
-    others = {s: run / variant / s for s in stages}
+    mine = load_file(ctx.layout.eval_samples(name))
+    others = {s: RunLayout(run / variant).eval_samples(s) for s in RunLayout.stage_names(args.last)}
     others |= {
-        "DPO 6%": args.seed_dir / "dpo-6" / variant / "iter0",
-        "DPO 100%": args.seed_dir / "dpo-full" / variant / "iter0",
+        "DPO 6%": RunLayout(args.seed_dir / "dpo-6" / variant).eval_samples(RunLayout.ITER0),
+        "DPO 100%": RunLayout(args.seed_dir / "dpo-full" / variant).eval_samples(RunLayout.ITER0),
     }
-    for other, folder in others.items():
-        theirs = load_file(folder / "eval_samples.safetensors")
+    for other, file in others.items():
+        theirs = load_file(file)
         (score, score_se), (acc, acc_se) = (paired_difference(mine[k], theirs[k]) for k in ("score", "correct"))
         print(f"{name} - {other}: score {score:+.3f} ± {score_se:.3f}, digit accuracy {acc:+.3f} ± {acc_se:.3f}")
 
