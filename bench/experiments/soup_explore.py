@@ -12,11 +12,9 @@ With --sampler, the soup is sampled under that sampler and paired with the stage
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from sail_fast.metrics.statistics import paired_difference
@@ -24,18 +22,7 @@ from sail_fast.runs.layout import RunLayout
 from sail_fast.runs.run_folder import load_recorded_config
 from sail_fast.sail.evaluation import evaluate_stage
 from sail_fast.sail.loop import SailLoop
-
-
-def weight_average(modules: list[torch.nn.Module]) -> torch.nn.Module:
-    """A copy of the first module holding the mean of every module's floating-point weights."""
-    states = [m.state_dict() for m in modules]
-    mean = {
-        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
-        for k, v in states[0].items()
-    }
-    soup = copy.deepcopy(modules[0])
-    soup.load_state_dict(mean)
-    return soup
+from sail_fast.sail.soup import weight_average
 
 
 def main() -> None:
@@ -49,17 +36,14 @@ def main() -> None:
     run, code = args.seed_dir / "sail", "trust" if args.trust_code else "refuse"
     here = [f"output_dir={run}"]
     loop = SailLoop(load_recorded_config(run, here, code=code), log=print)
-    if loop.policies.lora:  # A and B averaged apart do not give the mean update (addendum 12's build notes)
-        raise SystemExit(f"{run} trained LoRA adapters; this script averages full UNets only")
     overrides, variant = ["sail.eval_label_quality=false"], ""
     if args.sampler:
         variant = f"{args.sampler}-{args.steps}"
         overrides += [f"sail.sampler={args.sampler}", f"sail.sampling_steps={args.steps}", "sail.generation_batch=64"]
     config = load_recorded_config(run, here + overrides, code=code)
     ctx = dataclasses.replace(loop.context_for(config), out=args.seed_dir / "soup-explore" / variant)
-    name = f"soup-00-{args.last:02d}"
-    with torch.no_grad():
-        soup = weight_average([loop.policies.load(loop.policy_dir(r)) for r in range(args.last + 1)])
+    name = RunLayout.soup_name(args.last)
+    soup = weight_average(loop.policies, [loop.policy_dir(r) for r in range(args.last + 1)])
     evaluate_stage(ctx, name, soup, heldout=None)
     mine = load_file(ctx.layout.eval_samples(name))
     others = {s: RunLayout(run / variant).eval_samples(s) for s in RunLayout.stage_names(args.last)}

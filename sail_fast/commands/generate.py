@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,29 +24,29 @@ from ..runs.readback import check_run_weights, run_root
 from ..runs.run_folder import load_recorded_config, read_json
 
 
-def _kept_round(run: Path) -> int | None:
-    """The round a finished run keeps (``chosen.json``, ``sail.select``; -1: the base model), or None when the
-    run names none (a run still going, or one from before the choice). The file is read back untrusted: only a
-    stage name is taken from it, and the path is the layout's."""
+def _kept_stage(run: Path) -> str | None:
+    """The stage a finished run keeps (``chosen.json``: ``sail.select``, ``sail.soup``), or None when the run names
+    none (a run still going, or one from before the choice). The file is read back untrusted: only a stage name
+    is taken from it, and the path is the layout's."""
     layout = RunLayout(run)
     if not layout.chosen.is_file():
         return None
     stage = read_json(layout.chosen).get("stage")
-    if not isinstance(stage, str) or not re.fullmatch(r"base|iter0|round-\d{2,4}", stage):
+    if not isinstance(stage, str) or not RunLayout.is_stage(stage):
         raise ValueError(
-            f"{layout.chosen}: 'stage' must name a stage of the run (base, iter0, round-01, ...), got {stage!r}; "
-            "pass the weights folder itself (e.g. RUN/round-01/train/final/unet) instead"
+            f"{layout.chosen}: 'stage' must name a stage of the run (base, iter0, round-01, soup-00-02, ...), got "
+            f"{stage!r}; pass the weights folder itself (e.g. RUN/round-01/train/final/unet) instead"
         )
-    return RunLayout.round_of(stage)
+    return stage
 
 
 def _final_unet(run: Path) -> Path | None:
     """The policy a run keeps: the stage its ``chosen.json`` names (None: the base model), else its newest
-    trained policy. A UNet directory, or a LoRA folder for a ``train.lora`` run."""
-    kept = _kept_round(run)
-    if kept == -1:
+    trained policy. A UNet directory, or a LoRA folder for a ``train.lora`` run (a soup is a whole UNet)."""
+    kept = _kept_stage(run)
+    if kept == RunLayout.BASE:
         return None
-    finals = RunLayout(run).finals() if kept is None else [RunLayout(run).final(kept)]
+    finals = RunLayout(run).finals() if kept is None else [RunLayout(run).stage_final(kept)]
     for final in finals:
         if (final / "unet" / "config.json").is_file():
             return final / "unet"
@@ -55,7 +54,7 @@ def _final_unet(run: Path) -> Path | None:
             return final / "lora"
     if kept is not None:
         raise FileNotFoundError(
-            f"{run}/chosen.json keeps {RunLayout.stage_name(kept)}, but {finals[0]} holds no UNet or LoRA; "
+            f"{run}/chosen.json keeps {kept}, but {finals[0]} holds no UNet or LoRA; "
             "pass another stage's weights folder, or resume the run"
         )
     raise FileNotFoundError(

@@ -247,6 +247,10 @@ class SailConfig(Section):
     # held-out loss). Needs every round evaluated (off with eval_each_round: false).
     early_stop: bool = True
     patience: int = Field(1, ge=1)
+    # Keep, instead of the stage select picks, the uniform weight average of iter0 up to it (sail_fast.sail.soup,
+    # the stage soup-00-0k); off until its planned test on unseen seeds and preferences has been read
+    # (bench/results/round_choice_plan.md, addendum 12).
+    soup: bool = False
     grid_prompts: int = Field(8, ge=1)  # rows of the per-round candidate grid
     # OnlineDPO (the paper's Table 4 baseline): an external reward model ranks the candidates.
     ranker: Literal["implicit", "external"] = "implicit"

@@ -5,6 +5,7 @@ logs). These are the only places that spell a stage's path or file name; the lay
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 DONE = "done.json"  # a stage's marker, written last
@@ -41,8 +42,9 @@ class TrainingLayout:
 
 class RunLayout:
     """Every path in a SAIL run folder (the layout in this module's docstring), and the only place that names
-    them. Stages are named ``base``, ``iter0`` and ``round-01``...; ``iter0_from``: a finished iter0 of another
-    run (``sail.iter0_from``), whose trained policy is read in place."""
+    them. Stages are named ``base``, ``iter0`` and ``round-01``...; a soup of iter0..round k (``sail.soup``) is
+    the stage ``soup-00-0k``. ``iter0_from``: a finished iter0 of another run (``sail.iter0_from``), whose trained
+    policy is read in place."""
 
     BASE, ITER0 = "base", "iter0"
 
@@ -84,6 +86,20 @@ class RunLayout:
         known = {cls.BASE: -1, cls.ITER0: 0}
         return known[stage] if stage in known else int(stage.removeprefix("round-"))
 
+    @staticmethod
+    def soup_name(last: int) -> str:
+        """The stage holding the weight average of iter0..round ``last`` (``sail.soup``)."""
+        return f"soup-00-{last:02d}"
+
+    @staticmethod
+    def is_soup(stage: str) -> bool:
+        return re.fullmatch(r"soup-00-\d{2,4}", stage) is not None
+
+    @classmethod
+    def is_stage(cls, stage: str) -> bool:
+        """Whether ``stage`` is a name this layout could have written (read back from a file: untrusted)."""
+        return re.fullmatch(r"base|iter0|round-\d{2,4}", stage) is not None or cls.is_soup(stage)
+
     @classmethod
     def stage_names(cls, rounds: int) -> list[str]:
         return [cls.BASE] + [cls.stage_name(r) for r in range(rounds + 1)]
@@ -95,9 +111,12 @@ class RunLayout:
         return self.stage(self.stage_name(r))
 
     def evaluated_stages(self) -> list[str]:
-        """The stages with an evaluation, in the loop's order."""
+        """The stages with an evaluation, in the loop's order (soups last)."""
         rounds = sorted(p.name for p in self.root.glob("round-[0-9]*") if (p / EVAL_JSON).exists())
-        return [s for s in (self.BASE, self.ITER0) if self.eval_json(s).exists()] + rounds
+        soups = sorted(
+            p.name for p in self.root.glob("soup-00-[0-9]*") if self.is_soup(p.name) and (p / EVAL_JSON).exists()
+        )
+        return [s for s in (self.BASE, self.ITER0) if self.eval_json(s).exists()] + rounds + soups
 
     def eval_json(self, stage: str) -> Path:
         return self.stage(stage) / EVAL_JSON
@@ -120,6 +139,13 @@ class RunLayout:
         if r == 0 and self.iter0_from is not None:
             return TrainingLayout(self.iter0_from).final
         return self.training(r).final
+
+    def stage_final(self, stage: str) -> Path | None:
+        """The final folder of the policy a stage holds (None: the base model, which the config names)."""
+        if self.is_soup(stage):
+            return self.stage(stage) / "final"
+        r = self.round_of(stage)
+        return None if r < 0 else self.final(r)
 
     def stage_config(self, r: int) -> Path:
         return self.round_dir(r) / "config.yaml"

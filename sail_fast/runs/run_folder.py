@@ -30,6 +30,9 @@ continues a half-trained one from its latest intact checkpoint)::
     round-01/         candidates.rank0.safetensors, pairs.safetensors (latent shard),
                       ranking.json, candidates.png, train/ (checkpoints/, final/unet), eval.json;
                       RealAlign: real_losers.rank0.safetensors, real_pairs.png
+    soup-00-02/       sail.soup: the weight average of iter0..round-02 (final/unet, a whole UNet), eval.json
+    chosen.json       the stage the run keeps (sail.select, sail.soup) and why
+    summary.md        every stage's round score, the kept one marked
     metrics.json      one row per stage: reward spread, self-label agreement, diversity, metrics
     curves.png        those rows as curves
 """

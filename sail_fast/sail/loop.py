@@ -6,6 +6,8 @@ generate -> rank by implicit reward -> pair best vs worst -> mix with the seed -
 ``sail.pair_sources`` adds RealAlign's pairs (real images beating losers made for their
 captions, ``sail_fast.sail.real_pairs``) to the ranked ones, or uses them alone. ``sail.round_overrides``
 changes settings for single rounds (RealAlign's second stage), and ``sail.iter0_steps: 0`` skips iter0.
+After the rounds, ``sail.select`` names the stage the run keeps (``selection``), and ``sail.soup`` replaces it
+with the weight average of iter0 up to it (``soup``).
 
 The run folder's layout is in ``sail_fast.runs.run_folder``; each stage writes ``done.json`` last, and ``--resume``
 skips finished stages and continues a half-trained one from its latest intact checkpoint.
@@ -26,29 +28,32 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
 from ..diffusion.build import build_stack, check_model_available
 from ..diffusion.lora import JUDGE, PREVIOUS
+from ..diffusion.stack import load_unet
 from ..dpo.builder import trainer_for
 from ..dpo.trainer import DPOTrainer
 from ..runs.config import RunConfig, round_config
 from ..runs.distributed import DistInfo
 from ..runs.layout import RunLayout
 from ..runs.output_folder import writable_folder
-from ..runs.readback import check_run_records
-from ..runs.run_folder import RunLock, atomic_write_text, record_config, write_json
+from ..runs.readback import check_run_records, check_run_weights
+from ..runs.run_folder import RunLock, atomic_write_text, read_json, record_config, write_json, write_manifest
 from ..runs.seeding import HELDOUT_SPLIT, STAGE_TRAINING, derive_seed
 from ..runs.yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
-from .policies import Policies
+from .policies import Policies, missing_policy
 from .real_pairs import encoded_real_images
 from .reuse import reuse_iter0
 from .selection import choose_stage, stop_reason
+from .soup import soup_rounds, weight_average
 from .summary import summary_text
 from .world import world_class
 
@@ -171,7 +176,7 @@ class SailLoop:
                 if self.sail.ranking_reference == "previous"
                 else self.base
             )
-        return self._finish(last, stopped)
+        return self._finish(last, stopped, heldout)
 
     def _judge(self):
         """iter0's policy, frozen, read from disk once (the round policy trains in place): sail.frozen_judge."""
@@ -183,24 +188,65 @@ class SailLoop:
     def _stop_reason(self, r: int) -> str | None:
         return stop_reason(metric_rows(self.layout, r), self.sail.patience, rule=self.sail.select)
 
-    def _finish(self, last: int, stopped: str | None) -> Path:
-        """metrics.json, chosen.json and summary.md once the rounds are over; returns the last round's policy
-        folder (the stage the run keeps is chosen.json's, which ``generate``, ``export`` and ``eval`` read)."""
+    def _finish(self, last: int, stopped: str | None, heldout: LatentPairs | None) -> Path:
+        """metrics.json, chosen.json and summary.md once the rounds are over (and under sail.soup, the soup stage);
+        returns the last round's policy folder (the stage the run keeps is chosen.json's, which ``generate``,
+        ``export`` and ``eval`` read)."""
         rows = metric_rows(self.layout, last)
         chosen = choose_stage(rows, self.sail.select) | {"rounds_run": last, "early_stop": stopped}
+        shown = rows
+        if self.sail.soup:
+            chosen = self.soup_stage(chosen, heldout)
+            if RunLayout.is_soup(chosen["stage"]):
+                shown = rows + [{"stage": chosen["stage"]} | read_json(self.layout.eval_json(chosen["stage"]))]
         if self.dist.is_main:
             write_metrics(self.layout, last)
             write_json(self.layout.chosen, chosen)
-        world_text = self.ctx.world.report(self.ctx, rows, RunLayout.stage_name(last))
+        world_text = self.ctx.world.report(self.ctx, shown, RunLayout.stage_name(last))
         if self.dist.is_main:
-            atomic_write_text(self.layout.summary, summary_text(rows, chosen, world_text))
+            atomic_write_text(self.layout.summary, summary_text(shown, chosen, world_text))
         self.dist.barrier()
-        kept = RunLayout.round_of(chosen["stage"])
-        where = "the base model" if kept < 0 else str(self.policy_dir(kept))
+        final = self.layout.stage_final(chosen["stage"])
+        where = "the base model" if final is None else str(final)
         self.log(
             f"SAIL finished: keeps {chosen['stage']}, {where} ({chosen['reason']}); metrics in {self.layout.metrics}"
         )
         return self.policy_dir(last)
+
+    def soup_stage(self, chosen: dict, heldout: LatentPairs | None) -> dict:
+        """``sail.soup``: the weight average of iter0..the stage ``chosen`` keeps, saved, evaluated like a stage and
+        marked done (a finished soup is read, never rebuilt); returns ``chosen`` naming it. Where the rule keeps the
+        base or iter0 there is nothing to average, and ``chosen`` keeps its stage."""
+        rounds = soup_rounds(chosen["stage"])
+        if not rounds:
+            return chosen | {"soup_of": None}
+        name, members = RunLayout.soup_name(rounds[-1]), [RunLayout.stage_name(r) for r in rounds]
+        if not self.layout.done(name).exists():
+            started = time.perf_counter()
+            self.log(f"sail.soup: averaging the weights of {', '.join(members)} into {name}")
+            soup = weight_average(self.policies, [self.policy_dir(r) for r in rounds])
+            final = self.layout.stage_final(name)
+            if self.dist.is_main:
+                soup.save_pretrained(final / "unet")
+                write_manifest(final)
+            self.dist.barrier()
+            evaluate_stage(self.ctx, name, soup, heldout)
+            if self.dist.is_main:
+                write_json(self.layout.done(name), {"seconds": time.perf_counter() - started, "soup_of": members})
+            self.dist.barrier()
+        reason = f"sail.soup: the weight average of {', '.join(members)}; {chosen['stage']} was {chosen['reason']}"
+        return chosen | {"stage": name, "selected": chosen["stage"], "soup_of": members, "reason": reason}
+
+    def stage_policy(self, stage: str) -> nn.Module:
+        """The policy of an evaluated stage, read back from disk: the base, a round's, or a soup (a whole UNet)."""
+        if RunLayout.is_soup(stage):
+            folder = self.layout.stage_final(stage) / "unet"
+            if not folder.is_dir():
+                raise FileNotFoundError(missing_policy(folder))
+            check_run_weights(folder)
+            return load_unet(folder, self.ctx.stack.unet)
+        r = RunLayout.round_of(stage)
+        return self.base if r < 0 else self.policies.load(self.policy_dir(r))
 
     def policy_dir(self, r: int) -> Path:
         """The UNet (or LoRA) directory of the policy after round r (0: iter0, wherever it was trained)."""

@@ -213,3 +213,29 @@ def test_round_choice_page_gives_each_rules_kept_stage_and_where_early_stop_ends
     assert goals[0][3:7] == ["round-02", "+0.450 ± 0.000", "+0.200 ± 0.000", "+0.000 ± 0.000"]
     assert goals[0][7:] == ["met", "met", "met", "0.000"]
     assert "| guarded | 1 | 3 of 3 | 1 | 0.000 |" in lever
+
+
+def test_round_choice_page_reads_the_soup_of_a_run_made_with_sail_soup(tmp_path):
+    from sail_fast.toy.studies.round_choice import SOUP_RULE, round_choice
+
+    root, base = tmp_path / "seed-0", torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    losses = {"base": math.log(2), "iter0": 0.62, "round-01": 0.58, "round-02": 0.66}
+    for stage, shift in (("base", 0.0), ("iter0", 0.1), ("round-01", 0.4), ("round-02", 0.2)):
+        fake_stage(root / "sail" / stage, base + shift)
+        record = json.loads((root / "sail" / stage / "eval.json").read_text())
+        score = {"heldout_dpo_loss": losses[stage], "prompt_consistency": 0.16}
+        (root / "sail" / stage / "eval.json").write_text(json.dumps(record | score))
+    fake_stage(root / "dpo-6/iter0", base + 0.25)
+    fake_stage(root / "dpo-full/iter0", base + 0.5)
+    (root / "human").mkdir()
+    (root / "human/summary.json").write_text(json.dumps({"seed": 96, "labelled": 1600}))
+    fake_stage(root / "sail/soup-00-02", base + 0.3)  # guarded keeps round-02: the soup is of iter0..round-02
+    assert SOUP_RULE not in round_choice({"built-in": tmp_path}, [0], rounds=2)  # a run made without sail.soup
+    (root / "sail/chosen.json").write_text(json.dumps({"stage": "soup-00-02", "soup_of": ["iter0"]}))
+    page = round_choice({"built-in": tmp_path}, [0], rounds=2).splitlines()
+    goal = [[c.strip() for c in line.split("|")[1:-1]] for line in page if f"| {SOUP_RULE} | soup-00-02 | +" in line]
+    assert goal == [
+        ["built-in", "0", SOUP_RULE, "soup-00-02", "+0.050 ± 0.000", "-0.200 ± 0.000", "+0.000 ± 0.000"]
+        + ["met", "missed", "met", "0.100"]
+    ]  # regret: round-01 scored 0.1 more than the soup
+    assert f"| {SOUP_RULE} | 1 | 2 of 3 | 0 | 0.100 |" in page

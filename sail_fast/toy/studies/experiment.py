@@ -267,44 +267,51 @@ def collect(out: Path, seeds: list[int], rounds: int, ablation_rounds: int, vari
     """Every line of the table that has run: means over seeds, and paired differences (± SE) against
     the same seed's base and full-label DPO, sampled with the same prompts and noise. ``variant``: the
     stages' evaluation under another sampler (``sail_fast.toy.studies.sampler_transfer``), in each run's subfolder."""
+    lines = (judged_row(out, seeds, *line, variant=variant) for line in rows_of(out, seeds, rounds, ablation_rounds))
+    return [row for row in lines if row is not None]
+
+
+def judged_row(
+    out: Path, seeds: list[int], label: str, budget: str, condition: str, stage: str, variant: str = ""
+) -> dict | None:
+    """One line of the table (``collect``): ``condition``'s ``stage`` over the ``seeds`` that evaluated it, or
+    None where none did."""
     from ...metrics.statistics import paired_difference
 
-    lines = []
-    for label, budget, condition, stage in rows_of(out, seeds, rounds, ablation_rounds):
-        found = {s: _stage(out / f"seed-{s}" / condition / variant, stage) for s in seeds}
-        found = {s: v for s, v in found.items() if v is not None}
-        if not found:
-            continue
-        row = {"model": label, "human_labels": budget, "condition": condition, "stage": stage, "seeds": sorted(found)}
-        for key in (
-            "oracle_score",
-            "digit_accuracy",
-            "haze",
-            "width_term",
-            "log_prob",
-            "offset",
-            "diversity",
-            "self_label_agreement",
-        ):
-            values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
-            row[key] = sum(values) / len(values) if values else None
-        against = {
-            "base": ("sail", RunLayout.BASE),
-            "dpo_6": ("dpo-6", RunLayout.ITER0),
-            "dpo_full": ("dpo-full", RunLayout.ITER0),
-        }
-        if condition != "sail" and RunLayout.round_of(stage) > 0:  # an ablation against SAIL's same round, same seeds
-            against["sail"] = ("sail", stage)
-        for other, (o_condition, o_stage) in against.items():
-            pairs = {}
-            for s, (_, samples) in found.items():
-                theirs = _stage(out / f"seed-{s}" / o_condition / variant, o_stage)
-                if theirs is not None:
-                    pairs[s] = {k: paired_difference(samples[k], theirs[1][k]) for k in ("score", "correct", "haze")}
-            if pairs:
-                row[f"vs_{other}"] = {k: _combine([p[k] for p in pairs.values()]) for k in ("score", "correct", "haze")}
-        lines.append(row)
-    return lines
+    found = {s: _stage(out / f"seed-{s}" / condition / variant, stage) for s in seeds}
+    found = {s: v for s, v in found.items() if v is not None}
+    if not found:
+        return None
+    row = {"model": label, "human_labels": budget, "condition": condition, "stage": stage, "seeds": sorted(found)}
+    for key in (
+        "oracle_score",
+        "digit_accuracy",
+        "haze",
+        "width_term",
+        "log_prob",
+        "offset",
+        "diversity",
+        "self_label_agreement",
+    ):
+        values = [ev[key] for ev, _ in found.values() if ev.get(key) is not None]
+        row[key] = sum(values) / len(values) if values else None
+    against = {
+        "base": ("sail", RunLayout.BASE),
+        "dpo_6": ("dpo-6", RunLayout.ITER0),
+        "dpo_full": ("dpo-full", RunLayout.ITER0),
+    }
+    if condition != "sail" and not RunLayout.is_soup(stage) and RunLayout.round_of(stage) > 0:  # an ablation
+        # against SAIL's same round, same seeds
+        against["sail"] = ("sail", stage)
+    for other, (o_condition, o_stage) in against.items():
+        pairs = {}
+        for s, (_, samples) in found.items():
+            theirs = _stage(out / f"seed-{s}" / o_condition / variant, o_stage)
+            if theirs is not None:
+                pairs[s] = {k: paired_difference(samples[k], theirs[1][k]) for k in ("score", "correct", "haze")}
+        if pairs:
+            row[f"vs_{other}"] = {k: _combine([p[k] for p in pairs.values()]) for k in ("score", "correct", "haze")}
+    return row
 
 
 def _pm(pair, fmt=".3f") -> str:

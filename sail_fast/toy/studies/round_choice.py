@@ -3,7 +3,8 @@
 the stages with their round score (what the run sees) beside the judged score against DPO on the same labels
 and on all of them, the stage ``sail.select`` keeps and where ``sail.early_stop`` ends, both from the recorded
 round score by the loop's own functions, and each seed's kept stage against the goal of issue 33: at least
-DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of the base. Runs evaluated before
+DPO-6%, within 1 SE of DPO-100% or above it, digit accuracy within 1 point of the base. Runs made with
+``sail.soup`` add the soup of guarded's stages as one more pick (``guarded + soup``). Runs evaluated before
 eval.json recorded per-prompt consistency are read with what ``sail-fast toy consistency`` measured again.
 """
 
@@ -13,11 +14,13 @@ import math
 from pathlib import Path
 
 from ...runs.layout import RunLayout
+from ...runs.run_folder import read_json
 from ...sail.evaluation import metric_rows
 from ...sail.label_quality import within_prompt_spearman
 from ...sail.selection import choose_stage, stop_reason
+from ...sail.soup import soup_rounds
 from .consistency_backfill import with_backfill
-from .experiment import collect, forget_read_stages
+from .experiment import collect, forget_read_stages, judged_row
 
 
 def _pm(pair) -> str:
@@ -34,6 +37,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 RULES = ("guarded", "loss", "agreement", "paired", "tested")
 ACCURACY_POINT = 0.01  # the goal's "digit accuracy within 1 point of the base"
 GOAL_PARTS = ("at_least_dpo_6", "near_dpo_full", "accuracy_kept")  # goal()'s three flags
+SOUP_RULE = (
+    "guarded + soup"  # runs made with sail.soup: the soup of guarded's stages (round_choice_plan.md, addendum 12)
+)
 
 
 def kept_and_stop(rows: list[dict], rule: str, patience: int = 1) -> tuple[dict, int, str | None]:
@@ -89,6 +95,8 @@ def world_section(
                 | goal(judged.get(kept))
                 | {"regret": max(scores.values()) - scores[kept] if kept in scores else None}
             )
+        if "soup_of" in _chosen(layouts[seed]):  # the run was made with sail.soup: its soup is read too
+            picks.append(soup_pick(out, seed, recorded[seed], judged, scores, condition, variant) | {"world": name})
     head = (
         "| stage | score - DPO 6% | score - DPO 100% | accuracy - base | held-out DPO loss | held-out accuracy "
         "| drift | prompt consistency | pair margin | agreement (ranking's estimator) | "
@@ -130,6 +138,26 @@ def world_section(
             + " |"
         )
     return "\n".join(md), picks
+
+
+def _chosen(layout: RunLayout) -> dict:
+    return read_json(layout.chosen) if layout.chosen.is_file() else {}
+
+
+def soup_pick(out: Path, seed: int, rows: list[dict], judged: dict, scores: dict, condition: str, variant: str) -> dict:
+    """``select: guarded`` under ``sail.soup`` (``SOUP_RULE``): the soup of iter0..the stage guarded keeps, judged
+    like a stage (its regret against the best single stage can be negative); guarded's own stage where that is the
+    base or iter0."""
+    chosen, ran, reason = kept_and_stop(rows, "guarded")
+    rounds = soup_rounds(chosen["stage"])
+    kept = RunLayout.soup_name(rounds[-1]) if rounds else chosen["stage"]
+    row = judged_row(out, [seed], "soup", "", condition, kept, variant) if rounds else judged.get(kept)
+    score = (row or {}).get("vs_base", {}).get("score")
+    return (
+        {"seed": seed, "rule": SOUP_RULE, "kept": kept, "rounds_run": ran, "stop": reason}
+        | goal(row)
+        | {"regret": max(scores.values()) - score[0] if score and scores else None}
+    )
 
 
 TRACKED = {  # run-visible columns, and the name the page gives them
@@ -206,7 +234,7 @@ def rule_summary(picks: list[dict]) -> str:
     """Each rule over every world-seed: the parts of the goal met, the world-seeds meeting all three, and the
     mean regret (the best stage's judged score minus the kept one's): the bar of the plan's addendum 4."""
     lines = ["| rule | world-seeds | goal parts met | all three met | mean regret |", "|---|---|---|---|---|"]
-    for rule in RULES:
+    for rule in dict.fromkeys(p["rule"] for p in picks):
         mine = [p for p in picks if p["rule"] == rule]
         parts = [p.get(k) for p in mine for k in GOAL_PARTS]
         regrets = [p["regret"] for p in mine if p.get("regret") is not None]

@@ -30,10 +30,8 @@ def evaluate_run_under(run: Path, variant: str, overrides: list[str], log=print,
     ctx = dataclasses.replace(
         loop.context_for(load_recorded_config(run, here + overrides, code=code)), out=run / variant
     )
-    for stage in RunLayout(run).evaluated_stages():
-        r = RunLayout.round_of(stage)
-        policy = loop.base if r < 0 else loop.policies.load(loop.policy_dir(r))
-        evaluate_stage(ctx, stage, policy, heldout=None)  # skips a stage already evaluated (its eval.json)
+    for stage in RunLayout(run).evaluated_stages():  # a soup (sail.soup) among them
+        evaluate_stage(ctx, stage, loop.stage_policy(stage), heldout=None)  # skips a stage already evaluated
     return loop.sail.rounds
 
 
