@@ -6,7 +6,7 @@
 # session (sched_autogroup, as on the development machines), a job started with setsid takes an equal share
 # whatever its nice; lower it with `echo 19 > /proc/PID/autogroup`.
 #
-#   bench/experiments/round_choice.sh WORLD SEED [OUT]     WORLD: builtin, bold or thin; OUT: exp
+#   bench/experiments/round_choice.sh WORLD SEED [OUT [--set KEY=VALUE ...]]   WORLD: builtin, bold or thin; OUT: exp
 #   sail-fast toy round-choice --worlds built-in=OUT/builtin-default bold=OUT/bold-default \
 #       thin=OUT/thin-default --seeds SEED [--variant ddpm-50]
 #
@@ -27,6 +27,7 @@ if [[ $imported != "$here" ]]; then
 fi
 world=${1:?world: builtin, bold or thin} seed=${2:?seed}
 out=${3:-exp}/$world-default
+extra=("${@:4}") # more config overrides for the SAIL run, e.g. --set sail.soup=true (plan, addendum 13)
 case $world in
     builtin) human=() code=() ;;
     # The stroke humans are code (configs/preferences/strokes.py); the transfer reads the preference back
@@ -42,5 +43,5 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 # of a round's UNet calls; nothing on the round-choice page reads it, and its draws are a stream of their own.
 nice -n 5 sail-fast toy experiment --config configs/toy.yaml --out "$out" --seeds "$seed" \
     --conditions sail dpo-6 dpo-full --set sail.training_reference=base --set sail.eval_label_quality=false \
-    "${human[@]}"
+    "${human[@]}" "${extra[@]}"
 nice -n 5 sail-fast toy transfer "$out" --seeds "$seed" --sampler ddpm --steps 50 --batch-size 64 "${code[@]}"
