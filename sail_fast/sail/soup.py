@@ -32,9 +32,10 @@ def soup_rounds(kept: str) -> list[int]:
 
 @torch.no_grad()
 def weight_average(policies: Policies, folders: list[Path]) -> nn.Module:
-    """A plain UNet holding the uniform mean of the policies saved in ``folders``, summed in fp32 one at a time.
-    Under LoRA each policy is first merged into the base (W + B·A per layer): the mean of the merged weights is the
-    base plus the mean update, which the mean of the A's times the mean of the B's is not."""
+    """A plain UNet holding the uniform mean of the policies saved in ``folders``, summed in fp32 on the CPU one at a
+    time (so the accelerator holds two UNets at most, not one per stage). Under LoRA each policy is first merged
+    into the base (W + B·A per layer): the mean of the merged weights is the base plus the mean update, which the
+    mean of the A's times the mean of the B's is not."""
     if not folders:
         raise ValueError("a soup needs at least one stage to average")
     total, template = None, None
@@ -44,10 +45,11 @@ def weight_average(policies: Policies, folders: list[Path]) -> nn.Module:
         state = unet.state_dict()
         if total is None:
             template = unet
-            total = {k: v.float().clone() for k, v in state.items() if v.is_floating_point()}
+            total = {k: v.detach().float().cpu().clone() for k, v in state.items() if v.is_floating_point()}
         else:
             for k in total:
-                total[k] += state[k].float()
+                total[k] += state[k].detach().float().cpu()
+        del policy, unet, state
     mean = {k: (total[k] / len(folders)).to(v.dtype) if k in total else v for k, v in template.state_dict().items()}
     template.load_state_dict(mean)
     device = next(policies.unet.parameters()).device  # a merged UNet is built on the CPU
