@@ -185,6 +185,8 @@ def test_two_ranks_deal_the_prompts_and_gather_the_same_pairs(tmp_path):
         "train.micro_batch_pairs=4",
         "sail.rounds=1",
         "sail.prompts_per_round=5",
+        "sail.select=last",  # keeps round-01 whatever the (unchanged) policies score,
+        "sail.soup=true",  # so both runs end by averaging iter0 and round-01 on every rank
     )
     SailLoop(load_config(TINY, overrides)).run()
     launcher = [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--master_port", str(free_port())]
@@ -213,3 +215,14 @@ def test_two_ranks_deal_the_prompts_and_gather_the_same_pairs(tmp_path):
     assert [pairs_one.prompts[i] for i in pairs_one.prompt_index] == [
         pairs_two.prompts[i] for i in pairs_two.prompt_index
     ]
+    # The soup stage under two ranks: built on every rank without a hang, written once, named by chosen.json. The
+    # stages are the base to 1e-30 here, so the weights only show it is the same stage; the average itself is
+    # tests/sail/test_soup.py's.
+    for run in ("run", "ds"):
+        assert json.loads((tmp_path / run / "chosen.json").read_text())["stage"] == "soup-00-01"
+    soups = [
+        load_file(tmp_path / run / "soup-00-01/final/unet/diffusion_pytorch_model.safetensors") for run in ("run", "ds")
+    ]
+    # (equal but for the 1e-30 step, which weights at zero keep: the ranks sum gradients in another order)
+    assert soups[0].keys() == soups[1].keys()
+    assert all(torch.allclose(soups[0][k], soups[1][k], rtol=0, atol=1e-20) for k in soups[0])
