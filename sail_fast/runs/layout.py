@@ -113,10 +113,12 @@ class RunLayout:
     def evaluated_stages(self) -> list[str]:
         """The stages with an evaluation, in the loop's order (soups last)."""
         rounds = sorted(p.name for p in self.root.glob("round-[0-9]*") if (p / EVAL_JSON).exists())
-        soups = sorted(
-            p.name for p in self.root.glob("soup-00-[0-9]*") if self.is_soup(p.name) and (p / EVAL_JSON).exists()
-        )
+        soups = [s for s in self.soups() if self.eval_json(s).exists()]
         return [s for s in (self.BASE, self.ITER0) if self.eval_json(s).exists()] + rounds + soups
+
+    def soups(self) -> list[str]:
+        """The soup stages (``sail.soup``) this folder holds, by name."""
+        return sorted(p.name for p in self.root.glob("soup-00-[0-9]*") if self.is_soup(p.name) and p.is_dir())
 
     def eval_json(self, stage: str) -> Path:
         return self.stage(stage) / EVAL_JSON

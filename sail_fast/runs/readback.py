@@ -124,12 +124,12 @@ def _check_record(path: Path, fix: str) -> None:
 
 def check_run_records(layout: RunLayout, rounds: int) -> None:
     """Read every record a resumed SAIL run reads back (the labelled pairs' done.json, and each stage's done.json,
-    eval.json, ranking.json and eval samples) before any stage runs, so damage is named at once."""
+    eval.json, ranking.json and eval samples; a soup's too) before any stage runs, so damage is named at once."""
     _check_record(layout.human_pairs().done, f"delete {layout.human}/ and rerun with --resume to label the pairs again")
-    for stage in RunLayout.stage_names(rounds):
+    for stage in RunLayout.stage_names(rounds) + layout.soups():
         fix = f"delete {layout.stage(stage)}/ and rerun with --resume to run that stage again"
         records = [layout.done(stage), layout.eval_json(stage)]
-        if RunLayout.round_of(stage) > 0:
+        if not RunLayout.is_soup(stage) and RunLayout.round_of(stage) > 0:
             records.append(layout.ranking(RunLayout.round_of(stage)))
         for path in records:
             _check_record(path, fix)

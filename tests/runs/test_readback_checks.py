@@ -104,6 +104,16 @@ def test_a_damaged_stage_record_is_named_on_resume(tmp_path, finished, capsys, n
     assert line.endswith(f"delete {stage}/ and rerun with --resume to run that stage again")
 
 
+def test_a_damaged_soup_record_is_named_on_resume(tmp_path, finished, capsys):
+    run = copy_run(finished, tmp_path)
+    record = run / "soup-00-01/eval.json"  # a soup stage (sail.soup), its record damaged
+    record.parent.mkdir()
+    record.write_text("{")
+    line = error_line(resume_argv(finished, run), capsys)
+    assert f"{record}: not valid JSON (" in line
+    assert line.endswith(f"delete {run / 'soup-00-01'}/ and rerun with --resume to run that stage again")
+
+
 def test_damaged_eval_samples_are_named_on_resume(tmp_path, finished, capsys):
     run = copy_run(finished, tmp_path)
     samples = run / "base/eval_samples.safetensors"  # the tiny world has no judge: stand in for the toy's
