@@ -239,3 +239,6 @@ def test_round_choice_page_reads_the_soup_of_a_run_made_with_sail_soup(tmp_path)
         + ["met", "missed", "met", "0.100"]
     ]  # regret: round-01 scored 0.1 more than the soup
     assert f"| {SOUP_RULE} | 1 | 2 of 3 | 0 | 0.100 |" in page
+    assert (
+        "| built-in | 0 | round-02 | soup-00-02 | +0.100 ± 0.000 |" in page
+    )  # paired with the stage it averages up to

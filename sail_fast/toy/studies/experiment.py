@@ -257,6 +257,15 @@ def rows_of(out: Path, seeds: list[int], rounds: int, ablation_rounds: int) -> l
     return lines
 
 
+def paired_stages(run: Path, stage: str, other_run: Path, other: str, key: str = "score") -> tuple[float, float] | None:
+    """(mean, prompt-clustered SE) of ``stage``'s per-sample ``key`` minus ``other``'s, sampled on the same prompts and
+    seeds; None where either has not been evaluated."""
+    from ...metrics.statistics import paired_difference
+
+    mine, theirs = _stage(run, stage), _stage(other_run, other)
+    return None if mine is None or theirs is None else paired_difference(mine[1][key], theirs[1][key])
+
+
 def _combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
     """Mean over seeds of paired differences, and its SE (independent seeds: root sum of squares / S)."""
     mean = sum(m for m, _ in per_seed) / len(per_seed)

@@ -20,7 +20,7 @@ from ...sail.label_quality import within_prompt_spearman
 from ...sail.selection import choose_stage, stop_reason
 from ...sail.soup import soup_rounds
 from .consistency_backfill import with_backfill
-from .experiment import collect, forget_read_stages, judged_row
+from .experiment import collect, forget_read_stages, judged_row, paired_stages
 
 
 def _pm(pair) -> str:
@@ -153,11 +153,26 @@ def soup_pick(out: Path, seed: int, rows: list[dict], judged: dict, scores: dict
     kept = RunLayout.soup_name(rounds[-1]) if rounds else chosen["stage"]
     row = judged_row(out, [seed], "soup", "", condition, kept, variant) if rounds else judged.get(kept)
     score = (row or {}).get("vs_base", {}).get("score")
+    runs = {c: out / f"seed-{seed}" / c / variant for c in ("sail", condition)}
+    selected = runs["sail" if RunLayout.round_of(chosen["stage"]) < 1 else condition]
     return (
-        {"seed": seed, "rule": SOUP_RULE, "kept": kept, "rounds_run": ran, "stop": reason}
+        {"seed": seed, "rule": SOUP_RULE, "kept": kept, "rounds_run": ran, "stop": reason, "selected": chosen["stage"]}
         | goal(row)
         | {"regret": max(scores.values()) - score[0] if score and scores else None}
+        | {"vs_selected": paired_stages(runs[condition], kept, selected, chosen["stage"]) if rounds else (0.0, 0.0)}
     )
+
+
+def soup_table(picks: list[dict]) -> str:
+    """Each soup against the stage guarded keeps, paired on the same samples' seeds: addendum 12's test is whether it
+    rises in more world-seeds than it falls."""
+    lines = ["| world | seed | guarded keeps | soup | soup - guarded's stage |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {p['world']} | {p['seed']} | {p['selected']} | {p['kept']} | {_pm(p.get('vs_selected'))} |"
+        for p in picks
+        if p["rule"] == SOUP_RULE
+    ]
+    return "\n".join(lines)
 
 
 TRACKED = {  # run-visible columns, and the name the page gives them
@@ -226,7 +241,10 @@ def round_choice(
         f"| {_met(p.get('near_dpo_full'))} | {_met(p.get('accuracy_kept'))} | {_cell(p, 'regret', '.3f')} |"
         for p in picks
     ]
-    parts += ["\n".join(lines), "\n".join(goals), rule_summary(picks), tracking(worlds, seeds, rounds, condition)]
+    parts += ["\n".join(lines), "\n".join(goals), rule_summary(picks)]
+    if any(p["rule"] == SOUP_RULE for p in picks):
+        parts.append(soup_table(picks))
+    parts.append(tracking(worlds, seeds, rounds, condition))
     return "\n\n".join(parts) + "\n"
 
 
