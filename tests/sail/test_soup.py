@@ -86,6 +86,9 @@ def test_the_run_keeps_the_soup_of_its_sound_stages_and_export_takes_it(tmp_path
     assert "oracle_score" not in json.loads((soup / "eval.json").read_text())  # a plain world: no judge
     assert json.loads((soup / "eval.json").read_text())["heldout_dpo_loss"] == 0.6  # scored like a stage
     assert "| **soup-00-02** (kept) | 0.6000 |" in (run / "summary.md").read_text()
+    layout = RunLayout(run)  # what `toy transfer` evaluates again, and where the soup's weights are
+    assert layout.evaluated_stages() == ["base", *members, "soup-00-02"] and layout.soups() == ["soup-00-02"]
+    assert layout.stage_final("soup-00-02") == soup / "final" and layout.stage_final("base") is None
 
     ours = load_file(soup / "final/unet" / WEIGHTS)
     if not lora:  # the mean of the three stages' weights
