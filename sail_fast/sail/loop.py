@@ -35,21 +35,20 @@ from ..data.latent_pairs import LatentPairs
 from ..data.sources import load_pairs
 from ..diffusion.build import build_stack, check_model_available
 from ..diffusion.lora import JUDGE, PREVIOUS
-from ..diffusion.stack import load_unet
 from ..dpo.builder import trainer_for
 from ..dpo.trainer import DPOTrainer
 from ..runs.config import RunConfig, round_config
 from ..runs.distributed import DistInfo
 from ..runs.layout import RunLayout
 from ..runs.output_folder import writable_folder
-from ..runs.readback import check_run_records, check_run_weights
+from ..runs.readback import check_run_records
 from ..runs.run_folder import RunLock, atomic_write_text, read_json, record_config, write_json, write_manifest
 from ..runs.seeding import HELDOUT_SPLIT, STAGE_TRAINING, derive_seed
 from ..runs.yaml_files import dump_yaml
 from .context import RunContext
 from .evaluation import evaluate_stage, metric_rows, write_metrics
 from .pairing import round_pairs
-from .policies import Policies, missing_policy
+from .policies import Policies
 from .real_pairs import encoded_real_images
 from .reuse import reuse_iter0
 from .selection import choose_stage, stop_reason
@@ -240,11 +239,7 @@ class SailLoop:
     def stage_policy(self, stage: str) -> nn.Module:
         """The policy of an evaluated stage, read back from disk: the base, a round's, or a soup (a whole UNet)."""
         if RunLayout.is_soup(stage):
-            folder = self.layout.stage_final(stage) / "unet"
-            if not folder.is_dir():
-                raise FileNotFoundError(missing_policy(folder))
-            check_run_weights(folder)
-            return load_unet(folder, self.ctx.stack.unet)
+            return self.policies.load_whole(self.layout.stage_final(stage) / "unet")
         r = RunLayout.round_of(stage)
         return self.base if r < 0 else self.policies.load(self.policy_dir(r))
 

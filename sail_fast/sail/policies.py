@@ -41,14 +41,23 @@ class Policies:
     def load(self, folder: str | Path, role: str = POLICY) -> nn.Module:
         """The policy saved in ``folder`` (a stage's ``final/unet`` or ``final/lora``), as adapter ``role``
         of the shared UNet under LoRA (``policy``, or ``previous`` for a frozen earlier one)."""
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(missing_policy(Path(folder)))
-        check_run_weights(folder)  # bytes changed since the stage wrote them, or unrecorded: refused, never trained on
         if not self.lora:
-            return load_unet(folder, self.base)
+            return self.load_whole(folder)
+        self._check(folder)
         load_adapter(self.unet, folder, role)
         self.unet.eval()
         return AdapterView(self.unet, role)
+
+    def load_whole(self, folder: str | Path) -> nn.Module:
+        """A whole UNet saved in ``folder`` (any full fine-tune's policy, or a soup, which is whole even under LoRA)."""
+        self._check(folder)
+        return load_unet(folder, self.unet)
+
+    @staticmethod
+    def _check(folder: str | Path) -> None:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(missing_policy(Path(folder)))
+        check_run_weights(folder)  # bytes changed since the stage wrote them, or unrecorded: refused, never trained on
 
     def save_fresh(self, final: Path) -> None:
         """Write the policy iter0 would start from as ``final``'s policy (``sail.iter0_steps: 0``)."""
